@@ -1,0 +1,411 @@
+"""TrainConfig: the ONE configuration format of regsweep.
+
+Nested typed dataclasses, one per section (model, data, optim, regularization, scheduler, train). A config
+round-trips exactly through a plain dict and YAML; the plain dict (``to_dict()``) is what checkpoints,
+studies and exports store. ``from_dict`` rejects unknown keys, wrong types and values the trainer would
+refuse with one :class:`ConfigError` that names the dotted path, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+BN_PLACEMENTS = ("none", "before_act", "after_act")
+PRECISIONS = ("fp32", "bf16", "fp16")
+# monitor -> +1 when lower is better, -1 when higher is better (one sign, applied at the edge)
+MONITORS = {"val_loss": 1.0, "val_acc": -1.0, "train_loss": 1.0, "train_eval_loss": 1.0, "train_acc": -1.0}
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message names the path, the value and what is allowed."""
+
+
+# ----------------------------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml_text(text: str, source: str = "<string>") -> Any:
+    """Parse YAML safely (never executes anything); a syntax error becomes one ConfigError line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}:{where}: malformed YAML: {problem}") from None
+
+
+def load_yaml_file(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.__class__.__name__}") from None
+    return load_yaml_text(text, str(path))
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+# -------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    name: str = "cnn"  # registry: models.cnn / models.resnet
+    widths: list[int] = field(default_factory=list)  # channels per stage; [] = the architecture's own
+    hidden: int = 0  # units of a hidden FC layer before the classifier; 0 = flatten -> FC directly
+    dropout: float = 0.0  # Dropout2d after each block's activation, Dropout before the classifier
+    bn: str = "none"  # none | before_act (conv->BN->act) | after_act (conv->act->BN)
+    init: str = "default"  # registry: models.init
+    activation: str = "relu"  # relu | gelu | silu | elu | leaky_relu
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # registry: models.data
+    root: Optional[str] = None  # directory holding the dataset's files (real image datasets)
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2  # for datasets without an official test split
+    split_seed: int = 0  # the ONLY source of the train/val/test split
+    batch_size: int = 64
+    augment: bool = False  # random crop with padding + horizontal flip (image datasets)
+    num_workers: int = 0  # DataLoader workers when the data does not fit on the device
+    download: bool = False  # let torchvision download into root (never by default)
+    n_samples: int = 2000  # synthetic only
+    shape: list[int] = field(default_factory=lambda: [1, 8, 8])  # synthetic only: C, H, W
+    num_classes: int = 10  # synthetic only
+    label_noise: float = 0.0  # fraction of TRAINING labels replaced at random (seeded by split_seed)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # sgd | adam | adamw
+    lr: float = 1.0e-3
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    weight_decay: float = 0.0  # always decoupled (p <- p - lr*wd*p), weights with dim >= 2 only
+
+
+@dataclass
+class RegularizationConfig:
+    l1: float = 0.0  # + l1 * sum|w| over weights with dim >= 2
+    l2: float = 0.0  # + l2 * sum w^2 over weights with dim >= 2
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0  # 0 = off
+    cutmix_alpha: float = 0.0  # 0 = off
+    mix_prob: float = 1.0  # probability that a batch is mixed when mixup/cutmix is on
+    input_noise_std: float = 0.0  # Gaussian noise added to (normalised) training inputs
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "none"  # none|step|multistep|exponential|cosine|plateau|onecycle|warmup_cosine
+    step_size: int = 10  # step
+    gamma: float = 0.1  # step, multistep, exponential
+    milestones: list[int] = field(default_factory=lambda: [30, 60])  # multistep
+    eta_min: float = 0.0  # cosine, warmup_cosine
+    warmup_epochs: int = 1  # warmup_cosine
+    factor: float = 0.1  # plateau
+    patience: int = 2  # plateau
+    max_lr: Optional[float] = None  # onecycle; None = 10 x optim.lr
+    pct_start: float = 0.3  # onecycle
+
+
+@dataclass
+class EarlyStoppingConfig:
+    monitor: str = "val_loss"
+    patience: Optional[int] = None  # None = off; else stop after this many epochs without improvement
+    min_delta: float = 0.0
+    restore_best: bool = True  # end with the best epoch's weights (the trial's value is that epoch's)
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 20
+    seed: int = 0  # weights, dropout, shuffling; never the split
+    num_threads: Optional[int] = None  # torch intra-op threads; None = torch's default (recorded)
+    deterministic: bool = True
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    channels_last: bool = False
+    compile: bool = False
+    train_eval_size: int = 1024  # fixed training subset scored in eval mode each epoch
+
+
+SECTIONS = ("model", "data", "optim", "regularization", "scheduler", "train")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    # ------------------------------------------------------------------ conversion
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, source: str | None = None) -> "TrainConfig":
+        """Build and validate; errors are prefixed with ``source`` (a file name) when given."""
+        try:
+            cfg = _build(cls, {} if data is None else data, "")
+            cfg.validate()
+        except ConfigError as exc:
+            if source:
+                raise ConfigError(f"{source}: {exc}") from None
+            raise
+        return cfg
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self.to_dict())
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<string>") -> "TrainConfig":
+        return cls.from_dict(load_yaml_text(text, source), source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(load_yaml_file(path), str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml(), encoding="utf-8")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "TrainConfig":
+        """A new, validated config with dotted-path values replaced: ``{"model.dropout": 0.3}``."""
+        data = self.to_dict()
+        for path, value in overrides.items():
+            set_path(data, path, value)
+        return TrainConfig.from_dict(data)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        _validate(self)
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
+    """Set a dotted path in a nested plain dict; unknown paths raise ConfigError."""
+    keys = path.split(".")
+    node: Any = data
+    for i, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            raise ConfigError(f"{path}: unknown config path; '{'.'.join(keys[: i + 1])}' does not exist")
+        if i == len(keys) - 1:
+            node[key] = copy.deepcopy(value)
+        else:
+            node = node[key]
+
+
+def get_path(data: Mapping[str, Any], path: str) -> Any:
+    node: Any = data
+    for key in path.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            raise ConfigError(f"{path}: unknown config path")
+        node = node[key]
+    return node
+
+
+def config_paths() -> dict[str, Any]:
+    """Every leaf dotted path of TrainConfig with its type annotation (for search-space checks)."""
+    out: dict[str, Any] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f, tp in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f}.")
+            else:
+                out[f"{prefix}{f}"] = tp
+
+    walk(TrainConfig, "")
+    return out
+
+
+# ------------------------------------------------------------------------------------ typed building
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return _build(tp, value, f"{path}.")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - every annotation above is covered
+        raise TypeError(f"unsupported config type {tp!r} at {path}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in hints]
+    if unknown:
+        where = prefix.rstrip(".") or "config"
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key in {where}; allowed: {', '.join(hints)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ value checks
+def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {value!r} is not allowed; {allowed}")
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _in_registry(path: str, value: str, names: list[str]) -> None:
+    _check(value in names, path, value, f"choose one of: {', '.join(names)}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    from models import cnn, data, init, layers, optim, resnet, schedulers  # noqa: F401 (registries)
+
+    m = cfg.model
+    _in_registry("model.name", m.name, cnn.MODELS.names())
+    _check(all(w >= 1 for w in m.widths), "model.widths", m.widths, "must be positive integers ([] = default)")
+    stages = getattr(cnn.MODELS.get(m.name), "STAGES", 0)
+    _check(not m.widths or not stages or len(m.widths) == stages, "model.widths", m.widths,
+           f"{m.name} has {stages} stages: give {stages} widths or [] for its default")
+    _check(m.hidden >= 0, "model.hidden", m.hidden, "must be >= 0")
+    _check(_finite(m.dropout) and 0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    _check(m.bn in BN_PLACEMENTS, "model.bn", m.bn, f"choose one of: {', '.join(BN_PLACEMENTS)}")
+    _in_registry("model.init", m.init, init.INITS.names())
+    _in_registry("model.activation", m.activation, layers.ACTIVATIONS.names())
+
+    d = cfg.data
+    _in_registry("data.name", d.name, data.DATASETS.names())
+    _check(_finite(d.val_fraction) and 0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
+           "must be in (0, 1)")
+    _check(_finite(d.test_fraction) and 0.0 <= d.test_fraction < 1.0, "data.test_fraction",
+           d.test_fraction, "must be in [0, 1)")
+    _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction", d.test_fraction,
+           f"val_fraction + test_fraction must be < 1 (val_fraction is {d.val_fraction})")
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    _check(d.n_samples >= 10, "data.n_samples", d.n_samples, "must be >= 10")
+    _check(len(d.shape) == 3 and all(s >= 1 for s in d.shape), "data.shape", d.shape,
+           "must be [channels, height, width] of positive integers")
+    _check(d.num_classes >= 2, "data.num_classes", d.num_classes, "must be >= 2")
+    _check(_finite(d.label_noise) and 0.0 <= d.label_noise <= 1.0, "data.label_noise", d.label_noise,
+           "must be in [0, 1]")
+
+    o = cfg.optim
+    _in_registry("optim.name", o.name, optim.OPTIMIZERS.names())
+    _check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _check(_finite(o.momentum) and 0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(len(o.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in o.betas), "optim.betas",
+           o.betas, "must be two numbers in [0, 1)")
+    _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
+           "must be >= 0")
+    _check(not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optim.nesterov", o.nesterov,
+           "nesterov needs optim.momentum > 0")
+
+    r = cfg.regularization
+    for key in ("l1", "l2", "mixup_alpha", "cutmix_alpha", "input_noise_std"):
+        v = getattr(r, key)
+        _check(_finite(v) and v >= 0, f"regularization.{key}", v, "must be >= 0")
+    _check(_finite(r.label_smoothing) and 0.0 <= r.label_smoothing < 1.0, "regularization.label_smoothing",
+           r.label_smoothing, "must be in [0, 1)")
+    _check(_finite(r.mix_prob) and 0.0 <= r.mix_prob <= 1.0, "regularization.mix_prob", r.mix_prob,
+           "must be in [0, 1]")
+
+    s = cfg.scheduler
+    _in_registry("scheduler.name", s.name, schedulers.SCHEDULERS.names())
+    _check(s.step_size >= 1, "scheduler.step_size", s.step_size, "must be >= 1")
+    _check(_finite(s.gamma) and 0.0 < s.gamma <= 1.0, "scheduler.gamma", s.gamma, "must be in (0, 1]")
+    _check(all(b > a for a, b in zip(s.milestones, s.milestones[1:])) and all(x >= 1 for x in s.milestones),
+           "scheduler.milestones", s.milestones, "must be increasing positive integers")
+    _check(_finite(s.eta_min) and 0 <= s.eta_min < o.lr, "scheduler.eta_min", s.eta_min,
+           f"must be >= 0 and < optim.lr ({o.lr})")
+    _check(s.warmup_epochs >= 0, "scheduler.warmup_epochs", s.warmup_epochs, "must be >= 0")
+    _check(_finite(s.factor) and 0.0 < s.factor < 1.0, "scheduler.factor", s.factor, "must be in (0, 1)")
+    _check(s.patience >= 0, "scheduler.patience", s.patience, "must be >= 0")
+    _check(s.max_lr is None or (_finite(s.max_lr) and s.max_lr > 0), "scheduler.max_lr", s.max_lr,
+           "must be > 0 or null (10 x optim.lr)")
+    _check(_finite(s.pct_start) and 0.0 < s.pct_start < 1.0, "scheduler.pct_start", s.pct_start,
+           "must be in (0, 1)")
+
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
+           "must be >= 1 or null")
+    _check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")
+    _check(t.train_eval_size >= 1, "train.train_eval_size", t.train_eval_size, "must be >= 1")
+    es = t.early_stopping
+    _check(es.monitor in MONITORS, "train.early_stopping.monitor", es.monitor,
+           f"choose one of: {', '.join(MONITORS)}")
+    _check(es.patience is None or es.patience >= 1, "train.early_stopping.patience", es.patience,
+           "must be >= 1 or null (off)")
+    _check(_finite(es.min_delta) and es.min_delta >= 0, "train.early_stopping.min_delta", es.min_delta,
+           "must be >= 0")

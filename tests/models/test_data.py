@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from models import data as data_mod
+from models.config import ConfigError, DataConfig
+
+
+def test_digits_split_sizes_and_normalisation():
+    b = data_mod.load(DataConfig(name="digits", val_fraction=0.2, test_fraction=0.2))
+    assert b.in_shape == (1, 8, 8) and b.num_classes == 10
+    n = len(b.train) + len(b.val) + len(b.test)
+    assert n == 1797
+    assert len(b.val) == round(1797 * 0.2) and len(b.test) == round(1797 * 0.2)
+    # normalised with TRAINING statistics
+    assert abs(float(b.train.x.mean())) < 1e-4
+    assert abs(float(b.train.x.std()) - 1.0) < 1e-2
+
+
+def test_split_depends_on_split_seed_only():
+    a = data_mod.load(DataConfig(split_seed=0))
+    b = data_mod.load(DataConfig(split_seed=0))
+    c = data_mod.load(DataConfig(split_seed=1))
+    assert a.fingerprint == b.fingerprint and torch.equal(a.val.y, b.val.y)
+    assert a.fingerprint != c.fingerprint
+
+
+def test_split_indices_are_disjoint_and_cover():
+    tr, va, te = data_mod.split_indices(100, 0.2, 0.1, split_seed=3, has_test=False)
+    allidx = np.concatenate([tr, va, te])
+    assert sorted(allidx.tolist()) == list(range(100))
+    assert (len(tr), len(va), len(te)) == (70, 20, 10)
+    tr2, va2, te2 = data_mod.split_indices(100, 0.2, 0.1, split_seed=3, has_test=True)
+    assert len(te2) == 0 and len(va2) == 20 and len(tr2) == 80
+
+
+def test_split_too_small_is_one_line_error():
+    with pytest.raises(ConfigError, match="cannot be split"):
+        data_mod.split_indices(3, 0.1, 0.1, 0, has_test=False)
+
+
+def test_label_noise_changes_train_labels_only():
+    clean = data_mod.load(DataConfig())
+    noisy = data_mod.load(DataConfig(label_noise=0.5))
+    changed = (clean.train.y != noisy.train.y).float().mean().item()
+    assert 0.3 < changed < 0.6  # half replaced, 1/10 of those by the same label
+    assert torch.equal(clean.val.y, noisy.val.y) and torch.equal(clean.test.y, noisy.test.y)
+    assert clean.fingerprint == noisy.fingerprint
+
+
+def test_synthetic_shape():
+    b = data_mod.load(DataConfig(name="synthetic", shape=[3, 32, 32], n_samples=100, num_classes=4))
+    assert b.in_shape == (3, 32, 32) and b.num_classes == 4
+    assert b.train.x.shape[1:] == (3, 32, 32)
+
+
+def test_batch_loader_matches_dataloader_random_sampler():
+    """For a seed the on-device loader yields exactly the batches of torch's DataLoader."""
+    b = data_mod.load(DataConfig(name="synthetic", n_samples=200))
+    ours = data_mod.BatchLoader(b.train, 32, shuffle=True, seed=7)
+    ref = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(b.train.x, b.train.y), batch_size=32,
+                                      sampler=torch.utils.data.RandomSampler(
+                                          b.train, generator=torch.Generator().manual_seed(7)))
+    for _ in range(2):  # two epochs: the generator stream continues identically
+        for (xa, ya), (xb, yb) in zip(ours, ref, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_unshuffled_loader_covers_split_in_order():
+    b = data_mod.load(DataConfig())
+    ys = torch.cat([y for _, y in data_mod.BatchLoader(b.val, 100)])
+    assert torch.equal(ys, b.val.y)
+
+
+def test_augment_keeps_shape_and_is_a_shift():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    out = data_mod.random_crop(x, 1, g)
+    assert out.shape == x.shape
+    # every output is the input shifted by at most 1 pixel (zero padded)
+    for i in range(2):
+        ok = False
+        for dy in range(3):
+            for dx in range(3):
+                ref = torch.nn.functional.pad(x[i], (1, 1, 1, 1))[:, dy:dy + 8, dx:dx + 8]
+                ok |= torch.equal(ref, out[i])
+        assert ok
+    flipped = data_mod.random_flip(x, torch.Generator().manual_seed(1))
+    for i in range(2):
+        assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
