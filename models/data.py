@@ -9,8 +9,13 @@ Batches are drawn by shuffled index on the device (:class:`BatchLoader`); augmen
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import os
+import pickle
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -82,6 +87,140 @@ def _synthetic(cfg: DataConfig) -> RawData:
     y = torch.randint(cfg.num_classes, (cfg.n_samples,), generator=g)
     x = (0.6 * protos[y] + 0.4 * torch.rand(cfg.n_samples, c, h, w, generator=g)).clamp_(0, 1)
     return RawData(x, y, cfg.num_classes)
+
+
+# ------------------------------------------------------------------------------ real image datasets
+def _root(cfg: DataConfig) -> Path:
+    if not cfg.root:
+        raise ConfigError(f"data.root: required for dataset '{cfg.name}'; give the directory that holds its files")
+    return Path(os.path.expanduser(cfg.root))
+
+
+def _find(folder: Path, name: str, how: str) -> Path:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"data.root: {folder / name} not found; {how}")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST's format), plain or gzipped: big-endian magic, dims, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ConfigError(f"data.root: {path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ConfigError(f"data.root: {path} is truncated: {data.size} bytes for shape {dims}")
+    return data.reshape(dims)
+
+
+def _idx_dataset(cfg: DataConfig, folder_name: str, tv_class: str) -> RawData:
+    root = _root(cfg)
+    if cfg.download:
+        import torchvision.datasets as tvd  # lazy: only when the user asks for a download
+
+        for train in (True, False):
+            getattr(tvd, tv_class)(str(root), train=train, download=True)
+    raw = root / folder_name / "raw"
+    how = (f"put the {folder_name} IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+           f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; .gz accepted) in {raw}, or set data.download: true")
+    arrays = [read_idx(_find(raw, f, how)) for f in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    x, y, xt, yt = (torch.from_numpy(a.copy()) for a in arrays)
+    return RawData(x.float().div_(255).unsqueeze(1), y.long(), 10, xt.float().div_(255).unsqueeze(1), yt.long())
+
+
+@DATASETS.register("mnist")
+def _mnist(cfg: DataConfig) -> RawData:
+    """MNIST from ``<root>/MNIST/raw/`` (torchvision's layout); 60k train (split into train/val), 10k test."""
+    return _idx_dataset(cfg, "MNIST", "MNIST")
+
+
+@DATASETS.register("fashion_mnist")
+def _fashion_mnist(cfg: DataConfig) -> RawData:
+    """Fashion-MNIST from ``<root>/FashionMNIST/raw/`` (torchvision's layout)."""
+    return _idx_dataset(cfg, "FashionMNIST", "FashionMNIST")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles: allow only what they hold (dicts, lists, numpy arrays)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch")
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="latin1").load()
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
+    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as exc:
+        raise ConfigError(f"data.root: {path} is not a CIFAR-10 python batch ({exc})") from None
+    return x, y
+
+
+@DATASETS.register("cifar10")
+def _cifar10(cfg: DataConfig) -> RawData:
+    """CIFAR-10 python batches from ``<root>/cifar-10-batches-py/`` (data_batch_1..5, test_batch)."""
+    root = _root(cfg)
+    if cfg.download:
+        import torchvision.datasets as tvd
+
+        tvd.CIFAR10(str(root), train=True, download=True)
+    folder = root / "cifar-10-batches-py"
+    how = (f"extract cifar-10-python.tar.gz so that {folder} holds data_batch_1..5 and test_batch, "
+           "or set data.download: true")
+    train = [_cifar_batch(_find(folder, f"data_batch_{i}", how)) for i in range(1, 6)]
+    xt, yt = _cifar_batch(_find(folder, "test_batch", how))
+    x = torch.from_numpy(np.concatenate([a for a, _ in train])).float().div_(255)
+    y = torch.from_numpy(np.concatenate([b for _, b in train]))
+    return RawData(x, y, 10, torch.from_numpy(xt).float().div_(255), torch.from_numpy(yt), flip=True)
+
+
+@DATASETS.register("image_folder")
+def _image_folder(cfg: DataConfig) -> RawData:
+    """Images in ``<root>/<class>/*.png|jpg`` (torchvision's ImageFolder), resized to ``data.shape``
+    (C = 1 grey or 3 RGB) and held in memory. With ``<root>/train`` and ``<root>/test`` the test folder is
+    the official test split."""
+    from torchvision import datasets as tvd
+    from torchvision.transforms import v2
+
+    root = _root(cfg)
+    if not root.is_dir():
+        raise ConfigError(f"data.root: {root} is not a directory; give a folder with one sub-folder per class")
+    c, h, w = cfg.shape
+    if c not in (1, 3):
+        raise ConfigError(f"data.shape: {cfg.shape} is not allowed for image_folder; channels must be 1 or 3")
+    tf = v2.Compose([v2.ToImage(), v2.Resize((h, w), antialias=True), *([v2.Grayscale()] if c == 1 else []),
+                     v2.ToDtype(torch.float32, scale=True)])
+
+    def read(folder: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        try:
+            ds = tvd.ImageFolder(str(folder), transform=tf)  # its default loader converts to RGB
+        except (FileNotFoundError, OSError) as exc:
+            raise ConfigError(f"data.root: {folder}: {exc}") from None
+        xs, ys = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(xs), torch.tensor(ys, dtype=torch.int64), ds.classes
+
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        x, y, classes = read(root / "train")
+        xt, yt, test_classes = read(root / "test")
+        if test_classes != classes:
+            raise ConfigError(f"data.root: {root}/test has classes {test_classes}, train has {classes}")
+        return RawData(x, y, len(classes), xt, yt, flip=True)
+    x, y, classes = read(root)
+    return RawData(x, y, len(classes), flip=True)
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, split_seed: int,

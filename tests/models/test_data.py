@@ -88,3 +88,105 @@ def test_augment_keeps_shape_and_is_a_shift():
     flipped = data_mod.random_flip(x, torch.Generator().manual_seed(1))
     for i in range(2):
         assert torch.equal(flipped[i], x[i]) or torch.equal(flipped[i], x[i].flip(2))
+
+
+# ------------------------------------------------------------------- real formats, tiny files
+def _write_idx(path, array, gz=False):
+    import gzip
+    import struct
+
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(str(path) + ".gz", "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+
+
+def _make_mnist(root, folder="MNIST", n=60, nt=20, gz=False):
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    _write_idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
+    _write_idx(raw / "train-labels-idx1-ubyte", np.arange(n) % 10, gz)
+    _write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (nt, 28, 28)), gz)
+    _write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(nt) % 10, gz)
+
+
+@pytest.mark.parametrize("name,folder,gz", [("mnist", "MNIST", False), ("mnist", "MNIST", True),
+                                            ("fashion_mnist", "FashionMNIST", False)])
+def test_idx_datasets_load_from_tiny_files(tmp_path, name, folder, gz):
+    _make_mnist(tmp_path, folder, gz=gz)
+    b = data_mod.load(DataConfig(name=name, root=str(tmp_path), val_fraction=0.25))
+    assert b.in_shape == (1, 28, 28) and b.num_classes == 10
+    assert len(b.test) == 20 and len(b.train) + len(b.val) == 60 and len(b.val) == 15
+    assert torch.equal(b.test.y, torch.arange(20) % 10)
+
+
+def test_cifar10_loads_from_tiny_pickle_batches(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"batch_label": name, "labels": list(rng.integers(0, 10, 8)),
+                 "data": rng.integers(0, 256, (8, 3072), dtype=np.uint8), "filenames": [f"{i}.png" for i in range(8)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    b = data_mod.load(DataConfig(name="cifar10", root=str(tmp_path), val_fraction=0.25))
+    assert b.in_shape == (3, 32, 32) and len(b.test) == 8 and len(b.train) + len(b.val) == 40 and b.flip
+
+
+def test_cifar_batch_refuses_arbitrary_pickles(tmp_path):
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({"data": Path_like()}, f)
+    with pytest.raises(ConfigError, match="not a CIFAR-10 python batch"):
+        data_mod.load(DataConfig(name="cifar10", root=str(tmp_path)))
+
+
+class Path_like:  # any non-numpy global must be refused by the CIFAR unpickler
+    pass
+
+
+def test_image_folder_loads_and_resizes(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in ("cat", "dog"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    b = data_mod.load(DataConfig(name="image_folder", root=str(tmp_path), shape=[3, 16, 16], val_fraction=0.25))
+    assert b.in_shape == (3, 16, 16) and b.num_classes == 2 and len(b.test) == 4
+    assert len(b.train) + len(b.val) == 12
+    grey = data_mod.load(DataConfig(name="image_folder", root=str(tmp_path / "train"), shape=[1, 8, 8],
+                                    val_fraction=0.25, test_fraction=0.25))
+    assert grey.in_shape == (1, 8, 8) and len(grey.test) == 3
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("mnist", "MNIST/raw/train-images-idx3-ubyte not found"),
+    ("fashion_mnist", "FashionMNIST/raw/train-images-idx3-ubyte not found"),
+    ("cifar10", "cifar-10-batches-py/data_batch_1 not found"),
+    ("image_folder", "is not a directory"),
+])
+def test_missing_files_give_one_line_naming_the_path(tmp_path, name, needle):
+    with pytest.raises(ConfigError) as err:
+        data_mod.load(DataConfig(name=name, root=str(tmp_path / "nowhere")))
+    msg = str(err.value)
+    assert needle in msg and "\n" not in msg and msg.startswith("data.root:")
+    if name != "image_folder":
+        assert "download" in msg
+
+
+def test_real_dataset_without_root_is_an_error():
+    with pytest.raises(ConfigError, match="data.root: required"):
+        data_mod.load(DataConfig(name="mnist"))

@@ -179,3 +179,22 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys, text, needle):
     err = capsys.readouterr().err.strip()
     assert needle in err and str(p) in err and "\n" not in err
     assert not out.exists()
+
+
+def test_cli_trains_resnet20_on_synthetic_cifar_shaped_data(tmp_path, capsys):
+    from search.cli import main as cli_main
+
+    cfg = TrainConfig.from_dict({
+        "model": {"name": "resnet20", "bn": "before_act", "init": "kaiming_normal", "dropout": 0.1},
+        "data": {"name": "synthetic", "shape": [3, 32, 32], "n_samples": 160, "batch_size": 32, "augment": True},
+        "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "scheduler": {"name": "onecycle"},
+        "train": {"epochs": 2, "num_threads": 2, "train_eval_size": 32},
+    })
+    path = tmp_path / "resnet20.yaml"
+    cfg.save(path)
+    assert cli_main(["train", str(path), "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    hist = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [e["epoch"] for e in hist["epochs"]] == [0, 1]
+    assert hist["n_params"] > 250_000
+    assert hist["epochs"][0]["lr"] != hist["epochs"][1]["lr"]  # onecycle stepped per batch
