@@ -26,9 +26,12 @@ class SGDW(torch.optim.SGD):
 
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False):
         super().__init__(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=0.0)
-        for group in self.param_groups:  # move the decay out of torch's coupled slot
-            group["decoupled_weight_decay"] = group.pop("weight_decay", 0.0)
-            group["weight_decay"] = 0.0
+
+    def add_param_group(self, param_group: dict) -> None:  # torch's __init__ calls this for every group
+        group = dict(param_group)  # move the decay out of torch's coupled slot
+        group["decoupled_weight_decay"] = group.pop("weight_decay", 0.0)
+        group["weight_decay"] = 0.0
+        super().add_param_group(group)
 
     @torch.no_grad()
     def step(self, closure=None):

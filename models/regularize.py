@@ -44,7 +44,7 @@ class Penalty:
         return self.l1 > 0 or self.l2 > 0
 
     def __call__(self) -> torch.Tensor:
-        total = torch.zeros((), device=self.weights[0].device)
+        total = torch.zeros((), device=self.weights[0].device if self.weights else None)
         if self.l1 > 0:
             total = total + self.l1 * sum(w.abs().sum() for w in self.weights)
         if self.l2 > 0:

@@ -101,8 +101,6 @@ def test_save_load_round_trip(tmp_path, custom):
     assert TrainConfig.load(path) == custom
 
 
-@pytest.mark.xfail(strict=True, reason="dump_yaml writes the string '1e5' unquoted; _Loader reads it back as a "
-                                      "float (see report: give dump_yaml a SafeDumper with _Loader's resolver)")
 def test_yaml_round_trip_of_float_looking_string():
     cfg = TrainConfig.from_dict({"data": {"root": "1e5"}})
     assert TrainConfig.from_yaml(cfg.to_yaml()) == cfg

@@ -185,3 +185,16 @@ def test_unknown_optimizer_lists_choices():
     with pytest.raises(ValueError) as err:
         make_optimizer(_model(), OptimConfig(name="lion"))
     assert str(err.value) == "unknown optimizer 'lion'; choose one of: sgd, adam, adamw"
+
+
+def test_sgd_group_added_later_is_decoupled_too():
+    lr, wd, momentum = 0.1, 0.2, 0.9
+    first, later = nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False)
+    opt = make_optimizer(first, OptimConfig(name="sgd", lr=lr, momentum=momentum, weight_decay=wd))
+    opt.add_param_group({"params": [later.weight], "weight_decay": wd})
+    before = later.weight.detach().clone()
+    for _ in range(2):
+        _zero_grads(first)
+        _zero_grads(later)
+        opt.step()
+    torch.testing.assert_close(later.weight.detach(), before * (1 - lr * wd) ** 2, rtol=1e-6, atol=0)
