@@ -1,38 +1,189 @@
 """The ``regsweep`` command line. Exit codes: 0 done, 2 bad input (one line on stderr), 1 runtime
-failure, 143 stopped by SIGTERM."""
+failure, 143 stopped by SIGTERM with the running trial re-queued.
+
+The same flag means the same thing in every command (``--storage``, ``--study-name``/``--study``, ...).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Optional
+
+from models.config import ConfigError
+
+DEFAULT_STUDIES_DIR = Path("studies")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from models.config import ConfigError
+# ------------------------------------------------------------------------------------ helpers
+def _storage_url(args: argparse.Namespace, spec=None) -> str:
+    from search.storage import check_url, resolve_url
+
+    spec_dir = spec.directory if spec is not None else DEFAULT_STUDIES_DIR
+    url = resolve_url(getattr(args, "storage", None), spec.storage if spec is not None else None, spec_dir)
+    check_url(url)
+    return url
+
+
+def _load_study(args: argparse.Namespace):
+    """The study named by --study-name in the storage, or the only study there."""
+    import optuna
+
+    from search.storage import mask, open_storage
+
+    url = _storage_url(args)
+    storage = open_storage(url, heartbeat=False)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    name = args.study_name
+    if name is None:
+        if len(names) != 1:
+            raise ConfigError(f"--study-name: required; {mask(url)} holds "
+                              f"{len(names)} studies: {', '.join(names) or 'none'}")
+        name = names[0]
+    if name not in names:
+        raise ConfigError(f"--study-name: {name!r} not found in {mask(url)}; studies: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=name, storage=storage), url
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_train(args: argparse.Namespace) -> int:
     from models.train import run_training
 
+    return run_training(args.config, args.device, args.out)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from search.samplers import SAMPLERS  # noqa: F401
+    from search.spec import load_spec
+    from search.storage import mask
+
+    spec = load_spec(args.spec)
+    url = _storage_url(args, spec)
+    cond = spec.space.conditional()
+    print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"
+          f"{f' ({len(cond)} conditional)' if cond else ''}, sampler {spec.sampler['name']}, "
+          f"{spec.objective.direction} {spec.objective.metric}, n_trials {spec.n_trials}, storage {mask(url)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from search.backends import optuna_backend
+    from search.report import format_summary, study_summary
+    from search.spec import load_spec
+    from search.storage import mask
+
+    spec = load_spec(args.spec)
+    url = _storage_url(args, spec)
+    name = args.study_name or spec.name
+    if args.n_trials is not None and args.n_trials < 1:
+        raise ConfigError(f"--n-trials: {args.n_trials} is not allowed; must be >= 1")
+    if url.startswith("sqlite:///"):
+        print(f"storage: {url} (SQLite file {Path(url[len('sqlite:///'):]).resolve()})", flush=True)
     try:
-        return run_training(args.config, args.device, args.out)
-    except ConfigError as exc:
+        result = optuna_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout,
+                                    device=args.device, allow_spec_change=args.allow_spec_change)
+    except optuna_backend.SweepFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
+    print(format_summary(study_summary(result.study)))
+    print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
+          f"--out best.yaml\n  regsweep train best.yaml")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import optuna
+
+    from search.report import format_summary, study_summary
+    from search.storage import mask, open_storage
+
+    if args.study_name is None:
+        url = _storage_url(args)
+        storage = open_storage(url, heartbeat=False)
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+        print(f"{mask(url)}: {len(summaries)} studies")
+        for s in summaries:
+            print(format_summary(study_summary(optuna.load_study(study_name=s.study_name, storage=storage))))
+        return 0
+    study, _ = _load_study(args)
+    print(format_summary(study_summary(study)))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from search.export import pick_trial, render
+    from search.storage import mask
+
+    study, url = _load_study(args)
+    trial = pick_trial(study, args.trial)
+    text = render(study, trial, args.format, mask(url))
+    if args.out:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise ConfigError(f"--out: directory {out.parent} does not exist")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)  # never a half-written export
+        print(f"wrote trial {trial.number} ({args.format}) to {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+def _storage_flags(p: argparse.ArgumentParser, study: bool = True) -> None:
+    p.add_argument("--storage", default=None,
+                   help="storage URL (default: $REGSWEEP_STORAGE, the spec's storage, sqlite:///studies/regsweep.db)")
+    if study:
+        p.add_argument("--study-name", "--study", dest="study_name", default=None, help="study name")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="regsweep", description="Hyperparameter search for the regularisation "
                                 "of image classifiers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     t = sub.add_parser("train", help="train one TrainConfig YAML and write its history and checkpoint")
     t.add_argument("config", metavar="CONFIG.yaml")
     t.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     t.add_argument("--out", metavar="DIR", default=None, help="output directory (default: runs/<config name>)")
-    t.set_defaults(func=_train)
+    t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("validate", help="check a study spec (every check of run); writes nothing")
+    v.add_argument("spec", metavar="STUDY.yaml")
+    _storage_flags(v, study=False)
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("run", help="run a study spec until its budget of COMPLETE+PRUNED trials is met")
+    r.add_argument("spec", metavar="STUDY.yaml")
+    _storage_flags(r)
+    r.add_argument("--n-trials", type=int, default=None, help="total COMPLETE+PRUNED trials (overrides budget)")
+    r.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    r.add_argument("--allow-spec-change", action="store_true", help="resume although the spec changed")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="studies in a storage: counts per state, best trial, stop reasons")
+    _storage_flags(s)
+    s.set_defaults(func=cmd_status)
+
+    e = sub.add_parser("export", help="write a trial's complete TrainConfig (default: the best trial)")
+    _storage_flags(e)
+    e.add_argument("--trial", type=int, default=None, metavar="N", help="trial number (default: best)")
+    e.add_argument("--format", default="yaml", choices=("yaml", "json", "params"))
+    e.add_argument("--out", metavar="FILE", default=None, help="output file (default: stdout)")
+    e.set_defaults(func=cmd_export)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Sweep backends: ``optuna_backend`` (local/cluster workers on an RDB study) and ``ray_backend`` (lazy Ray)."""

@@ -1,0 +1,140 @@
+"""Run a study spec with Optuna's own loop on an RDB storage.
+
+Budget contract: ``n_trials`` is the study's TOTAL of COMPLETE + PRUNED trials across all runs; a run on a
+study that already has them exits 0 saying so, and a larger ``--n-trials`` runs only the difference. The
+spec's hash is a study attr: resuming with a different spec is refused unless ``allow_spec_change``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, TextIO
+
+from models.config import ConfigError
+from search.objective import BASE_ATTR, Objective, TrialFailed
+from search.spec import StudySpec
+from search.storage import mask, open_storage
+
+SPEC_HASH_ATTR = "regsweep:spec_hash"
+SPEC_ATTR = "regsweep:spec"
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+class SweepFailed(RuntimeError):
+    """The sweep cannot go on (e.g. every trial fails): exit 1."""
+
+
+@dataclass
+class RunResult:
+    study: Any
+    ran: int
+    already_done: bool
+
+
+def done_count(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two canonical specs."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += spec_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change: bool = False,
+               heartbeat: bool = True):
+    """Create or load the study; check the spec hash; returns (study, created)."""
+    import optuna
+
+    storage = open_storage(url, heartbeat=heartbeat)
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    created = study_name not in existing
+    study = optuna.create_study(storage=storage, study_name=study_name, direction=spec.objective.direction,
+                                sampler=spec.make_sampler(), pruner=spec.make_pruner(), load_if_exists=True)
+    canonical = json.loads(json.dumps(spec.canonical(), default=str))
+    old_hash = study.user_attrs.get(SPEC_HASH_ATTR)
+    if old_hash is None:
+        study.set_user_attr(SPEC_HASH_ATTR, spec.spec_hash())
+        study.set_user_attr(SPEC_ATTR, canonical)
+        study.set_user_attr("regsweep:objective", spec.objective.metric)
+    elif old_hash != spec.spec_hash():
+        diff = spec_difference(study.user_attrs.get(SPEC_ATTR, {}), canonical)
+        if not allow_spec_change:
+            shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+            raise ConfigError(f"{spec.path}: the spec differs from the one study '{study_name}' was started with "
+                              f"({shown}); use a new --study-name or pass --allow-spec-change")
+        study.set_user_attr(SPEC_HASH_ATTR, spec.spec_hash())
+        study.set_user_attr(SPEC_ATTR, canonical)
+    if study.direction.name.lower() != spec.objective.direction:
+        raise ConfigError(f"{spec.path}: objective.direction: study '{study_name}' is "
+                          f"{study.direction.name.lower()}, the spec says {spec.objective.direction}")
+    return study, created
+
+
+def enqueue(study, spec: StudySpec) -> None:
+    for params in spec.enqueue:
+        if params:
+            study.enqueue_trial(params, skip_if_exists=True)
+        else:
+            study.enqueue_trial({}, user_attrs={BASE_ATTR: True})
+
+
+def trial_line(trial, metric: str) -> str:
+    attrs = trial.user_attrs
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    base = " (base config)" if attrs.get(BASE_ATTR) else ""
+    return (f"trial {trial.number:>3} {trial.state.name:<8} {metric}={value} best_epoch={attrs.get('best_epoch')} "
+            f"{attrs.get('stop_reason', '')}{base}")
+
+
+def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] = None, timeout: Optional[float] = None,
+        device: Optional[str] = None, allow_spec_change: bool = False, out: TextIO = sys.stdout) -> RunResult:
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    total = n_trials if n_trials is not None else spec.n_trials
+    study, created = open_study(spec, url, study_name, allow_spec_change=allow_spec_change)
+    if created:
+        enqueue(study, spec)
+    already = done_count(study)
+    print(f"study '{study_name}' in {mask(url)}: {already}/{total} trials done", file=out, flush=True)
+    if already >= total:
+        print(f"budget met: {already} COMPLETE+PRUNED trials >= n_trials {total}; nothing to run", file=out)
+        return RunResult(study, 0, True)
+
+    objective = Objective(spec, device)
+    failures: list[str] = []
+    ran = 0
+
+    def callback(study, trial) -> None:
+        nonlocal ran
+        ran += 1
+        print(trial_line(trial, spec.objective.metric), file=out, flush=True)
+        if trial.state == TrialState.FAIL:
+            failures.append(trial.user_attrs.get("stop_reason", "failed"))
+            if len(failures) >= MAX_CONSECUTIVE_FAILURES:
+                study.stop()
+        else:
+            failures.clear()
+        if done_count(study) >= total:
+            study.stop()
+
+    start = time.monotonic()
+    study.optimize(objective, n_trials=None, timeout=timeout if timeout is not None else spec.timeout,
+                   catch=(TrialFailed, Exception), callbacks=[callback])
+    if len(failures) >= MAX_CONSECUTIVE_FAILURES:
+        raise SweepFailed(f"{len(failures)} trials in a row failed; last: {failures[-1]}")
+    print(f"ran {ran} trials in {time.monotonic() - start:.1f}s", file=out, flush=True)
+    return RunResult(study, ran, False)

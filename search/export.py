@@ -1,0 +1,75 @@
+"""Export a trial's configuration as a file the plain training code reproduces.
+
+- ``yaml``: the complete TrainConfig (``regsweep train best.yaml`` / ``models.build``), provenance as a
+  comment header, so the file stays one plain TrainConfig.
+- ``json``: ``{"config": {...}, "provenance": {...}}``.
+- ``params``: the trial's sampled params, flat dotted paths (what ``TrainConfig.with_overrides`` takes).
+
+``train.num_threads`` is set to the threads the trial actually ran with, so a CPU replay gives the same
+per-epoch metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any, Optional
+
+from models import __version__ as regsweep_version
+from models.config import ConfigError, TrainConfig, dump_yaml
+
+FORMATS = ("yaml", "json", "params")
+
+
+def pick_trial(study, number: Optional[int]):
+    from optuna.trial import TrialState
+
+    if number is None:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            raise ConfigError(f"study '{study.study_name}' has no COMPLETE trial yet; pass --trial N")
+        return study.best_trial
+    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not matches:
+        raise ConfigError(f"--trial: {number} is not a trial of study '{study.study_name}' "
+                          f"(trials 0..{len(study.trials) - 1})")
+    return matches[0]
+
+
+def trial_config(trial) -> TrainConfig:
+    cfg = trial.user_attrs.get("config")
+    if cfg is None:
+        raise ConfigError(f"trial {trial.number} has no recorded config (it failed before training: "
+                          f"{trial.user_attrs.get('stop_reason', 'unknown')})")
+    cfg = TrainConfig.from_dict(cfg)
+    threads = trial.user_attrs.get("num_threads")
+    if cfg.train.num_threads is None and threads:
+        cfg = cfg.with_overrides({"train.num_threads": threads})
+    return cfg
+
+
+def provenance(study, trial, storage_masked: str) -> dict[str, Any]:
+    a = trial.user_attrs
+    device = str(a.get("device", ""))
+    return {
+        "study": study.study_name, "trial": trial.number, "state": trial.state.name,
+        "objective": study.user_attrs.get("regsweep:objective"), "value": trial.value,
+        "best_epoch": a.get("best_epoch"), "stop_reason": a.get("stop_reason"), "storage": storage_masked,
+        "torch_version": a.get("torch_version"), "regsweep_version": regsweep_version,
+        "device_type": device.split(":")[0] or None, "num_threads": a.get("num_threads"),
+        "split_fingerprint": a.get("split_fingerprint"), "params": dict(trial.params),
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def render(study, trial, fmt: str, storage_masked: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: {fmt!r} is not allowed; choose one of: {', '.join(FORMATS)}")
+    if fmt == "params":
+        return json.dumps(dict(trial.params), indent=2, sort_keys=True) + "\n"
+    cfg = trial_config(trial)
+    prov = provenance(study, trial, storage_masked)
+    if fmt == "json":
+        return json.dumps({"config": cfg.to_dict(), "provenance": prov}, indent=2) + "\n"
+    header = "".join(f"# {line}\n" for line in dump_yaml({"provenance": prov}).splitlines())
+    return f"# regsweep export: a complete TrainConfig. Train it with: regsweep train THIS_FILE\n{header}" + cfg.to_yaml()

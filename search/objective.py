@@ -1,0 +1,97 @@
+"""Optuna trial -> TrainConfig -> ``fit``, recorded through search/record.py.
+
+The enqueued base trial (user attr ``regsweep:base``) trains the base config itself and suggests nothing.
+A bad combination of sampled values, an exception or a NaN ends the trial FAIL with its reason; the sweep
+goes on. Datasets are loaded once per worker process and reused by every trial with the same data config.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any, Optional
+
+import torch
+
+from models.build import build, resolve_device
+from models.config import ConfigError, DataConfig, TrainConfig
+from models.data import DataBundle, load
+from models.train import fit
+from search.record import FAIL, PRUNED, Recorder
+from search.spec import StudySpec
+
+BASE_ATTR = "regsweep:base"
+# data fields that do not change the loaded tensors
+_LOADER_ONLY = ("batch_size", "augment", "num_workers")
+
+
+class TrialFailed(RuntimeError):
+    """Raised to end a trial FAIL; its message is the stop reason."""
+
+
+class DataCache:
+    """Loaded (device-resident) datasets by data config, most recent first."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._items: OrderedDict[str, DataBundle] = OrderedDict()
+
+    def get(self, cfg: DataConfig, device: torch.device) -> DataBundle:
+        key = json.dumps({k: v for k, v in vars(cfg).items() if k not in _LOADER_ONLY}, sort_keys=True) + str(device)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        bundle = load(cfg, device)
+        self._items[key] = bundle
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return bundle
+
+
+class Objective:
+    def __init__(self, spec: StudySpec, device: Optional[str] = None, data_cache: Optional[DataCache] = None):
+        self.spec = spec
+        self.device = resolve_device(device)
+        self.data = data_cache or DataCache()
+        self.base_dict = spec.base.to_dict()
+
+    def config_for(self, trial) -> TrainConfig:
+        if trial.user_attrs.get(BASE_ATTR):
+            return self.spec.base
+        overrides = self.spec.space.sample(trial, self.base_dict)
+        return self.spec.base.with_overrides(overrides)
+
+    def __call__(self, trial) -> float:
+        from optuna import TrialPruned
+
+        pruner = trial.study.pruner
+        recorder = Recorder(trial, self.spec.objective, should_prune=trial.should_prune,
+                            pruner_label=lambda: _pruner_label(pruner, trial.number, self.spec.pruner))
+        try:
+            cfg = self.config_for(trial)
+        except ConfigError as exc:
+            reason = f"failed:config: {exc}"
+            recorder.fail(reason)
+            raise TrialFailed(reason) from None
+        recorder.start(cfg.to_dict())
+        try:
+            parts = build(cfg, self.device, data=self.data.get(cfg.data, self.device))
+            hist = fit(cfg, self.device, report=recorder.on_epoch, parts=parts)
+        except Exception as exc:  # any error of this trial: FAIL with the reason, the sweep goes on
+            reason = f"failed:{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            recorder.fail(reason)
+            raise TrialFailed(reason) from exc
+        state, value = recorder.finish(hist)
+        if state == PRUNED:
+            raise TrialPruned(hist.stop_reason)
+        if state == FAIL:
+            raise TrialFailed(hist.stop_reason if hist.stop_reason.startswith("failed:")
+                              else "failed:no finite objective value")
+        return value
+
+
+def _pruner_label(pruner: Any, number: int, spec_pruner: Any) -> str:
+    from search.pruners.registry import label
+
+    fired = getattr(pruner, "label_for", None)
+    return (fired(number) if fired else None) or label(spec_pruner)

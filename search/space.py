@@ -1,0 +1,269 @@
+"""Search spaces: dotted TrainConfig paths -> Optuna distributions (and Ray Tune domains), with conditions.
+
+A space file is a mapping ``path: param`` (plus an optional ``include:`` of other space files, relative to
+the including file; later entries override earlier ones)::
+
+    model.dropout: {type: float, low: 0.0, high: 0.6}
+    optim.weight_decay: {type: float, low: 1.0e-6, high: 1.0e-2, log: true}
+    model.bn: {type: categorical, choices: [none, before_act, after_act]}
+    scheduler.gamma: {type: float, low: 0.1, high: 0.9, when: {scheduler.name: step}}
+
+``when`` maps other config paths to a value or a list of values; the param is sampled only when all of them
+hold, looking first at values sampled in this trial and then at the base config. Params are sampled in an
+order where every condition's source comes first. Everything is checked against TrainConfig before any
+trial runs: unknown paths, types that do not match the field, and bounds the config would reject.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
+
+PARAM_TYPES = ("float", "int", "categorical")
+PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
+Scalar = Union[None, bool, int, float, str]
+
+
+class SpaceError(ConfigError):
+    """A bad search space: one line naming the file, the field, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Param:
+    path: str
+    type: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = None
+    choices: tuple[Scalar, ...] = ()
+    when: tuple[tuple[str, tuple[Scalar, ...]], ...] = ()
+
+    # ------------------------------------------------------------------ backends
+    def distribution(self):
+        import optuna.distributions as od
+
+        if self.type == "float":
+            return od.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return od.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        return od.CategoricalDistribution(list(self.choices))
+
+    def suggest(self, trial) -> Any:
+        if self.type == "float":
+            return trial.suggest_float(self.path, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(self.path, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
+        return trial.suggest_categorical(self.path, list(self.choices))
+
+    def active(self, values: Mapping[str, Any], base: Mapping[str, Any]) -> bool:
+        for path, allowed in self.when:
+            current = values[path] if path in values else get_path(base, path)
+            if current not in allowed:
+                return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type}
+        if self.type == "categorical":
+            d["choices"] = list(self.choices)
+        else:
+            d.update(low=self.low, high=self.high, log=self.log, step=self.step)
+        if self.when:
+            d["when"] = {p: list(v) for p, v in self.when}
+        return d
+
+
+@dataclass
+class Space:
+    params: list[Param] = field(default_factory=list)
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def paths(self) -> list[str]:
+        return [p.path for p in self.params]
+
+    def sample(self, trial, base: Mapping[str, Any]) -> dict[str, Any]:
+        """Define-by-run: suggest each active param in order; returns {path: value} overrides."""
+        values: dict[str, Any] = {}
+        for p in self.params:
+            if p.active(values, base):
+                values[p.path] = p.suggest(trial)
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {p.path: p.to_dict() for p in self.params}
+
+    def conditional(self) -> list[str]:
+        return [p.path for p in self.params if p.when]
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def _err(source: str, fld: str, value: Any, allowed: str) -> SpaceError:
+    return SpaceError(f"{source}: {fld}: {value!r} is not allowed; {allowed}")
+
+
+def _number(source: str, fld: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _err(source, fld, value, "must be a finite number")
+    return value
+
+
+def parse_param(path: str, spec: Any, source: str, prefix: str = "space") -> Param:
+    fld = f"{prefix}.{path}"
+    if not isinstance(spec, Mapping):
+        raise _err(source, fld, spec, "must be a mapping like {type: float, low: 0.0, high: 0.5}")
+    unknown = sorted(set(spec) - PARAM_KEYS)
+    if unknown:
+        raise _err(source, f"{fld}.{unknown[0]}", spec[unknown[0]], f"allowed keys: {', '.join(sorted(PARAM_KEYS))}")
+    kind = spec.get("type")
+    if kind not in PARAM_TYPES:
+        raise _err(source, f"{fld}.type", kind, f"choose one of: {', '.join(PARAM_TYPES)}")
+    when = _parse_when(spec.get("when"), source, f"{fld}.when")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _err(source, f"{fld}.choices", choices, "must be a non-empty list")
+        for c in choices:
+            if not (c is None or isinstance(c, (bool, int, float, str))):
+                raise _err(source, f"{fld}.choices", c, "choices must be null, booleans, numbers or strings")
+        extra = sorted(set(spec) & {"low", "high", "log", "step"})
+        if extra:
+            raise _err(source, f"{fld}.{extra[0]}", spec[extra[0]], "categorical params take only choices and when")
+        return Param(path, kind, choices=tuple(choices), when=when)
+    if "choices" in spec:
+        raise _err(source, f"{fld}.choices", spec["choices"], f"{kind} params take low/high/log/step, not choices")
+    for key in ("low", "high"):
+        if key not in spec:
+            raise SpaceError(f"{source}: {fld}.{key}: missing; {kind} params need low and high")
+    low, high = _number(source, f"{fld}.low", spec["low"]), _number(source, f"{fld}.high", spec["high"])
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise _err(source, f"{fld}.log", log, "must be true or false")
+    step = spec.get("step")
+    if step is not None:
+        step = _number(source, f"{fld}.step", step)
+        if step <= 0:
+            raise _err(source, f"{fld}.step", step, "must be > 0")
+    if kind == "int":
+        for key, v in (("low", low), ("high", high), ("step", step)):
+            if v is not None and float(v) != int(v):
+                raise _err(source, f"{fld}.{key}", v, "int params need whole numbers")
+    if low > high:
+        raise _err(source, f"{fld}.low", low, f"must be <= high ({high})")
+    if log and low <= 0:
+        raise _err(source, f"{fld}.low", low, "log: true needs low > 0")
+    if log and step is not None and kind == "float":
+        raise _err(source, f"{fld}.step", step, "a float param cannot have both log: true and a step")
+    return Param(path, kind, float(low) if kind == "float" else int(low), float(high) if kind == "float" else int(high),
+                 log, step, (), when)
+
+
+def _parse_when(when: Any, source: str, fld: str) -> tuple[tuple[str, tuple[Scalar, ...]], ...]:
+    if when is None:
+        return ()
+    if not isinstance(when, Mapping) or not when:
+        raise _err(source, fld, when, "must be a mapping like {scheduler.name: step}")
+    out = []
+    for path, value in when.items():
+        values = tuple(value) if isinstance(value, list) else (value,)
+        out.append((str(path), values))
+    return tuple(out)
+
+
+def load_space(spec: Any, source: str, prefix: str = "space", _stack: tuple[Path, ...] = ()) -> dict[str, Param]:
+    """Parse an inline space mapping (which may ``include:`` files) into {path: Param}, includes first."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise _err(source, prefix, spec, "must be a mapping of config paths to params (or include: FILE)")
+    params: dict[str, Param] = {}
+    include = spec.get("include")
+    if include is not None:
+        files = include if isinstance(include, list) else [include]
+        for f in files:
+            if not isinstance(f, str):
+                raise _err(source, f"{prefix}.include", f, "must be a file path or a list of file paths")
+            here = Path(source).parent if _stack or Path(source).suffix else Path(".")
+            target = (here / f).resolve()
+            if target in _stack:
+                chain = " -> ".join(str(p) for p in (*_stack, target))
+                raise SpaceError(f"{source}: {prefix}.include: {f!r} is not allowed; include cycle: {chain}")
+            if not target.is_file():
+                raise SpaceError(f"{source}: {prefix}.include: {f!r} not found (looked for {target})")
+            data = load_yaml_file(target)
+            if data is None:
+                raise SpaceError(f"{target}: empty file; a space file maps config paths to params")
+            params.update(load_space(data, str(target), "space", (*_stack, Path(source).resolve(), target)))
+    for path, p in spec.items():
+        if path == "include":
+            continue
+        params[str(path)] = parse_param(str(path), p, source, prefix)
+    return params
+
+
+def order_params(params: Mapping[str, Param], source: str) -> list[Param]:
+    """Topological order: a param comes after every space param its ``when`` reads."""
+    ordered: list[Param] = []
+    state: dict[str, int] = {}
+
+    def visit(path: str, chain: tuple[str, ...]) -> None:
+        if state.get(path) == 2:
+            return
+        if state.get(path) == 1:
+            raise SpaceError(f"{source}: space.{path}.when: condition cycle: {' -> '.join((*chain, path))}")
+        state[path] = 1
+        for dep, _ in params[path].when:
+            if dep in params:
+                visit(dep, (*chain, path))
+        state[path] = 2
+        ordered.append(params[path])
+
+    for path in params:
+        visit(path, ())
+    return ordered
+
+
+def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
+    """Every path exists in TrainConfig, its type fits the field, every bound/choice is a valid value."""
+    fields = config_paths()
+    base_dict = base.to_dict()
+    for p in params:
+        fld = f"space.{p.path}"
+        if p.path not in fields:
+            near = [f for f in fields if f.split(".")[-1] == p.path.split(".")[-1]]
+            hint = f"; did you mean {near[0]}?" if near else "; see models/config.py for the fields"
+            raise SpaceError(f"{source}: {fld}: unknown config path{hint}")
+        tp = fields[p.path]
+        tname = getattr(tp, "__name__", str(tp))
+        if p.type == "float" and tp not in (float,) and "float" not in str(tp):
+            raise _err(source, f"{fld}.type", p.type, f"{p.path} is {tname}, not a float")
+        if p.type == "int" and tp is not int and "int" not in str(tp):
+            raise _err(source, f"{fld}.type", p.type, f"{p.path} is {tname}, not an int")
+        for dep, values in p.when:
+            if dep not in fields:
+                raise SpaceError(f"{source}: {fld}.when: {dep!r} is not a config path")
+        probes = list(p.choices) if p.type == "categorical" else [p.low, p.high]
+        for value in probes:
+            try:
+                base.with_overrides({p.path: value})
+            except ConfigError as exc:
+                what = "choices" if p.type == "categorical" else ("low" if value == p.low else "high")
+                raise SpaceError(f"{source}: {fld}.{what}: {value!r} would be rejected by the config ({exc})") from None
+        _ = base_dict
+
+
+def build_space(spec: Any, base: TrainConfig, source: str) -> Space:
+    params = load_space(spec, source)
+    ordered = order_params(params, source)
+    check_space(ordered, base, source)
+    return Space(ordered)

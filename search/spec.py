@@ -1,0 +1,223 @@
+"""Study spec YAML -> :class:`StudySpec`, validated before anything runs.
+
+Grammar (paths are relative to the spec file)::
+
+    name: digits_cnn
+    base: base/digits_cnn.yaml            # or an inline TrainConfig mapping
+    objective: {metric: val_loss, direction: minimize}
+    space: {include: ../spaces/regularization.yaml}   # or inline params (see search/space.py)
+    sampler: {name: tpe, seed: 0, args: {multivariate: true, group: true}}
+    pruner: {any_of: [{name: median, args: {n_warmup_steps: 3}}, {name: overfit, args: {patience: 3}}]}
+    budget: {n_trials: 20, timeout: null}
+    enqueue: [{}]                          # params dicts to try first; {} = the base config itself
+    storage: null                          # optional; see search/storage.py for the precedence
+
+Every error is one line naming the file, the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from models.config import ConfigError, TrainConfig, load_yaml_file
+from search.space import Space, build_space
+
+SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
+               "storage")
+# metric -> the only direction that makes sense for it
+OBJECTIVES = {"val_loss": "minimize", "val_acc": "maximize"}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class SpecError(ConfigError):
+    """A bad study spec (one line: file, field, value, what is allowed)."""
+
+
+@dataclass
+class Objective:
+    metric: str = "val_loss"
+    direction: str = "minimize"
+
+    @property
+    def sign(self) -> float:
+        """+1 when lower is better: multiply once at the edge, compare one way inside."""
+        return 1.0 if self.direction == "minimize" else -1.0
+
+
+@dataclass
+class StudySpec:
+    name: str
+    path: Path  # the spec file (absolute)
+    base: TrainConfig
+    objective: Objective
+    space: Space
+    sampler: dict[str, Any]
+    pruner: Any
+    n_trials: int
+    timeout: Optional[float]
+    enqueue: list[dict[str, Any]]
+    storage: Optional[str] = None
+    description: str = ""
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    def canonical(self) -> dict[str, Any]:
+        """What defines the search (not the budget, name or storage): hashed and stored in the study."""
+        return {"base": self.base.to_dict(), "objective": vars(self.objective), "space": self.space.to_dict(),
+                "sampler": self.sampler, "pruner": self.pruner, "enqueue": self.enqueue}
+
+    def spec_hash(self) -> str:
+        text = json.dumps(self.canonical(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def make_sampler(self):
+        from search.samplers import make_sampler
+
+        return make_sampler(self.sampler["name"], self.sampler.get("seed"), self.sampler.get("args", {}),
+                            self.space)
+
+    def make_pruner(self):
+        from search.pruners.registry import PrunerContext, build_pruner
+
+        return build_pruner(self.pruner, PrunerContext(self.base.train.epochs, str(self.path)))
+
+
+def _fail(source: str, fld: str, value: Any, allowed: str) -> SpecError:
+    return SpecError(f"{source}: {fld}: {value!r} is not allowed; {allowed}")
+
+
+def _mapping(source: str, fld: str, value: Any, allowed_keys: tuple[str, ...]) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(source, fld, value, f"must be a mapping with keys: {', '.join(allowed_keys)}")
+    unknown = [k for k in value if k not in allowed_keys]
+    if unknown:
+        raise _fail(source, f"{fld}.{unknown[0]}", value[unknown[0]], f"allowed keys: {', '.join(allowed_keys)}")
+    return value
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    path = Path(path)
+    source = str(path)
+    try:
+        data = load_yaml_file(path)
+    except ConfigError as exc:
+        raise SpecError(str(exc)) from None
+    if data is None:
+        raise SpecError(f"{source}: empty file; a study spec needs at least name, base and space")
+    if not isinstance(data, Mapping):
+        raise SpecError(f"{source}: the document is a {type(data).__name__}, not a mapping of spec fields "
+                        f"({', '.join(SPEC_FIELDS)})")
+    return parse_spec(data, path.resolve(), source)
+
+
+def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
+    unknown = [k for k in data if k not in SPEC_FIELDS]
+    if unknown:
+        raise _fail(source, str(unknown[0]), data[unknown[0]], f"allowed fields: {', '.join(SPEC_FIELDS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise _fail(source, "name", name, "must be a study name of letters, digits, '_', '.', '-'")
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise _fail(source, "description", description, "must be a string")
+
+    base = _load_base(data.get("base"), path, source)
+
+    obj = _mapping(source, "objective", data.get("objective"), ("metric", "direction"))
+    metric = obj.get("metric", "val_loss")
+    if metric not in OBJECTIVES:
+        raise _fail(source, "objective.metric", metric, f"choose one of: {', '.join(OBJECTIVES)} (the test set "
+                    "never chooses anything)")
+    direction = obj.get("direction", OBJECTIVES[metric])
+    if direction != OBJECTIVES[metric]:
+        raise _fail(source, "objective.direction", direction, f"{metric} is optimised with {OBJECTIVES[metric]}")
+
+    if "space" not in data:
+        raise SpecError(f"{source}: space: missing; give params or include: a file from spaces/")
+    space = build_space(data["space"], base, source)
+    if len(space) == 0:
+        raise _fail(source, "space", data["space"], "must define at least one param")
+
+    smp = _mapping(source, "sampler", data.get("sampler"), ("name", "seed", "args"))
+    from search.samplers import SAMPLERS
+
+    sampler = {"name": smp.get("name", "tpe"), "seed": smp.get("seed", 0), "args": dict(smp.get("args") or {})}
+    if sampler["name"] not in SAMPLERS:
+        raise _fail(source, "sampler.name", sampler["name"], f"choose one of: {', '.join(SAMPLERS.names())}")
+    if sampler["seed"] is not None and (isinstance(sampler["seed"], bool) or not isinstance(sampler["seed"], int)):
+        raise _fail(source, "sampler.seed", sampler["seed"], "must be an integer or null")
+    if not isinstance(smp.get("args") or {}, Mapping):
+        raise _fail(source, "sampler.args", smp.get("args"), "must be a mapping of keyword arguments")
+
+    budget = _mapping(source, "budget", data.get("budget"), ("n_trials", "timeout"))
+    n_trials = budget.get("n_trials", 20)
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise _fail(source, "budget.n_trials", n_trials, "must be an integer >= 1")
+    timeout = budget.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not math.isfinite(timeout) or timeout <= 0):
+        raise _fail(source, "budget.timeout", timeout, "must be a number of seconds > 0 or null")
+
+    enqueue = _parse_enqueue(data.get("enqueue", [{}]), space, source)
+    storage = data.get("storage")
+    if storage is not None and not isinstance(storage, str):
+        raise _fail(source, "storage", storage, "must be a storage URL string")
+
+    spec = StudySpec(name, path, base, Objective(metric, direction), space, sampler, data.get("pruner"),
+                     n_trials, timeout, enqueue, storage, description, dict(data))
+    # build sampler and pruner once now so their errors surface before any study is touched
+    spec.make_pruner()
+    try:
+        spec.make_sampler()
+    except (TypeError, ValueError) as exc:
+        raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {str(exc).splitlines()[0]}") from None
+    return spec
+
+
+def _load_base(base: Any, spec_path: Path, source: str) -> TrainConfig:
+    if base is None:
+        raise SpecError(f"{source}: base: missing; give a TrainConfig file (relative to the spec) or a mapping")
+    if isinstance(base, str):
+        target = (spec_path.parent / base).resolve()
+        if not target.is_file():
+            raise SpecError(f"{source}: base: {base!r} not found (looked for {target})")
+        try:
+            return TrainConfig.load(target)
+        except ConfigError as exc:
+            raise SpecError(str(exc)) from None
+    if isinstance(base, Mapping):
+        try:
+            return TrainConfig.from_dict(base)
+        except ConfigError as exc:
+            raise SpecError(f"{source}: base.{exc}") from None
+    raise _fail(source, "base", base, "must be a TrainConfig file path or an inline mapping")
+
+
+def _parse_enqueue(enqueue: Any, space: Space, source: str) -> list[dict[str, Any]]:
+    if enqueue is None:
+        return []
+    if not isinstance(enqueue, list):
+        raise _fail(source, "enqueue", enqueue, "must be a list of params mappings ({} = the base config)")
+    params = {p.path: p for p in space}
+    out = []
+    for i, entry in enumerate(enqueue):
+        if not isinstance(entry, Mapping):
+            raise _fail(source, f"enqueue[{i}]", entry, "must be a mapping of space params to values")
+        for key, value in entry.items():
+            if key not in params:
+                raise _fail(source, f"enqueue[{i}].{key}", value, f"not a space param; params: {', '.join(params)}")
+            if not params[key].distribution()._contains(params[key].distribution().to_internal_repr(value)):
+                raise _fail(source, f"enqueue[{i}].{key}", value, f"outside the param's range {params[key].to_dict()}")
+        out.append(dict(entry))
+    return out

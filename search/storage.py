@@ -1,0 +1,80 @@
+"""Storage URL -> Optuna storage, and password masking.
+
+Precedence: ``--storage`` > ``$REGSWEEP_STORAGE`` > the spec's ``storage`` > ``sqlite:///<spec dir>/regsweep.db``
+(printed as an absolute path). RDB studies beat a heartbeat and retry stale trials. A password never
+leaves this module unmasked: use :func:`mask` for anything printed or stored.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from models.config import ConfigError
+
+SCHEMES = ("sqlite", "postgresql", "mysql")
+HEARTBEAT_INTERVAL = 30  # seconds between a running trial's heartbeats
+GRACE_PERIOD = 90  # a RUNNING trial without a heartbeat for this long is failed (and retried)
+MAX_RETRY = 2
+
+
+def default_url(spec_dir: Path) -> str:
+    return f"sqlite:///{(spec_dir / 'regsweep.db').resolve()}"
+
+
+def resolve_url(cli: Optional[str], spec_storage: Optional[str], spec_dir: Path) -> str:
+    return cli or os.environ.get("REGSWEEP_STORAGE") or spec_storage or default_url(spec_dir)
+
+
+def mask(url: str) -> str:
+    """The URL with any password replaced by ***."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy understands: mask anything between ':' and '@' of the netloc
+        import re
+
+        return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def check_url(url: str) -> str:
+    scheme = url.split(":", 1)[0].split("+", 1)[0]
+    if "://" not in url or scheme not in SCHEMES:
+        raise ConfigError(f"storage: {mask(url)!r} is not allowed; use sqlite:///PATH, postgresql://... or "
+                          "mysql+pymysql://...")
+    return scheme
+
+
+def open_storage(url: str, *, heartbeat: bool = True):
+    """An Optuna RDBStorage with engine options fit for many worker processes."""
+    import optuna
+    import sqlalchemy.exc
+
+    scheme = check_url(url)
+    engine: dict = {"pool_pre_ping": True}
+    if scheme == "sqlite":
+        path = url.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            parent = Path(path).parent
+            if not parent.is_dir():
+                raise ConfigError(f"storage: {url!r}: directory {parent} does not exist")
+        engine["connect_args"] = {"timeout": 60}
+    else:
+        from sqlalchemy.pool import NullPool
+
+        engine["poolclass"] = NullPool  # one connection per operation: hundreds of workers fit max_connections
+    try:
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; we rely on them knowingly
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            kwargs = {}
+            if heartbeat:
+                kwargs = dict(heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                                  MAX_RETRY))
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ModuleNotFoundError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise ConfigError(f"storage: cannot open {mask(url)}: {first}") from None
