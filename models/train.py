@@ -145,6 +145,7 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
         record = {"epoch": epoch, "train_loss": train_loss, "train_eval_loss": tel, "train_acc": tea,
                   "val_loss": vl, "val_acc": va, "lr": lr, "seconds": time.perf_counter() - t0}
         hist.epochs.append(record)
+        verdict = report(epoch, record) if report is not None else None  # every epoch is reported
         if not all(math.isfinite(record[k]) for k in ("train_loss", "val_loss")):
             bad = "train_loss" if not math.isfinite(train_loss) else "val_loss"
             hist.stop_reason = f"failed:non-finite {bad} at epoch {epoch}"
@@ -158,7 +159,6 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
         else:
             since_best += 1
 
-        verdict = report(epoch, record) if report is not None else None
         if verdict:
             hist.stop_reason = verdict if isinstance(verdict, str) else f"stopped@{epoch}"
             break

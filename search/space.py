@@ -203,7 +203,7 @@ def load_space(spec: Any, source: str, prefix: str = "space", _stack: tuple[Path
             data = load_yaml_file(target)
             if data is None:
                 raise SpaceError(f"{target}: empty file; a space file maps config paths to params")
-            params.update(load_space(data, str(target), "space", (*_stack, Path(source).resolve(), target)))
+            params.update(load_space(data, str(target), "space", (*(_stack or (Path(source).resolve(),)), target)))
     for path, p in spec.items():
         if path == "include":
             continue

@@ -99,11 +99,12 @@ def trial_line(trial, metric: str) -> str:
 
 
 def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] = None, timeout: Optional[float] = None,
-        device: Optional[str] = None, allow_spec_change: bool = False, out: TextIO = sys.stdout) -> RunResult:
+        device: Optional[str] = None, allow_spec_change: bool = False, out: Optional[TextIO] = None) -> RunResult:
     import optuna
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = out or sys.stdout
     total = n_trials if n_trials is not None else spec.n_trials
     study, created = open_study(spec, url, study_name, allow_spec_change=allow_spec_change)
     if created:
