@@ -65,6 +65,7 @@ class StudySpec:
     storage: Optional[str] = None
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # the spec path as the user typed it (error messages)
 
     @property
     def directory(self) -> Path:
@@ -88,7 +89,7 @@ class StudySpec:
     def make_pruner(self):
         from search.pruners.registry import PrunerContext, build_pruner
 
-        return build_pruner(self.pruner, PrunerContext(self.base.train.epochs, str(self.path)))
+        return build_pruner(self.pruner, PrunerContext(self.base.train.epochs, self.source or str(self.path)))
 
 
 def _fail(source: str, fld: str, value: Any, allowed: str) -> SpecError:
@@ -150,6 +151,8 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
         raise _fail(source, "space", data["space"], "must define at least one param")
 
     smp = _mapping(source, "sampler", data.get("sampler"), ("name", "seed", "args"))
+    if not isinstance(smp.get("args") or {}, Mapping):
+        raise _fail(source, "sampler.args", smp.get("args"), "must be a mapping of keyword arguments")
     from search.samplers import SAMPLERS
 
     sampler = {"name": smp.get("name", "tpe"), "seed": smp.get("seed", 0), "args": dict(smp.get("args") or {})}
@@ -157,8 +160,6 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
         raise _fail(source, "sampler.name", sampler["name"], f"choose one of: {', '.join(SAMPLERS.names())}")
     if sampler["seed"] is not None and (isinstance(sampler["seed"], bool) or not isinstance(sampler["seed"], int)):
         raise _fail(source, "sampler.seed", sampler["seed"], "must be an integer or null")
-    if not isinstance(smp.get("args") or {}, Mapping):
-        raise _fail(source, "sampler.args", smp.get("args"), "must be a mapping of keyword arguments")
 
     budget = _mapping(source, "budget", data.get("budget"), ("n_trials", "timeout"))
     n_trials = budget.get("n_trials", 20)
@@ -175,7 +176,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
         raise _fail(source, "storage", storage, "must be a storage URL string")
 
     spec = StudySpec(name, path, base, Objective(metric, direction), space, sampler, data.get("pruner"),
-                     n_trials, timeout, enqueue, storage, description, dict(data))
+                     n_trials, timeout, enqueue, storage, description, dict(data), source)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
     try:
@@ -217,7 +218,12 @@ def _parse_enqueue(enqueue: Any, space: Space, source: str) -> list[dict[str, An
         for key, value in entry.items():
             if key not in params:
                 raise _fail(source, f"enqueue[{i}].{key}", value, f"not a space param; params: {', '.join(params)}")
-            if not params[key].distribution()._contains(params[key].distribution().to_internal_repr(value)):
+            dist = params[key].distribution()
+            try:
+                inside = dist._contains(dist.to_internal_repr(value))
+            except (TypeError, ValueError):
+                inside = False
+            if not inside:
                 raise _fail(source, f"enqueue[{i}].{key}", value, f"outside the param's range {params[key].to_dict()}")
         out.append(dict(entry))
     return out

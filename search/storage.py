@@ -29,15 +29,18 @@ def resolve_url(cli: Optional[str], spec_storage: Optional[str], spec_dir: Path)
 
 
 def mask(url: str) -> str:
-    """The URL with any password replaced by ***."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL sqlalchemy understands: mask anything between ':' and '@' of the netloc
-        import re
-
-        return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+    """The URL with any password replaced by ***; URLs without a password are returned unchanged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" not in netloc:
+        return url
+    userinfo, _, host = netloc.rpartition("@")  # the LAST '@' ends the userinfo, even with '@' in a password
+    if ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
 
 
 def check_url(url: str) -> str:

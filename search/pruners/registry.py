@@ -35,9 +35,13 @@ PRUNERS: Registry[PrunerFactory] = Registry("pruner")
 
 def _optuna(cls_name: str, defaults: Callable[[PrunerContext], dict[str, Any]] = lambda ctx: {}) -> PrunerFactory:
     def factory(args: dict[str, Any], ctx: PrunerContext):
+        import warnings
+
         import optuna
 
-        return getattr(optuna.pruners, cls_name)(**{**defaults(ctx), **args})
+        with warnings.catch_warnings():  # PatientPruner is "experimental" in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return getattr(optuna.pruners, cls_name)(**{**defaults(ctx), **args})
 
     return factory
 

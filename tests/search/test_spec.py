@@ -1,0 +1,211 @@
+"""search/spec.py: the repo's study specs load without data; every bad input is one line naming file and field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.config import ConfigError, TrainConfig
+from search.spec import SpecError, load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = {
+    "name": "tiny",
+    "base": {"model": {"name": "cnn", "widths": [8, 16]}, "train": {"epochs": 4}},
+    "objective": {"metric": "val_loss", "direction": "minimize"},
+    "space": {
+        "model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+        "optim.weight_decay": {"type": "float", "low": 1.0e-6, "high": 1.0e-2, "log": True},
+        "model.bn": {"type": "categorical", "choices": ["none", "before_act"]},
+    },
+    "sampler": {"name": "tpe", "seed": 0},
+    "pruner": {"name": "median", "args": {"n_warmup_steps": 1}},
+    "budget": {"n_trials": 5, "timeout": None},
+    "enqueue": [{}],
+}
+
+
+def spec_with(**changes) -> dict:
+    """GOOD with top-level fields replaced; a value of ... deletes the field."""
+    data = copy.deepcopy(GOOD)
+    for key, value in changes.items():
+        if value is ...:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def write_spec(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def assert_one_line(exc: pytest.ExceptionInfo, path: Path, *fragments: str) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg, msg
+    assert path.name in msg, msg
+    for f in fragments:
+        assert f in msg, (f, msg)
+    return msg
+
+
+# --------------------------------------------------------------------------------------- repo specs
+@pytest.mark.parametrize("name, metric, epochs", [
+    ("digits_cnn", "val_loss", 15),
+    ("mnist_cnn", "val_loss", 10),
+    ("cifar10_resnet18", "val_acc", 30),
+])
+def test_repo_specs_validate_without_data(name, metric, epochs):
+    spec = load_spec(ROOT / "studies" / f"{name}.yaml")
+    assert spec.name == name
+    assert spec.path == (ROOT / "studies" / f"{name}.yaml").resolve()
+    assert spec.objective.metric == metric
+    assert spec.objective.sign == (1.0 if metric == "val_loss" else -1.0)
+    assert spec.base.train.epochs == epochs
+    assert spec.enqueue == [{}]
+    assert {"model.dropout", "optim.weight_decay", "model.bn", "scheduler.gamma"} <= set(spec.space.paths())
+    assert len(spec.spec_hash()) == 16
+
+
+def test_cifar_spec_uses_the_plus_space_and_hyperband():
+    spec = load_spec(ROOT / "studies" / "cifar10_resnet18.yaml")
+    assert "regularization.mixup_alpha" in spec.space.paths()
+    pruner = spec.make_pruner()
+    assert type(pruner).__name__ == "HyperbandPruner"
+    assert pruner._max_resource == 30
+
+
+def test_good_spec_loads(tmp_path):
+    spec = load_spec(write_spec(tmp_path / "s.yaml", GOOD))
+    assert spec.base.model.widths == [8, 16]
+    assert spec.space.paths() == ["model.dropout", "optim.weight_decay", "model.bn"]
+    assert (spec.n_trials, spec.timeout) == (5, None)
+    assert spec.directory == tmp_path.resolve()
+    assert type(spec.make_sampler()).__name__ == "TPESampler"
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+BAD = [
+    ("malformed_yaml", "name: x\nbase: [unclosed\n", ("malformed YAML",)),
+    ("empty_file", "", ("empty file",)),
+    ("list_document", "- name: x\n- base: y\n", ("list", "not a mapping")),
+    ("unknown_field", spec_with(trials=3), ("trials:",)),
+    ("name_with_spaces", spec_with(name="my study"), ("name:", "'my study'")),
+    ("base_missing", spec_with(base=...), ("base: missing",)),
+    ("base_file_missing", spec_with(base="nope/base.yaml"), ("base:", "'nope/base.yaml' not found")),
+    ("base_inline_bad_value", spec_with(base={"model": {"dropout": 2}}), ("base.model.dropout:",)),
+    ("metric_test_acc", spec_with(objective={"metric": "test_acc"}), ("objective.metric:", "'test_acc'",
+                                                                       "test set")),
+    ("maximize_val_loss", spec_with(objective={"metric": "val_loss", "direction": "maximize"}),
+     ("objective.direction:", "'maximize'")),
+    ("space_missing", spec_with(space=...), ("space: missing",)),
+    ("low_gt_high", spec_with(space={"model.dropout": {"type": "float", "low": 0.5, "high": 0.1}}),
+     ("space.model.dropout.low:", "0.5")),
+    ("log_low_zero", spec_with(space={"optim.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}),
+     ("space.optim.weight_decay.low:", "log")),
+    ("unknown_sampler", spec_with(sampler={"name": "bayes"}), ("sampler.name:", "'bayes'", "tpe")),
+    ("unknown_pruner", spec_with(pruner={"name": "guillotine"}), ("pruner.name:", "'guillotine'", "median")),
+    ("any_of_not_list", spec_with(pruner={"any_of": {"name": "median"}}), ("pruner:", "any_of")),
+    ("patient_without_wrapped", spec_with(pruner={"name": "patient", "args": {"patience": 2}}),
+     ("pruner.wrapped: missing",)),
+    ("median_bogus_arg", spec_with(pruner={"name": "median", "args": {"bogus": 1}}), ("pruner.args:", "bogus")),
+    ("n_trials_zero", spec_with(budget={"n_trials": 0}), ("budget.n_trials:", "0")),
+    ("timeout_negative", spec_with(budget={"n_trials": 3, "timeout": -1}), ("budget.timeout:", "-1")),
+    ("enqueue_unknown_param", spec_with(enqueue=[{"model.hidden": 32}]), ("enqueue[0].model.hidden:",)),
+    ("enqueue_out_of_range", spec_with(enqueue=[{}, {"model.dropout": 0.9}]), ("enqueue[1].model.dropout:", "0.9")),
+]
+
+
+@pytest.mark.parametrize("content, fragments", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_spec_is_one_line_naming_file_and_field(tmp_path, content, fragments):
+    path = write_spec(tmp_path / "bad_spec.yaml", content)
+    with pytest.raises((SpecError, ConfigError)) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, *fragments)
+
+
+@pytest.mark.parametrize("entry", [{"model.bn": "sideways"}, {"model.dropout": "abc"}])
+def test_enqueue_value_outside_categorical_or_wrong_type(tmp_path, entry):
+    path = write_spec(tmp_path / "bad_spec.yaml", spec_with(enqueue=[entry]))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, f"enqueue[0].{next(iter(entry))}:")
+
+
+def test_sampler_args_not_a_mapping(tmp_path):
+    path = write_spec(tmp_path / "bad_spec.yaml", spec_with(sampler={"name": "tpe", "args": [1, 2]}))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, "sampler.args:")
+
+
+def test_sampler_args_that_optuna_rejects(tmp_path):
+    path = write_spec(tmp_path / "bad_spec.yaml", spec_with(sampler={"name": "random", "args": {"bogus": 1}}))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, "sampler.args:", "random:", "bogus")
+
+
+def test_bad_base_file_names_the_base_file(tmp_path):
+    base = write_spec(tmp_path / "base_bad.yaml", {"model": {"dropout": 2}})
+    path = write_spec(tmp_path / "s.yaml", spec_with(base="base_bad.yaml"))
+    with pytest.raises(ConfigError) as exc:
+        load_spec(path)
+    assert_one_line(exc, base, "model.dropout:")
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        load_spec(tmp_path / "absent.yaml")
+    assert_one_line(exc, tmp_path / "absent.yaml", "no such file")
+
+
+# ---------------------------------------------------------------------------------------- hashing
+def test_spec_hash_stable_and_sensitive_to_the_search_only(tmp_path):
+    h1 = load_spec(write_spec(tmp_path / "a.yaml", GOOD)).spec_hash()
+    h2 = load_spec(write_spec(tmp_path / "a.yaml", GOOD)).spec_hash()
+    assert h1 == h2
+
+    budget = load_spec(write_spec(tmp_path / "b.yaml", spec_with(budget={"n_trials": 99, "timeout": 60}))).spec_hash()
+    assert budget == h1  # the budget is not part of what is searched
+    renamed = load_spec(write_spec(tmp_path / "c.yaml", spec_with(name="other"))).spec_hash()
+    assert renamed == h1
+
+    space = spec_with()
+    space["space"]["model.dropout"]["high"] = 0.4
+    assert load_spec(write_spec(tmp_path / "d.yaml", space)).spec_hash() != h1
+    base = spec_with()
+    base["base"]["train"]["epochs"] = 5
+    assert load_spec(write_spec(tmp_path / "e.yaml", base)).spec_hash() != h1
+    pruner = load_spec(write_spec(tmp_path / "f.yaml", spec_with(pruner={"name": "none"}))).spec_hash()
+    assert pruner != h1
+
+
+# ------------------------------------------------------------------------------ relative paths
+def test_paths_relative_to_the_spec_file(tmp_path, monkeypatch):
+    TrainConfig.from_dict({"model": {"widths": [4, 8]}, "train": {"epochs": 2}}).save(tmp_path / "base.yaml")
+    (tmp_path / "spaces").mkdir()
+    (tmp_path / "spaces" / "s.yaml").write_text("model.dropout: {type: float, low: 0.0, high: 0.25}\n")
+    path = write_spec(tmp_path / "studies" / "sub.yaml",
+                      spec_with(base="../base.yaml", space={"include": "../spaces/s.yaml"}))
+    monkeypatch.chdir(ROOT)  # anywhere but the spec's directory
+    spec = load_spec(path)
+    assert spec.base.model.widths == [4, 8]
+    assert spec.base.train.epochs == 2
+    assert spec.space.to_dict()["model.dropout"]["high"] == 0.25
+    assert spec.directory == (tmp_path / "studies").resolve()
+
+
+def test_relative_spec_path_from_cwd(tmp_path, monkeypatch):
+    TrainConfig().save(tmp_path / "base.yaml")
+    write_spec(tmp_path / "studies" / "rel.yaml", spec_with(base="../base.yaml"))
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec("studies/rel.yaml")
+    assert spec.path == (tmp_path / "studies" / "rel.yaml").resolve()
+    assert spec.base == TrainConfig()
