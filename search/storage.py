@@ -77,7 +77,25 @@ def open_storage(url: str, *, heartbeat: bool = True):
                 kwargs = dict(heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
                               heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                                   MAX_RETRY))
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ModuleNotFoundError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise ConfigError(f"storage: cannot open {mask(url)}: {first}") from None
+    if scheme == "sqlite":
+        _sqlite_wal(storage.engine)
+    return storage
+
+
+def _sqlite_wal(engine) -> None:
+    """WAL journal + synchronous=NORMAL: a per-epoch write costs ~3 ms instead of ~14 ms, and readers (the
+    dashboard, `regsweep status`) never block the writer. Not for SQLite files on network filesystems."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    engine.dispose()  # pooled connections were opened before the listener; new ones get the pragmas

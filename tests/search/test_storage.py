@@ -146,3 +146,13 @@ def test_open_refuses_unknown_scheme():
     with pytest.raises(ConfigError) as exc:
         open_storage("redis://x")
     assert "'redis://x' is not allowed" in str(exc.value)
+
+
+def test_sqlite_storage_uses_wal_journal(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'w.db'}")
+    import optuna
+
+    optuna.create_study(storage=storage, study_name="w")
+    with storage.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
