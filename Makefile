@@ -1,10 +1,10 @@
-# Two commands on a fresh machine:  `make train` (a real job, offline)  and  `make test`.
+# Two commands on a fresh machine:  `make sweep` (a real sweep, offline, SQLite)  and  `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test test-all clean
+.PHONY: install sweep train test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+# The demo sweep: 20 trials over the regularisation space on sklearn's digits, into studies/regsweep.db.
+sweep: $(STAMP)
+	$(BIN)/regsweep run studies/digits_cnn.yaml
 
 # Train the seed CNN on scikit-learn's bundled digits (no download, ~10 s on 2 cores).
 train: $(STAMP)
@@ -25,6 +29,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sweep_overhead.py --quick
+	$(BIN)/python benchmarks/train_overhead.py --quick
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

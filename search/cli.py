@@ -46,6 +46,21 @@ def _load_study(args: argparse.Namespace):
     return optuna.load_study(study_name=name, storage=storage), url
 
 
+def _warn_sampler_limits(spec) -> None:
+    from search.samplers import limitation_warning
+
+    line = limitation_warning(spec.sampler["name"], spec.space)
+    if line:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def check_reachable(url: str) -> None:
+    """Connect (and write nothing): an unreachable database or a missing driver is bad input."""
+    from search.storage import check_reachable as reach
+
+    reach(url)
+
+
 # ------------------------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
     from models.train import run_training
@@ -54,12 +69,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from search.samplers import SAMPLERS  # noqa: F401
     from search.spec import load_spec
     from search.storage import mask
 
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
+    check_reachable(url)
+    _warn_sampler_limits(spec)
     cond = spec.space.conditional()
     print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"
           f"{f' ({len(cond)} conditional)' if cond else ''}, sampler {spec.sampler['name']}, "
@@ -75,6 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
+    _warn_sampler_limits(spec)
     name = args.study_name or spec.name
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials: {args.n_trials} is not allowed; must be >= 1")
@@ -184,6 +201,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the running trial ended FAIL (failed:interrupted); run again to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -77,6 +77,9 @@ class Objective:
         try:
             parts = build(cfg, self.device, data=self.data.get(cfg.data, self.device))
             hist = fit(cfg, self.device, report=recorder.on_epoch, parts=parts)
+        except KeyboardInterrupt:  # Ctrl-C: the trial ends FAIL (Optuna re-raises), never RUNNING
+            recorder.fail("failed:interrupted")
+            raise
         except Exception as exc:  # any error of this trial: FAIL with the reason, the sweep goes on
             reason = f"failed:{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             recorder.fail(reason)

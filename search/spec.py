@@ -181,6 +181,8 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     spec.make_pruner()
     try:
         spec.make_sampler()
+    except ConfigError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {str(exc).splitlines()[0]}") from None
     return spec

@@ -51,6 +51,26 @@ def check_url(url: str) -> str:
     return scheme
 
 
+def check_reachable(url: str) -> None:
+    """Connect and run ``SELECT 1`` without creating tables or files; ConfigError when that fails."""
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    scheme = check_url(url)
+    if scheme == "sqlite":
+        path = url.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:" and not Path(path).parent.is_dir():
+            raise ConfigError(f"storage: {url!r}: directory {Path(path).parent} does not exist")
+        return  # the file is created on first use
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise ConfigError(f"storage: cannot reach {mask(url)}: {first}") from None
+
+
 def open_storage(url: str, *, heartbeat: bool = True):
     """An Optuna RDBStorage with engine options fit for many worker processes."""
     import optuna

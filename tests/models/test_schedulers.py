@@ -198,15 +198,25 @@ def test_fit_records_onecycle_lr_at_each_epoch_start(tiny_cfg):
     assert expected[0] == pytest.approx(0.05 / 25)  # OneCycleLR's default div_factor
 
 
+def _plateau_lrs(losses, lr0, factor, patience):
+    opt, _ = _optimizer()
+    opt.param_groups[0]["lr"] = lr0
+    ref = tls.ReduceLROnPlateau(opt, mode="min", factor=factor, patience=patience)
+    lrs = []
+    for loss in losses:
+        lrs.append(opt.param_groups[0]["lr"])
+        ref.step(loss)
+    return lrs
+
+
 def test_fit_feeds_plateau_the_epoch_val_loss(tiny_cfg):
-    cfg = tiny_cfg.with_overrides({"optim.name": "sgd", "optim.lr": 0.05, "train.epochs": 5,
+    # label noise on the training labels and a big, noisy val split: val_loss stalls while train losses fall
+    cfg = tiny_cfg.with_overrides({"optim.lr": 0.01, "data.label_noise": 0.4, "data.val_fraction": 0.5,
+                                   "data.test_fraction": 0.1, "model.widths": [16, 32], "train.epochs": 6,
                                    "scheduler": {"name": "plateau", "factor": 0.5, "patience": 0}})
     hist = fit(cfg, "cpu")
-    opt, _ = _optimizer()
-    ref = tls.ReduceLROnPlateau(opt, mode="min", factor=0.5, patience=0)
-    expected = []
-    for e in hist.epochs:
-        expected.append(opt.param_groups[0]["lr"] * 0.5)  # optimizer lr 0.1 here, fit's is 0.05
-        ref.step(e["val_loss"])
-    assert [e["lr"] for e in hist.epochs] == pytest.approx(expected, rel=1e-12)
-    assert hist.epochs[-1]["lr"] < 0.05, "val_loss never stalled, so the plateau wiring went untested"
+    got = [e["lr"] for e in hist.epochs]
+    assert got == pytest.approx(_plateau_lrs([e["val_loss"] for e in hist.epochs], 0.01, 0.5, 0), rel=1e-12)
+    assert got[-1] < 0.01, "val_loss never stalled, so the plateau wiring went untested"
+    # ... and it is val_loss that drives it, not a training loss
+    assert got != pytest.approx(_plateau_lrs([e["train_eval_loss"] for e in hist.epochs], 0.01, 0.5, 0))
