@@ -19,6 +19,7 @@ from models.data import DataBundle, load
 from models.train import fit
 from search.record import FAIL, PRUNED, Recorder
 from search.spec import StudySpec
+from search.storage import TrialWriter
 
 BASE_ATTR = "regsweep:base"
 # data fields that do not change the loaded tensors
@@ -65,7 +66,7 @@ class Objective:
         from optuna import TrialPruned
 
         pruner = trial.study.pruner
-        recorder = Recorder(trial, self.spec.objective, should_prune=trial.should_prune,
+        recorder = Recorder(TrialWriter(trial), self.spec.objective, should_prune=trial.should_prune,
                             pruner_label=lambda: _pruner_label(pruner, trial.number, self.spec.pruner))
         try:
             cfg = self.config_for(trial)

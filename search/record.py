@@ -6,8 +6,10 @@ Per epoch exactly one history write (the ``history`` user attr: the list of per-
 ``n_params``, ``device``, ``seed``, ``num_threads``, ``split_fingerprint`` and the test metrics (recorded for
 reading, never used to choose). The trial's value is the best epoch's objective.
 
-A *sink* is anything with ``set_user_attr(key, value)`` and ``report(value, step)``: an Optuna ``Trial``,
-or the storage-backed sink the Ray backend uses.
+A *sink* has ``write(attrs, report=None)``: set several user attrs and (optionally) report ``(value, step)``
+in one storage transaction — ``search.storage.TrialWriter`` for a live Optuna trial, or the storage-backed
+sink the Ray backend uses. Per trial that is one write at the start (``config``), one per epoch and one at
+the end.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ ATTR_PREFIX = "regsweep:"
 
 
 class Sink(Protocol):
-    def set_user_attr(self, key: str, value: Any) -> None: ...
-
-    def report(self, value: float, step: int) -> None: ...
+    def write(self, attrs: dict[str, Any], report: Optional[tuple[float, int]] = None) -> None: ...
 
 
 # outcome of a trial in backend-neutral words; backends map them to their states
@@ -59,18 +59,20 @@ class Recorder:
         self.should_prune = should_prune
         self.pruner_label = pruner_label
         self.history: list[dict[str, Any]] = []
+        self._pending: dict[str, Any] = {}
 
     def start(self, config: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
-        self.sink.set_user_attr("config", config)
-        for key, value in (extra or {}).items():
-            self.sink.set_user_attr(key, value)
+        """The trial's config (and extra attrs): written with the first epoch, or with a failure before it."""
+        self._pending = {"config": config, **(extra or {})}
+
+    def _flush(self, attrs: dict[str, Any], report: Optional[tuple[float, int]] = None) -> None:
+        pending, self._pending = self._pending, {}
+        self.sink.write({**pending, **attrs}, report)
 
     def on_epoch(self, epoch: int, record: dict[str, Any]) -> Optional[str]:
         self.history.append(record)
-        self.sink.set_user_attr("history", self.history)
         value = record[self.objective.metric]
-        if math.isfinite(value):
-            self.sink.report(value, epoch)
+        self._flush({"history": self.history}, (value, epoch) if math.isfinite(value) else None)
         if self.should_prune is not None and self.should_prune():
             return f"pruned:{self.pruner_label()}@{epoch}"
         return None
@@ -82,14 +84,12 @@ class Recorder:
                  "device": hist.device, "seed": hist.seed, "num_threads": hist.num_threads,
                  "split_fingerprint": hist.split_fingerprint, "torch_version": hist.torch_version}
         attrs.update(hist.test)
-        for key, value in attrs.items():
-            self.sink.set_user_attr(key, value)
         state = outcome(hist.stop_reason)
         if state != FAIL and best is None:
-            self.fail("failed:no finite objective value")
-            return FAIL, None
+            state, attrs["stop_reason"] = FAIL, "failed:no finite objective value"
+        self._flush(attrs)
         value = None if best is None else self.history[best][self.objective.metric]
         return state, value
 
     def fail(self, reason: str) -> None:
-        self.sink.set_user_attr("stop_reason", reason[:2000])
+        self._flush({"stop_reason": reason[:2000]})

@@ -119,3 +119,63 @@ def _sqlite_wal(engine) -> None:
         cur.close()
 
     engine.dispose()  # pooled connections were opened before the listener; new ones get the pragmas
+
+
+class TrialWriter:
+    """Writes a live Optuna trial's user attrs and its intermediate value in ONE transaction.
+
+    Optuna's public API commits every ``set_user_attr`` and ``report`` separately; a regsweep epoch (history +
+    report) and a trial's end (a dozen attrs) would cost one commit each. On an RDB storage this writer uses
+    RDBStorage's own ``_without_commit`` helpers inside one session, and keeps the Trial's cached view in step
+    exactly as ``Trial.set_user_attr``/``Trial.report`` do (pruners read that view). On any other storage, or an
+    Optuna without those helpers, it falls back to the public calls.
+    """
+
+    def __init__(self, trial):
+        self.trial = trial
+        self._rdb = self._find_rdb(trial)
+
+    @staticmethod
+    def _find_rdb(trial):
+        try:
+            from optuna.storages import RDBStorage
+            from optuna.storages._rdb import models  # noqa: F401
+            from optuna.storages._rdb.storage import _create_scoped_session  # noqa: F401
+        except ImportError:
+            return None
+        storage = trial.storage
+        backend = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in _CachedStorage
+        needed = ("_set_trial_attr_without_commit", "_set_trial_intermediate_value_without_commit", "scoped_session")
+        if isinstance(backend, RDBStorage) and all(hasattr(backend, n) for n in needed) \
+                and hasattr(trial, "_cached_frozen_trial"):
+            return backend
+        return None
+
+    def set_user_attr(self, key: str, value) -> None:
+        self.write({key: value})
+
+    def report(self, value: float, step: int) -> None:
+        self.write({}, (value, step))
+
+    def write(self, attrs: dict, report: tuple[float, int] | None = None) -> None:
+        cached = getattr(self.trial, "_cached_frozen_trial", None)
+        if report is not None and cached is not None and report[1] in cached.intermediate_values:
+            report = None  # Optuna ignores a step reported twice; so do we
+        if self._rdb is None:
+            for key, value in attrs.items():
+                self.trial.set_user_attr(key, value)
+            if report is not None:
+                self.trial.report(*report)
+            return
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        tid = self.trial._trial_id
+        with _create_scoped_session(self._rdb.scoped_session, True) as session:
+            for key, value in attrs.items():
+                self._rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, tid, key, value)
+            if report is not None:
+                self._rdb._set_trial_intermediate_value_without_commit(session, tid, int(report[1]), float(report[0]))
+        cached.user_attrs.update(attrs)
+        if report is not None:
+            cached.intermediate_values[int(report[1])] = float(report[0])
