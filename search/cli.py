@@ -7,6 +7,7 @@ The same flag means the same thing in every command (``--storage``, ``--study-na
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,7 +23,13 @@ def _storage_url(args: argparse.Namespace, spec=None) -> str:
 
     spec_dir = spec.directory if spec is not None else DEFAULT_STUDIES_DIR
     url = resolve_url(getattr(args, "storage", None), spec.storage if spec is not None else None, spec_dir)
-    check_url(url)
+    try:
+        check_url(url)
+    except ConfigError as exc:  # say where the URL came from
+        where = ("--storage" if getattr(args, "storage", None) else
+                 "$REGSWEEP_STORAGE" if os.environ.get("REGSWEEP_STORAGE") else
+                 f"{spec.source}: storage" if spec is not None and spec.storage else "storage")
+        raise ConfigError(f"{where}: {str(exc).removeprefix('storage: ')}") from None
     return url
 
 
@@ -72,9 +79,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from search.spec import load_spec
     from search.storage import mask
 
+    from search.backends.optuna_backend import check_existing_study
+
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
     check_reachable(url)
+    check_existing_study(spec, url, spec.name)  # the spec-hash rule of run, read-only
     _warn_sampler_limits(spec)
     cond = spec.space.conditional()
     print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"

@@ -29,7 +29,10 @@ def pick_trial(study, number: Optional[int]):
         if not complete:
             raise ConfigError(f"study '{study.study_name}' has no COMPLETE trial yet; pass --trial N")
         return study.best_trial
-    matches = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        raise ConfigError(f"--trial: study '{study.study_name}' has no trials yet")
+    matches = [t for t in trials if t.number == number]
     if not matches:
         raise ConfigError(f"--trial: {number} is not a trial of study '{study.study_name}' "
                           f"(trials 0..{len(study.trials) - 1})")

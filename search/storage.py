@@ -71,6 +71,31 @@ def check_reachable(url: str) -> None:
         raise ConfigError(f"storage: cannot reach {mask(url)}: {first}") from None
 
 
+def open_existing(url: str):
+    """A read-only view of an EXISTING storage (no file, table or study is created), or None."""
+    import optuna
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    scheme = check_url(url)
+    if scheme == "sqlite":
+        path = url.split("sqlite:///", 1)[-1]
+        if not path or path == ":memory:" or not Path(path).is_file():
+            return None
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+        engine.dispose()
+        if not {"studies", "version_info"} <= tables:
+            return None  # no Optuna schema: no study yet
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise ConfigError(f"storage: cannot open {mask(url)}: {first}") from None
+
+
 def open_storage(url: str, *, heartbeat: bool = True):
     """An Optuna RDBStorage with engine options fit for many worker processes."""
     import optuna

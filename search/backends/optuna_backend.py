@@ -52,6 +52,37 @@ def spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
     return diffs
 
 
+def _refuse_spec_change(spec: StudySpec, study_name: str, old_spec: dict[str, Any], canonical: dict[str, Any]):
+    diff = spec_difference(old_spec, canonical)
+    shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+    raise ConfigError(f"{spec.source or spec.path}: the spec differs from the one study '{study_name}' was "
+                      f"started with ({shown}); use a new --study-name or pass --allow-spec-change")
+
+
+def check_existing_study(spec: StudySpec, url: str, study_name: str) -> None:
+    """Read-only version of open_study's checks (for `validate`): creates no file, table or study."""
+    import optuna
+
+    from search.storage import open_existing
+
+    storage = open_existing(url)
+    if storage is None:
+        return
+    import sqlalchemy.exc
+
+    try:
+        names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    except sqlalchemy.exc.SQLAlchemyError:  # a database without Optuna's tables holds no study yet
+        return
+    if study_name not in names:
+        return
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    old_hash = study.user_attrs.get(SPEC_HASH_ATTR)
+    if old_hash is not None and old_hash != spec.spec_hash():
+        _refuse_spec_change(spec, study_name, study.user_attrs.get(SPEC_ATTR, {}),
+                            json.loads(json.dumps(spec.canonical(), default=str)))
+
+
 def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change: bool = False,
                heartbeat: bool = True):
     """Create or load the study; check the spec hash; returns (study, created)."""
@@ -69,11 +100,8 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
         study.set_user_attr(SPEC_ATTR, canonical)
         study.set_user_attr("regsweep:objective", spec.objective.metric)
     elif old_hash != spec.spec_hash():
-        diff = spec_difference(study.user_attrs.get(SPEC_ATTR, {}), canonical)
         if not allow_spec_change:
-            shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
-            raise ConfigError(f"{spec.path}: the spec differs from the one study '{study_name}' was started with "
-                              f"({shown}); use a new --study-name or pass --allow-spec-change")
+            _refuse_spec_change(spec, study_name, study.user_attrs.get(SPEC_ATTR, {}), canonical)
         study.set_user_attr(SPEC_HASH_ATTR, spec.spec_hash())
         study.set_user_attr(SPEC_ATTR, canonical)
     if study.direction.name.lower() != spec.objective.direction:

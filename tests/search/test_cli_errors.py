@@ -96,7 +96,7 @@ BAD_SPECS = {
                      ("space.regularization.l2.low: 0.0 is not allowed", "log: true needs low > 0")),
     "unknown_sampler": (_set("sampler/name", "annealing"),
                         ("sampler.name: 'annealing' is not allowed", "tpe", "cmaes")),
-    "unknown_pruner": (_set("pruner/name", "hypercube"), ("pruner", "'hypercube'", "median")),
+    "unknown_pruner": (_set("pruner/name", "hypercube"), ("pruner.name: 'hypercube' is not allowed", "median")),
     "unknown_model": (_set("base/model/name", "vgg99"), ("base.model.name: 'vgg99' is not allowed", "cnn")),
     "unknown_init": (_set("base/model/init", "he2"), ("base.model.init: 'he2' is not allowed", "kaiming_normal")),
     "unknown_scheduler": (_set("base/scheduler", {"name": "warmup_linear"}),
@@ -133,6 +133,26 @@ def test_include_cycle_names_the_chain(command, tmp_path, capsys):
     assert run_cli(command, spec, tmp_path) == 2
     line = one_error_line(capsys, "b.yaml", "space.include: 'a.yaml'", "include cycle")
     assert line.index("a.yaml ->") < line.rindex("b.yaml ->")  # a -> b -> a, in order
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_base_file_is_named_with_its_field(command, tmp_path, capsys):
+    base = tmp_path / "base" / "cnn.yaml"
+    base.parent.mkdir()
+    base.write_text("model: {name: cnn, dropout: 1.5}\n")
+    spec = spec_with(tmp_path / "study.yaml", _set("base", "base/cnn.yaml"))
+    before = snapshot(tmp_path)
+    assert run_cli(command, spec, tmp_path) == 2
+    one_error_line(capsys, str(base), "model.dropout: 1.5 is not allowed", "[0, 1)")
+    assert snapshot(tmp_path) == before
+
+
+def test_run_n_trials_below_one_exits_2(tmp_path, capsys):
+    spec = spec_with(tmp_path / "study.yaml")
+    before = snapshot(tmp_path)
+    assert main(["run", str(spec), "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}", "--n-trials", "0"]) == 2
+    one_error_line(capsys, "--n-trials: 0 is not allowed", ">= 1")
     assert snapshot(tmp_path) == before
 
 
@@ -267,3 +287,17 @@ def test_export_of_a_study_with_only_failed_trials_exits_2(tmp_path, capsys):
     one_error_line(capsys, "study 'broken' has no COMPLETE trial yet", "--trial N")
     assert main(["export", "--storage", url, "--trial", "1"]) == 2
     one_error_line(capsys, "trial 1 has no recorded config", "failed:non-finite train_loss")
+
+
+
+def test_validate_applies_the_spec_hash_rule_read_only(tmp_path, capsys):
+    """validate refuses a spec that differs from the one an existing study was started with; writes nothing."""
+    spec = spec_with(tmp_path / "study.yaml")
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["run", str(spec), "--storage", url, "--n-trials", "1", "--device", "cpu"]) == 0
+    spec_with(spec, _set("space/model.dropout", {"type": "float", "low": 0.0, "high": 0.4}))
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    assert main(["validate", str(spec), "--storage", url]) == 2
+    one_error_line(capsys, "space.model.dropout.high: 0.5 -> 0.4", "--allow-spec-change")
+    assert snapshot(tmp_path) == before
