@@ -84,6 +84,11 @@ class Result:
     def train_eval_seconds(self) -> float:
         return statistics.median(self.fit) - statistics.median(self.fit_te1)
 
+    @property
+    def spread(self) -> float:
+        """Largest max/min - 1 of the three series' epoch times: the noise a ratio has to beat."""
+        return max(max(s) / min(s) - 1 for s in (self.baseline, self.fit, self.fit_te1))
+
 
 # ------------------------------------------------------------------------------------------ workloads
 def workloads(mode: str, threads: int) -> list[tuple[str, TrainConfig]]:
@@ -191,14 +196,15 @@ def format_report(results: list[Result], mode: str) -> str:
     lines = [f"fit() vs a hand-written DataLoader loop: CPU, {threads} thread(s), torch {torch.__version__}, "
              f"mode {mode}; median s/epoch over {epochs} epoch(s) x {rounds} round(s) after 1 warm-up epoch",
              f"{'workload':<34} {'batch':>5} {'n_train':>7} {'baseline':>9} {'fit':>9} {'fit/base':>8} "
-             f"{'fit te=1':>9} {'te=1/base':>9} {'train-eval':>10} {'|dval_loss|':>11}"]
+             f"{'fit te=1':>9} {'te=1/base':>9} {'train-eval':>10} {'|dval_loss|':>11} {'spread':>6}"]
     for r in results:
         lines.append(f"{r.workload:<34} {r.batch_size:>5d} {r.n_train:>7d} {statistics.median(r.baseline):>9.4f} "
                      f"{statistics.median(r.fit):>9.4f} {r.ratio:>8.3f} {statistics.median(r.fit_te1):>9.4f} "
-                     f"{r.ratio_te1:>9.3f} {r.train_eval_seconds:>10.4f} {r.val_loss_diff:>11.2e}")
+                     f"{r.ratio_te1:>9.3f} {r.train_eval_seconds:>10.4f} {r.val_loss_diff:>11.2e} {r.spread:>6.1%}")
     lines.append(f"goal: fit/baseline <= {GOAL:.2f} (printed, not asserted). 'fit te=1' is fit with "
                  f"train.train_eval_size=1; 'train-eval' = fit - fit te=1, the s/epoch of fit's extra "
-                 f"train_eval_loss pass; |dval_loss| = max per-epoch difference to the baseline (same work).")
+                 f"train_eval_loss pass; |dval_loss| = max per-epoch difference to the baseline (same work); spread = "
+                 f"largest max/min - 1 of a loop's epoch times: ratios closer to 1 than that are noise.")
     return "\n".join(lines)
 
 

@@ -161,7 +161,7 @@ class TrainSection:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     channels_last: bool = False
     compile: bool = False
-    train_eval_size: int = 1024  # fixed training subset scored in eval mode each epoch
+    train_eval_size: int = 512  # fixed training subset scored in eval mode each epoch (train_eval_loss)
 
 
 SECTIONS = ("model", "data", "optim", "regularization", "scheduler", "train")

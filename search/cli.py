@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from models.config import ConfigError
+from search.workers import SweepFailed, Terminated
 
 DEFAULT_STUDIES_DIR = Path("studies")
 
@@ -94,6 +95,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from search import workers
     from search.backends import optuna_backend
     from search.report import format_summary, study_summary
     from search.spec import load_spec
@@ -101,22 +103,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
+    check_reachable(url)
     _warn_sampler_limits(spec)
     name = args.study_name or spec.name
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials: {args.n_trials} is not allowed; must be >= 1")
+    envs = workers.assignments(args.workers, workers.parse_gpus(args.gpus) if args.workers > 1 or args.gpus else [],
+                               args.trials_per_gpu)
     if url.startswith("sqlite:///"):
         print(f"storage: {url} (SQLite file {Path(url[len('sqlite:///'):]).resolve()})", flush=True)
-    try:
+    if args.workers == 1:
+        if args.gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = envs[0]["CUDA_VISIBLE_DEVICES"]
         result = optuna_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout,
                                     device=args.device, allow_spec_change=args.allow_spec_change)
-    except optuna_backend.SweepFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(format_summary(study_summary(result.study)))
+        study = result.study
+    else:
+        study = optuna_backend.open_study_locked(spec, url, name, allow_spec_change=args.allow_spec_change,
+                                                 n_trials=args.n_trials)
+        total = optuna_backend.budget(study, spec)
+        print(f"study '{name}' in {mask(url)}: {optuna_backend.done_count(study)}/{total} trials done", flush=True)
+        code = workers.launch(str(spec.path), url, name, envs, timeout=args.timeout)
+        if code != 0:
+            return code
+    print(format_summary(study_summary(study)))
     print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
           f"--out best.yaml\n  regsweep train best.yaml")
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from search import workers
+    from search.spec import load_spec
+
+    spec = load_spec(args.spec)
+    url = _storage_url(args, spec)
+    check_reachable(url)
+    return workers.worker_main(spec, url, args.study_name or spec.name, timeout=args.timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -189,7 +212,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     r.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     r.add_argument("--allow-spec-change", action="store_true", help="resume although the spec changed")
+    r.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: this process)")
+    r.add_argument("--gpus", default=None, help="GPU indices for the workers, e.g. 0,1 (default: all visible)")
+    r.add_argument("--trials-per-gpu", type=int, default=1, help="workers packed on each GPU")
     r.set_defaults(func=cmd_run)
+
+    w = sub.add_parser("worker", help="join a study from any machine and run trials until its budget is done")
+    w.add_argument("spec", metavar="STUDY.yaml")
+    _storage_flags(w)
+    w.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    w.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("status", help="studies in a storage: counts per state, best trial, stop reasons")
     _storage_flags(s)
@@ -215,6 +247,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("interrupted: the running trial ended FAIL (failed:interrupted); run again to resume",
               file=sys.stderr)
         return 130
+    except SweepFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("terminated: the running trial was re-queued; another worker or run finishes it", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from models.train import fit
 from search.record import FAIL, PRUNED, Recorder
 from search.spec import StudySpec
 from search.storage import TrialWriter
+from search.workers import Terminated
 
 BASE_ATTR = "regsweep:base"
 # data fields that do not change the loaded tensors
@@ -52,6 +53,7 @@ class DataCache:
 class Objective:
     def __init__(self, spec: StudySpec, device: Optional[str] = None, data_cache: Optional[DataCache] = None):
         self.spec = spec
+        self.metric = spec.objective.metric
         self.device = resolve_device(device)
         self.data = data_cache or DataCache()
         self.base_dict = spec.base.to_dict()
@@ -78,8 +80,11 @@ class Objective:
         try:
             parts = build(cfg, self.device, data=self.data.get(cfg.data, self.device))
             hist = fit(cfg, self.device, report=recorder.on_epoch, parts=parts)
-        except KeyboardInterrupt:  # Ctrl-C: the trial ends FAIL (Optuna re-raises), never RUNNING
+        except KeyboardInterrupt:  # Ctrl-C: the trial ends FAIL, never RUNNING
             recorder.fail("failed:interrupted")
+            raise
+        except Terminated:  # SIGTERM: FAIL here, re-queued by the worker loop
+            recorder.fail("failed:terminated")
             raise
         except Exception as exc:  # any error of this trial: FAIL with the reason, the sweep goes on
             reason = f"failed:{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

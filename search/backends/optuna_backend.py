@@ -14,17 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Optional, TextIO
 
 from models.config import ConfigError
-from search.objective import BASE_ATTR, Objective, TrialFailed
+from search.objective import BASE_ATTR, Objective
 from search.spec import StudySpec
 from search.storage import mask, open_storage
 
 SPEC_HASH_ATTR = "regsweep:spec_hash"
 SPEC_ATTR = "regsweep:spec"
-MAX_CONSECUTIVE_FAILURES = 5
-
-
-class SweepFailed(RuntimeError):
-    """The sweep cannot go on (e.g. every trial fails): exit 1."""
 
 
 @dataclass
@@ -126,44 +121,48 @@ def trial_line(trial, metric: str) -> str:
             f"{attrs.get('stop_reason', '')}{base}")
 
 
+BUDGET_ATTR = "regsweep:n_trials"
+
+
+def open_study_locked(spec: StudySpec, url: str, study_name: str, *, allow_spec_change: bool = False,
+                      n_trials: Optional[int] = None):
+    """open_study + enqueue under the budget lock, so workers starting at the same instant on a new study
+    make one study and enqueue its first trials once. ``n_trials`` (from ``run``) becomes the study's budget,
+    which workers joining later read."""
+    from search.workers import budget_lock
+
+    with budget_lock(url, study_name):
+        study, created = open_study(spec, url, study_name, allow_spec_change=allow_spec_change)
+        if created:
+            enqueue(study, spec)
+        if n_trials is not None or BUDGET_ATTR not in study.user_attrs:
+            study.set_user_attr(BUDGET_ATTR, n_trials if n_trials is not None else spec.n_trials)
+    return study
+
+
+def budget(study, spec: StudySpec) -> int:
+    return int(study.user_attrs.get(BUDGET_ATTR, spec.n_trials))
+
+
 def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] = None, timeout: Optional[float] = None,
         device: Optional[str] = None, allow_spec_change: bool = False, out: Optional[TextIO] = None) -> RunResult:
+    """One in-process worker: the same loop every worker runs (search/workers.py)."""
     import optuna
-    from optuna.trial import TrialState
+
+    from search.workers import terminate_on_sigterm, worker_loop
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out or sys.stdout
-    total = n_trials if n_trials is not None else spec.n_trials
-    study, created = open_study(spec, url, study_name, allow_spec_change=allow_spec_change)
-    if created:
-        enqueue(study, spec)
+    study = open_study_locked(spec, url, study_name, allow_spec_change=allow_spec_change, n_trials=n_trials)
+    total = budget(study, spec)
     already = done_count(study)
     print(f"study '{study_name}' in {mask(url)}: {already}/{total} trials done", file=out, flush=True)
     if already >= total:
         print(f"budget met: {already} COMPLETE+PRUNED trials >= n_trials {total}; nothing to run", file=out)
         return RunResult(study, 0, True)
-
-    objective = Objective(spec, device)
-    failures: list[str] = []
-    ran = 0
-
-    def callback(study, trial) -> None:
-        nonlocal ran
-        ran += 1
-        print(trial_line(trial, spec.objective.metric), file=out, flush=True)
-        if trial.state == TrialState.FAIL:
-            failures.append(trial.user_attrs.get("stop_reason", "failed"))
-            if len(failures) >= MAX_CONSECUTIVE_FAILURES:
-                study.stop()
-        else:
-            failures.clear()
-        if done_count(study) >= total:
-            study.stop()
-
     start = time.monotonic()
-    study.optimize(objective, n_trials=None, timeout=timeout if timeout is not None else spec.timeout,
-                   catch=(TrialFailed, Exception), callbacks=[callback])
-    if len(failures) >= MAX_CONSECUTIVE_FAILURES:
-        raise SweepFailed(f"{len(failures)} trials in a row failed; last: {failures[-1]}")
+    with terminate_on_sigterm():
+        ran = worker_loop(study, Objective(spec, device), url, total,
+                          timeout=timeout if timeout is not None else spec.timeout, out=out)
     print(f"ran {ran} trials in {time.monotonic() - start:.1f}s", file=out, flush=True)
     return RunResult(study, ran, False)
