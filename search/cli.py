@@ -7,8 +7,11 @@ The same flag means the same thing in every command (``--storage``, ``--study-na
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -238,6 +241,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parser().parse_args(argv)
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints every thread's stack
     try:
         return args.func(args)
     except ConfigError as exc:

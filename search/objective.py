@@ -8,6 +8,8 @@ goes on. Datasets are loaded once per worker process and reused by every trial w
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections import OrderedDict
 from typing import Any, Optional
 
@@ -19,7 +21,7 @@ from models.data import DataBundle, load
 from models.train import fit
 from search.record import FAIL, PRUNED, Recorder
 from search.spec import StudySpec
-from search.storage import TrialWriter
+from search.storage import TrialWriter, retry_transient
 from search.workers import Terminated
 
 BASE_ATTR = "regsweep:base"
@@ -68,7 +70,8 @@ class Objective:
         from optuna import TrialPruned
 
         pruner = trial.study.pruner
-        recorder = Recorder(TrialWriter(trial), self.spec.objective, should_prune=trial.should_prune,
+        recorder = Recorder(TrialWriter(trial), self.spec.objective,
+                            should_prune=lambda: retry_transient(trial.should_prune),
                             pruner_label=lambda: _pruner_label(pruner, trial.number, self.spec.pruner))
         try:
             cfg = self.config_for(trial)
@@ -76,7 +79,7 @@ class Objective:
             reason = f"failed:config: {exc}"
             recorder.fail(reason)
             raise TrialFailed(reason) from None
-        recorder.start(cfg.to_dict())
+        recorder.start(cfg.to_dict(), {"worker": f"{socket.gethostname()}:{os.getpid()}"})
         try:
             parts = build(cfg, self.device, data=self.data.get(cfg.data, self.device))
             hist = fit(cfg, self.device, report=recorder.on_epoch, parts=parts)

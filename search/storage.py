@@ -15,9 +15,19 @@ from typing import Optional
 from models.config import ConfigError
 
 SCHEMES = ("sqlite", "postgresql", "mysql")
-HEARTBEAT_INTERVAL = 30  # seconds between a running trial's heartbeats
-GRACE_PERIOD = 90  # a RUNNING trial without a heartbeat for this long is failed (and retried)
+HEARTBEAT_INTERVAL = 30  # seconds between a running trial's heartbeats ($REGSWEEP_HEARTBEAT_INTERVAL)
+GRACE_PERIOD = 90  # a RUNNING trial without a heartbeat this long is failed and retried ($REGSWEEP_GRACE_PERIOD)
 MAX_RETRY = 2
+RETRIES = 5  # attempts of one write when the database dropped the connection
+
+
+def _seconds(env: str, default: int) -> int:
+    value = os.environ.get(env)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"${env}: {value!r} is not allowed; must be a whole number of seconds >= 1")
+    return int(value)
 
 
 def default_url(spec_dir: Path) -> str:
@@ -119,10 +129,12 @@ def open_storage(url: str, *, heartbeat: bool = True):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             kwargs = {}
             if heartbeat:
-                kwargs = dict(heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                kwargs = dict(heartbeat_interval=_seconds("REGSWEEP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
+                              grace_period=_seconds("REGSWEEP_GRACE_PERIOD", GRACE_PERIOD),
                               heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                                   MAX_RETRY))
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
+            # reachability was checked before (check_reachable); a connection dropped now is retried
+            storage = retry_transient(optuna.storages.RDBStorage, url, engine_kwargs=engine, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ModuleNotFoundError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise ConfigError(f"storage: cannot open {mask(url)}: {first}") from None
@@ -144,6 +156,64 @@ def _sqlite_wal(engine) -> None:
         cur.close()
 
     engine.dispose()  # pooled connections were opened before the listener; new ones get the pragmas
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a dropped connection or a restarting server: worth retrying."""
+    import optuna
+    import sqlalchemy.exc
+
+    return (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, optuna.exceptions.StorageInternalError)
+
+
+def retry_transient(fn, *args, attempts: int = RETRIES, **kwargs):
+    """``fn(*args, **kwargs)``, retried with backoff on transient storage errors."""
+    import time
+
+    errors = transient_errors()
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except errors:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+
+
+def adopt_orphans(study, older_than: float) -> list[int]:
+    """Give a first heartbeat to RUNNING trials that never got one and started over ``older_than`` seconds ago.
+
+    Optuna fails a stale RUNNING trial only once it has a heartbeat row; a worker that died between ``ask`` and
+    its first beat (or lost its connection right then) would leave its trial RUNNING forever. After this beat
+    the trial goes stale after the grace period and Optuna's retry callback fails and re-queues it. Live
+    trials always have a heartbeat row, so they are never touched. Returns the adopted trial ids.
+    """
+    import datetime as dt
+
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    try:
+        from optuna.storages import RDBStorage
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+    except ImportError:
+        return []
+    if not isinstance(backend, RDBStorage) or not backend.get_heartbeat_interval():
+        return []
+    now = dt.datetime.now()
+    old = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+           if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > older_than]
+    if not old:
+        return []
+    with _create_scoped_session(backend.scoped_session) as session:
+        beating = {row.trial_id for row in session.query(models.TrialHeartbeatModel.trial_id).filter(
+            models.TrialHeartbeatModel.trial_id.in_([t._trial_id for t in old]))}
+    orphans = [t._trial_id for t in old if t._trial_id not in beating]
+    for trial_id in orphans:
+        backend.record_heartbeat(trial_id)
+    return orphans
 
 
 class TrialWriter:
@@ -196,11 +266,16 @@ class TrialWriter:
         from optuna.storages._rdb.storage import _create_scoped_session
 
         tid = self.trial._trial_id
-        with _create_scoped_session(self._rdb.scoped_session, True) as session:
-            for key, value in attrs.items():
-                self._rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, tid, key, value)
-            if report is not None:
-                self._rdb._set_trial_intermediate_value_without_commit(session, tid, int(report[1]), float(report[0]))
+
+        def transaction() -> None:
+            with _create_scoped_session(self._rdb.scoped_session, True) as session:
+                for key, value in attrs.items():
+                    self._rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, tid, key, value)
+                if report is not None:
+                    self._rdb._set_trial_intermediate_value_without_commit(session, tid, int(report[1]),
+                                                                           float(report[0]))
+
+        retry_transient(transaction)  # one transaction, retried when the connection was dropped
         cached.user_attrs.update(attrs)
         if report is not None:
             cached.intermediate_values[int(report[1])] = float(report[0])

@@ -34,10 +34,14 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, TextIO
 
 from models.config import ConfigError
+from search.storage import adopt_orphans, retry_transient, transient_errors
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
 WORKER_ENV = "REGSWEEP_WORKER"  # worker label printed in front of its lines
 MAX_CONSECUTIVE_FAILURES = 5
+ORPHAN_AFTER = 10.0  # seconds a RUNNING trial may go without its first heartbeat before it is adopted
+
+
 
 
 class Terminated(BaseException):
@@ -72,6 +76,7 @@ def budget_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[N
                 fcntl.flock(fh, fcntl.LOCK_UN)
         return
     import sqlalchemy
+    import sqlalchemy.exc
 
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
     try:
@@ -89,8 +94,11 @@ def budget_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[N
             try:
                 yield
             finally:
-                conn.exec_driver_sql(unlock)
-                conn.commit()
+                try:
+                    conn.exec_driver_sql(unlock)
+                    conn.commit()
+                except sqlalchemy.exc.SQLAlchemyError:
+                    pass  # the connection died: the server released the lock with it
     finally:
         engine.dispose()
 
@@ -188,6 +196,28 @@ def _requeue(study, trial_id: int) -> None:
         optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)(study, frozen)
 
 
+def _ask(study):
+    import warnings
+
+    with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize(); we beat ourselves
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return study.ask()
+
+
+def _beat_once(study, trial_id: int) -> None:
+    """First heartbeat right after ask (retried): Optuna never fails a RUNNING trial that has no heartbeat."""
+    storage = study._storage
+    if not getattr(storage, "get_heartbeat_interval", lambda: None)():
+        return
+    for attempt in range(8):
+        try:
+            storage.record_heartbeat(trial_id)
+            return
+        except transient_errors():
+            time.sleep(0.25 * 2 ** min(attempt, 4))
+    storage.record_heartbeat(trial_id)
+
+
 def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[float] = None,
                 out: Optional[TextIO] = None, label: str = "", poll: float = 2.0) -> int:
     """Run trials until COMPLETE + PRUNED reaches ``n_trials``; returns how many this worker ran.
@@ -201,6 +231,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
     from search.backends.optuna_backend import trial_line
 
     out = out or sys.stdout
+    TRANSIENT = transient_errors()
     prefix = f"[{label}] " if label else ""
     deadline = None if timeout is None else time.monotonic() + timeout
     failures: list[str] = []
@@ -208,14 +239,26 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
     while True:
         if deadline is not None and time.monotonic() >= deadline:
             return ran
-        _fail_stale(study)
-        with budget_lock(url, study.study_name):
-            done, running = _counts(study)
-            trial = study.ask() if done + running < n_trials else None
+        try:
+            retry_transient(_fail_stale, study)
+            with budget_lock(url, study.study_name):
+                done, running = _counts(study)
+                trial = _ask(study) if done + running < n_trials else None
+                if trial is not None:  # beat at once: a worker dying right after ask leaves a trial that can go stale
+                    _beat_once(study, trial._trial_id)
+        except TRANSIENT as exc:  # a dropped connection or a restarting server: wait and try again
+            print(f"{prefix}storage unavailable ({exc.__class__.__name__}); retrying", file=out, flush=True)
+            time.sleep(poll)
+            continue
         if trial is None:
             if done >= n_trials:
                 return ran
-            time.sleep(poll)  # others hold the rest of the budget; a dead one's trial will go stale
+            # others hold the rest of the budget; a dead one's trial goes stale (and an orphan is adopted so it can)
+            try:
+                retry_transient(adopt_orphans, study, ORPHAN_AFTER)
+            except TRANSIENT:
+                pass
+            time.sleep(poll)
             continue
         state, value = TrialState.FAIL, None
         try:
@@ -226,7 +269,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
             state = TrialState.PRUNED
         except Terminated:
             _tell(study, trial, TrialState.FAIL, None)
-            _requeue(study, trial._trial_id)
+            retry_transient(_requeue, study, trial._trial_id)
             raise
         except KeyboardInterrupt:
             _tell(study, trial, TrialState.FAIL, None)
@@ -248,22 +291,20 @@ def _tell(study, trial, state, value):
     """Finish the trial; a storage hiccup is retried, a trial already finished elsewhere is left alone."""
     import optuna
 
-    for attempt in range(5):
+    def tell() -> None:
         try:
             if state == optuna.trial.TrialState.COMPLETE:
                 study.tell(trial, value)
             else:
                 study.tell(trial, state=state)
-            break
         except optuna.exceptions.UpdateFinishedTrialError:
-            break
-        except ValueError as exc:  # "Cannot tell a COMPLETE trial" etc.: already finished by fail_stale_trials
-            if "Cannot tell" in str(exc):
-                break
-            raise
-        except optuna.exceptions.StorageInternalError:
-            time.sleep(0.5 * (attempt + 1))
-    return study._storage.get_trial(trial._trial_id)
+            pass
+        except ValueError as exc:  # "Cannot tell a COMPLETE trial": already finished by fail_stale_trials
+            if "Cannot tell" not in str(exc):
+                raise
+
+    retry_transient(tell)
+    return retry_transient(study._storage.get_trial, trial._trial_id)
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -349,7 +390,7 @@ def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None
     from search.objective import Objective
 
     apply_thread_share()
-    study = open_study_locked(spec, url, study_name)
+    study = retry_transient(open_study_locked, spec, url, study_name)
     total = n_trials if n_trials is not None else spec.n_trials
     objective = Objective(spec, device)
     label = os.environ.get(WORKER_ENV, f"pid{os.getpid()}")

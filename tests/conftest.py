@@ -29,3 +29,42 @@ def tiny_cfg():
         "optim": {"name": "adamw", "lr": 3e-3},
         "train": {"epochs": 3, "num_threads": 1, "train_eval_size": 256},
     })
+
+
+# ------------------------------------------------------------------------------------ databases
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+MYSQL_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+def reachable(url: str) -> bool:
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
+def storage_url(request, tmp_path):
+    """One fixture for every storage: a SQLite file, the local PostgreSQL, the local MariaDB/MySQL.
+    Yields (url, study_name); the study is deleted afterwards on the shared servers."""
+    import uuid
+
+    kind = request.param
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'db.sqlite'}", name
+        return
+    url = POSTGRES_URL if kind == "postgresql" else MYSQL_URL
+    require(reachable(url), f"{kind} at {url}")
+    yield url, name
+    import optuna
+
+    try:
+        optuna.delete_study(study_name=name, storage=url)
+    except KeyError:
+        pass

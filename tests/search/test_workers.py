@@ -1,0 +1,225 @@
+"""Distributed sweeps against real SQLite, PostgreSQL and MariaDB: exact budgets, crashes, signals.
+
+Workers are real `regsweep worker` / `run --workers N` processes; trials are tiny CPU trainings through the
+real recording path.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from models.config import ConfigError
+from search.workers import THREADS_ENV, assignments, parse_gpus
+
+FAST = """
+name: {name}
+base:
+  model: {{name: cnn, widths: [4]}}
+  data: {{name: synthetic, n_samples: 120, shape: [1, 8, 8], batch_size: 64}}
+  train: {{epochs: {epochs}, num_threads: 1, train_eval_size: 16}}
+space:
+  model.dropout: {{type: float, low: 0.0, high: 0.5}}
+sampler: {{name: random, seed: 0}}
+pruner: {{name: median, args: {{n_startup_trials: 5}}}}
+budget: {{n_trials: {n}}}
+enqueue: [{{}}]
+"""
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def write_spec(tmp_path, name, n, epochs=1):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(FAST.format(name=name, n=n, epochs=epochs))
+    return p
+
+
+def cli(*args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], env={**ENV, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def states(url, name):
+    return [t.state for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)]
+
+
+def assert_exact(url, name, n):
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == n
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    return trials
+
+
+def wait_ok(proc, timeout=240):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+    return out, err
+
+
+def test_four_workers_make_exactly_the_budget(storage_url, tmp_path):
+    url, name = storage_url
+    n = 40 if url.startswith("sqlite") else 100
+    spec = write_spec(tmp_path, name, n)
+    out, err = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "4"))
+    trials = assert_exact(url, name, n)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert not failed, [t.user_attrs.get("stop_reason") for t in failed]  # no storage-error / locked FAIL
+    assert "started 4 workers" in out and "[w3]" in out
+    assert len({t.user_attrs.get("seed") for t in trials}) == 1
+
+
+def running_with_history(url, name, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        except KeyError:
+            trials = []
+        live = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("history")]
+        if live:
+            return live[0]
+        time.sleep(0.2)
+    raise AssertionError("no trial started training")
+
+
+@pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
+def test_more_workers_than_trials_stays_exact(storage_url, tmp_path):
+    url, name = storage_url
+    spec = write_spec(tmp_path, name, 6, epochs=3)
+    wait_ok(cli("run", str(spec), "--storage", url, "--workers", "4"))
+    assert_exact(url, name, 6)
+
+
+@pytest.mark.parametrize("storage_url", ["postgresql", "mysql", "sqlite"], indirect=True)
+def test_two_workers_started_at_the_same_instant_make_one_study(storage_url, tmp_path):
+    url, name = storage_url
+    spec = write_spec(tmp_path, name, 8)
+    procs = [cli("worker", str(spec), "--storage", url) for _ in range(2)]
+    for p in procs:
+        wait_ok(p)
+    assert [s.study_name for s in optuna.get_all_study_summaries(url) if s.study_name == name] == [name]
+    trials = assert_exact(url, name, 8)
+    assert sum(bool(t.user_attrs.get("regsweep:base")) for t in trials) == 1  # enqueued once
+
+
+@pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
+def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tmp_path):
+    url, name = storage_url
+    spec = write_spec(tmp_path, name, 5, epochs=40)
+    env = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
+    procs = [cli("worker", str(spec), "--storage", url, env=env) for _ in range(3)]
+    victim = running_with_history(url, name)
+    pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+    killed = next(p for p in procs if p.pid == pid)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    deadline = killed_at + 30
+    while time.monotonic() < deadline:
+        st = optuna.load_study(study_name=name, storage=url)
+        if st.trials[victim.number].state == TrialState.FAIL:
+            break
+        time.sleep(0.2)
+    assert st.trials[victim.number].state == TrialState.FAIL
+    assert time.monotonic() - killed_at < 3 + 2 + 5  # grace + a heartbeat + a worker's poll
+    for p in procs:
+        if p is not killed:
+            wait_ok(p)
+    trials = assert_exact(url, name, 5)
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
+def test_workers_survive_dropped_connections(storage_url, tmp_path):
+    import sqlalchemy
+
+    url, name = storage_url
+    spec = write_spec(tmp_path, name, 30, epochs=2)
+    proc = cli("run", str(spec), "--storage", url, "--workers", "2",
+               env={"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"})
+    running_with_history(url, name)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    killed = 0
+    for _ in range(5):  # terminate every other session on the database, several times mid-sweep
+        with engine.connect() as conn:
+            killed += len(conn.exec_driver_sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall())
+        time.sleep(0.5)
+    wait_ok(proc)
+    assert killed > 0
+    assert_exact(url, name, 30)
+
+
+@pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
+def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
+    url, name = storage_url
+    spec = write_spec(tmp_path, name, 3, epochs=40)
+    proc = cli("worker", str(spec), "--storage", url)
+    victim = running_with_history(url, name)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 143, err[-2000:]
+    assert time.monotonic() - sent < 10
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    assert trials[victim.number].state == TrialState.FAIL
+    assert trials[victim.number].user_attrs["stop_reason"] == "failed:terminated"
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].system_attrs["failed_trial"] == victim.number
+    from search.cli import main
+
+    assert main(["worker", str(spec), "--storage", url]) == 0  # a later worker finishes the budget
+    trials = assert_exact(url, name, 3)
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
+    assert retry.params == victim.params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def test_gpu_assignment_packs_workers_and_splits_cpu_threads(monkeypatch):
+    envs = assignments(4, ["0", "1"], 2)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "0", "1", "1"]
+    cpu = assignments(2, [], 1)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in cpu] == ["", ""]
+    assert all(int(e[THREADS_ENV]) == max(1, (os.cpu_count() or 1) // 2) for e in cpu)
+    with pytest.raises(ConfigError, match="do not fit"):
+        assignments(5, ["0", "1"], 2)
+    with pytest.raises(ConfigError, match="--workers"):
+        assignments(0, [], 1)
+    assert parse_gpus("0, 2") == ["0", "2"]
+    with pytest.raises(ConfigError, match="--gpus"):
+        parse_gpus("a,b")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert parse_gpus(None) == ["3"]
+
+
+def test_an_orphaned_trial_without_heartbeat_is_adopted_failed_and_retried(tmp_path, monkeypatch):
+    """A trial asked by a worker that died before its first heartbeat would stay RUNNING forever in Optuna."""
+    from search.storage import adopt_orphans, open_storage
+    from search.workers import _fail_stale
+
+    monkeypatch.setenv("REGSWEEP_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("REGSWEEP_GRACE_PERIOD", "1")
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), study_name="o")
+    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    live = study.ask()
+    study._storage.record_heartbeat(live._trial_id)
+    assert adopt_orphans(study, older_than=3600) == []  # too young
+    assert adopt_orphans(study, older_than=0) == [orphan._trial_id]  # the live one has its heartbeat
+    assert adopt_orphans(study, older_than=0) == []  # adopted once
+    time.sleep(2.2)
+    study._storage.record_heartbeat(live._trial_id)
+    _fail_stale(study)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[orphan.number].state == TrialState.FAIL and trials[live.number].state == TrialState.RUNNING
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == orphan.params
