@@ -10,10 +10,10 @@ Two measurements, each on fresh, uniquely named studies that are deleted at the 
    process start-up is excluded; each worker's first trial still loads the dataset. Goal: K=2 / K=1 >= 1.8x
    on 2 cores.
 2. ``storage``: per-trial time of the recording path (``search.record.Recorder`` over
-   ``search.storage.TrialWriter``, a trivial objective of 3 epochs) driven by ``search.workers.worker_loop``
-   in this process — the real stale-trial check, budget lock, count, ask, heartbeat and tell — for the first
-   100 and the last 100 trials of a 1,000-trial study. Goal: last / first close to 1 (no cost that grows
-   with the study).
+   ``search.storage.TrialWriter``, a trivial objective of 3 epochs; random sampler, median pruner) driven by
+   ``search.workers.worker_loop`` in this process — the real stale-trial check, budget lock, count, ask,
+   heartbeat and tell — for the first 100 and the last 100 trials of a 1,000-trial study. Goal: last / first
+   close to 1 (no cost that grows with the study).
 
 Sizes: full 40 CLI trials of 10 epochs per K and a 1,000-trial storage study (windows of 100); ``--quick``
 20 CLI trials and 300 storage trials (windows of 50); ``--tiny`` (a smoke test) 4 CLI trials of 1 epoch and
@@ -63,7 +63,9 @@ enqueue: [{{}}]
 MODES = {"full": (40, 10, 1000, 100), "quick": (20, 10, 300, 50), "tiny": (4, 1, 20, 5)}
 RECORD = {"epoch": 0, "train_loss": 0.5, "train_eval_loss": 0.4, "train_acc": 0.9, "val_loss": 0.45,
           "val_acc": 0.88, "lr": 1e-3, "seconds": 0.1}
-CLI_TIMEOUT = 1800.0
+# a sweep that cannot finish (a trial stuck RUNNING, a lost database) ends with an error instead of hanging
+CLI_SECONDS = (120.0, 3.0)  # limit of one CLI run: 120 s + 3 s per trial-epoch
+LOOP_SECONDS = (60.0, 2.0)  # limit of the in-process loop: 60 s + 2 s per trial
 
 
 @dataclass
@@ -81,7 +83,7 @@ class WorkersResult:
 
 
 # ------------------------------------------------------------------------------------ 1. workers
-def run_cli(spec: Path, url: str, study: str, workers: int) -> None:
+def run_cli(spec: Path, url: str, study: str, workers: int, limit: float) -> None:
     """The real CLI in a subprocess (its own process group, so a failure here never leaves workers behind)."""
     cmd = [sys.executable, "-m", "search.cli", "run", str(spec), "--storage", url, "--study-name", study,
            "--workers", str(workers)]
@@ -89,7 +91,10 @@ def run_cli(spec: Path, url: str, study: str, workers: int) -> None:
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = proc.wait(timeout=CLI_TIMEOUT)
+            code = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            raise RuntimeError(f"`{' '.join(cmd[1:])}` did not finish in {limit:.0f}s") from None
         except BaseException:
             _stop_group(proc)
             raise
@@ -119,13 +124,21 @@ def read_workers(url: str, study_name: str, workers: int, n_trials: int) -> Work
     study = optuna.load_study(study_name=study_name, storage=url)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if len(done) != n_trials:  # a correctness check of the budget, not a timing
-        raise RuntimeError(f"study {study_name}: {len(done)} COMPLETE+PRUNED trials, expected exactly {n_trials}")
+        raise RuntimeError(f"study {study_name}: {len(done)} COMPLETE+PRUNED trials, expected exactly {n_trials} "
+                           f"({_states(study)})")
     start = min(t.datetime_start for t in done)
     end = max(t.datetime_complete for t in done)
     seconds = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in done}
     firsts = sorted(done, key=lambda t: t.datetime_start)[:workers]
     return WorkersResult(workers, study_name, len(done), (end - start).total_seconds(),
                          statistics.median(seconds.values()), max(seconds[t.number] for t in firsts))
+
+
+def _states(study) -> str:
+    from collections import Counter
+
+    counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    return ", ".join(f"{state} {n}" for state, n in sorted(counts.items()))
 
 
 def measure_workers(url: str, tag: str, n_trials: int, epochs: int, created: list[str]) -> list[WorkersResult]:
@@ -136,7 +149,7 @@ def measure_workers(url: str, tag: str, n_trials: int, epochs: int, created: lis
         for k in (1, 2):
             name = f"{tag}-k{k}"
             created.append(name)
-            run_cli(spec, url, name, k)
+            run_cli(spec, url, name, k, CLI_SECONDS[0] + CLI_SECONDS[1] * n_trials * epochs)
             results.append(read_workers(url, name, k, n_trials))
     return results
 
@@ -203,10 +216,12 @@ def timed_loop(url: str, name: str, n_trials: int, epochs: int) -> tuple[list[fl
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # Optuna warns on every ask from a heartbeat storage outside optimize()
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used", category=UserWarning)
-        worker_loop(study, objective, url, n_trials, out=clock, poll=0.1)
+        worker_loop(study, objective, url, n_trials, out=clock, poll=0.1,
+                    timeout=LOOP_SECONDS[0] + LOOP_SECONDS[1] * n_trials)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
     if len(done) != n_trials:  # the budget contract, not a timing
-        raise RuntimeError(f"study {name}: {len(done)} COMPLETE+PRUNED trials, expected exactly {n_trials}")
+        raise RuntimeError(f"study {name}: {len(done)} COMPLETE+PRUNED trials, expected exactly {n_trials} "
+                           f"({_states(study)})")
     if len(clock.stamps) != len(objective.inside):
         raise RuntimeError(f"study {name}: {len(clock.stamps)} trial lines for {len(objective.inside)} trials run")
     stamps = [t0] + clock.stamps

@@ -54,7 +54,9 @@ def test_tiny_mode_prints_both_sections_and_deletes_its_studies(capsys):
     cli_trials, _, store_trials, window = mod.MODES["tiny"]
 
     assert "1. workers: `regsweep run --workers K`" in out
-    rows = {int(m[1]): m for m in re.finditer(r"^\s+([12])\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", out, re.M)}
+    # workers, trials, wall s, first trial s, median trial s, trials/hour
+    row = re.compile(r"^\s+([12])\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)$", re.M)
+    rows = {int(m[1]): m for m in row.finditer(out)}
     assert sorted(rows) == [1, 2], out
     per_hour = {}
     for k, m in rows.items():

@@ -43,7 +43,7 @@ def write_spec(tmp_path, name, n, epochs=1):
 
 def cli(*args, env=None, **kw):
     return subprocess.Popen([sys.executable, "-m", "search.cli", *args], env={**ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
 def states(url, name):
@@ -60,7 +60,12 @@ def assert_exact(url, name, n):
 
 
 def wait_ok(proc, timeout=240):
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers: nothing outlives the test
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s\n{out[-2000:]}\n{err[-3000:]}")
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
     return out, err
 
