@@ -179,7 +179,8 @@ class RecordingObjective:
         t0 = time.perf_counter()
         try:
             x = trial.suggest_float("model.dropout", 0.0, 0.5)
-            rec = Recorder(TrialWriter(trial), Objective(), should_prune=trial.should_prune)
+            rec = Recorder(TrialWriter(trial), Objective(),
+                           verdict=lambda epoch: "pruned" if trial.should_prune() else None)
             rec.start({"model": {"dropout": x}})
             for e in range(self.epochs):
                 rec.on_epoch(e, dict(RECORD, epoch=e, val_loss=0.45 + x))

@@ -58,7 +58,7 @@ def regsweep_objective(epochs: int):
 
     def objective(trial):
         x = trial.suggest_float("model.dropout", 0.0, 0.5)
-        rec = Recorder(TrialWriter(trial), Objective(), should_prune=trial.should_prune)
+        rec = Recorder(TrialWriter(trial), Objective(), verdict=lambda epoch: "pruned" if trial.should_prune() else None)
         rec.start(config)
         for e in range(epochs):
             rec.on_epoch(e, dict(RECORD, epoch=e, val_loss=0.45 + x))

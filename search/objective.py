@@ -66,13 +66,23 @@ class Objective:
         overrides = self.spec.space.sample(trial, self.base_dict)
         return self.spec.base.with_overrides(overrides)
 
+    def verdict(self, trial, epoch: int) -> Optional[str]:
+        """The study's pruner on this trial after ``epoch``, as a stop reason (or None)."""
+        from search.pruners.compose import stop_verdict
+        from search.pruners.registry import label
+
+        pruner = trial.study.pruner
+        if not hasattr(pruner, "verdict"):  # Optuna's own pruners: through the public API
+            return f"pruned:{label(self.spec.pruner)}@{epoch}" if trial.should_prune() else None
+        latest = trial._get_latest_trial() if hasattr(trial, "_get_latest_trial") else \
+            trial.study._storage.get_trial(trial._trial_id)
+        return stop_verdict(pruner, trial.study, latest, label(self.spec.pruner))
+
     def __call__(self, trial) -> float:
         from optuna import TrialPruned
 
-        pruner = trial.study.pruner
         recorder = Recorder(TrialWriter(trial), self.spec.objective,
-                            should_prune=lambda: retry_transient(trial.should_prune),
-                            pruner_label=lambda: _pruner_label(pruner, trial.number, self.spec.pruner))
+                            verdict=lambda epoch: retry_transient(self.verdict, trial, epoch))
         try:
             cfg = self.config_for(trial)
         except ConfigError as exc:
@@ -102,8 +112,3 @@ class Objective:
         return value
 
 
-def _pruner_label(pruner: Any, number: int, spec_pruner: Any) -> str:
-    from search.pruners.registry import label
-
-    fired = getattr(pruner, "label_for", None)
-    return (fired(number) if fired else None) or label(spec_pruner)

@@ -50,14 +50,13 @@ def outcome(stop_reason: str) -> str:
 
 class Recorder:
     """Records one trial. ``on_epoch`` is the ``report`` callback of ``models.train.fit``: it writes the
-    epoch, then asks ``should_prune`` (if given) and returns a stop reason to stop the run."""
+    epoch, then asks ``verdict(epoch)`` (if given) for a stop reason — ``pruned:<pruner>@<epoch>``,
+    ``stopped:overfit:<rule>@<epoch>`` — and returns it to stop the run."""
 
-    def __init__(self, sink: Sink, objective: Objective, should_prune: Optional[Callable[[], bool]] = None,
-                 pruner_label: Callable[[], str] = lambda: "pruner"):
+    def __init__(self, sink: Sink, objective: Objective, verdict: Optional[Callable[[int], Optional[str]]] = None):
         self.sink = sink
         self.objective = objective
-        self.should_prune = should_prune
-        self.pruner_label = pruner_label
+        self.verdict = verdict
         self.history: list[dict[str, Any]] = []
         self._pending: dict[str, Any] = {}
 
@@ -73,9 +72,7 @@ class Recorder:
         self.history.append(record)
         value = record[self.objective.metric]
         self._flush({"history": self.history}, (value, epoch) if math.isfinite(value) else None)
-        if self.should_prune is not None and self.should_prune():
-            return f"pruned:{self.pruner_label()}@{epoch}"
-        return None
+        return self.verdict(epoch) if self.verdict is not None else None
 
     def finish(self, hist) -> tuple[str, Optional[float]]:
         """Write the final attrs from a ``models.train.History``; returns (outcome, value)."""

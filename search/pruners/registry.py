@@ -9,6 +9,7 @@
 | hyperband | HyperbandPruner | max_resource defaults to train.epochs, explicitly |
 | patient | PatientPruner | args: patience, min_delta; ``wrapped:`` another pruner spec |
 | threshold | ThresholdPruner | args: lower, upper, n_warmup_steps |
+| overfit | search/pruners/overfit.py | args: warmup, patience, min_delta, window, on_fire (complete/prune) |
 
 A spec is ``{name, args}``, ``{name: patient, args, wrapped: SPEC}``, ``{any_of: [SPEC, ...]}`` or
 ``{all_of: [SPEC, ...]}``; a bare string is ``{name: STRING}``.
@@ -53,6 +54,13 @@ PRUNERS.add("successive_halving", _optuna("SuccessiveHalvingPruner", lambda ctx:
 PRUNERS.add("hyperband", _optuna("HyperbandPruner", lambda ctx: {"min_resource": 1, "max_resource": ctx.epochs}))
 PRUNERS.add("threshold", _optuna("ThresholdPruner"))
 PRUNERS.add("patient", _optuna("PatientPruner"))  # wrapped_pruner is filled in by build_pruner
+
+
+@PRUNERS.register("overfit")
+def _overfit(args: dict[str, Any], ctx: PrunerContext):
+    from search.pruners.overfit import OverfitPruner
+
+    return OverfitPruner(**args)
 
 SPEC_KEYS = {"name", "args", "wrapped"}
 

@@ -4,6 +4,8 @@ real in-memory study and credit the child that fired."""
 from __future__ import annotations
 
 import optuna
+
+from search.pruners.overfit import OverfitPruner
 import pytest
 
 from models.config import ConfigError
@@ -27,6 +29,7 @@ CTX = PrunerContext(epochs=12, source="/specs/study.yaml")
     ({"name": "threshold", "args": {"upper": 2.0}}, optuna.pruners.ThresholdPruner),
     ({"name": "threshold", "args": {"lower": 0.1}}, optuna.pruners.ThresholdPruner),
     ({"name": "patient", "args": {"patience": 2}, "wrapped": {"name": "median"}}, optuna.pruners.PatientPruner),
+    ({"name": "overfit", "args": {"patience": 2, "window": 3}}, OverfitPruner),
     (None, optuna.pruners.NopPruner),
 ])
 def test_build_each_registered_name(spec, cls):
@@ -35,7 +38,7 @@ def test_build_each_registered_name(spec, cls):
 
 def test_every_registered_name_is_covered():
     assert set(PRUNERS.names()) == {"none", "median", "percentile", "successive_halving", "hyperband", "threshold",
-                                    "patient"}
+                                    "patient", "overfit"}
 
 
 def test_args_reach_the_pruner():

@@ -27,7 +27,7 @@ def _record(epoch, val_loss):
 def _run(study, stop_at=None):
     trial = study.ask()
     writer = TrialWriter(trial)
-    rec = Recorder(writer, Objective("val_loss", "minimize"), should_prune=lambda: False)
+    rec = Recorder(writer, Objective("val_loss", "minimize"), verdict=lambda epoch: None)
     rec.start({"model": {"dropout": 0.1}})
     assert "config" not in study.trials[-1].user_attrs  # written with the first epoch, not before
     for e, v in enumerate(CURVE[:stop_at]):
@@ -95,7 +95,7 @@ def test_fail_before_the_first_epoch_writes_config_and_reason(tmp_path):
 def test_pruning_verdict_names_the_pruner_and_epoch(tmp_path):
     study = _study("sqlite", tmp_path)
     trial = study.ask()
-    rec = Recorder(TrialWriter(trial), Objective(), should_prune=lambda: True, pruner_label=lambda: "median")
+    rec = Recorder(TrialWriter(trial), Objective(), verdict=lambda epoch: f"pruned:median@{epoch}")
     assert rec.on_epoch(0, _record(0, 0.5)) == "pruned:median@0"
 
 
