@@ -126,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                  n_trials=args.n_trials)
         total = optuna_backend.budget(study, spec)
         print(f"study '{name}' in {mask(url)}: {optuna_backend.done_count(study)}/{total} trials done", flush=True)
-        code = workers.launch(str(spec.path), url, name, envs, timeout=args.timeout)
+        code = workers.launch(str(spec.path), url, name, envs, device=args.device, timeout=args.timeout)
         if code != 0:
             return code
     print(format_summary(study_summary(study)))
@@ -142,7 +142,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
     check_reachable(url)
-    return workers.worker_main(spec, url, args.study_name or spec.name, timeout=args.timeout)
+    return workers.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -224,6 +224,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("spec", metavar="STUDY.yaml")
     _storage_flags(w)
     w.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    w.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     w.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("status", help="studies in a storage: counts per state, best trial, stop reasons")

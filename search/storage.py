@@ -188,7 +188,7 @@ def transient_errors() -> tuple[type[BaseException], ...]:
 
 
 def retry_transient(fn, *args, attempts: int = RETRIES, **kwargs):
-    """``fn(*args, **kwargs)``, retried with backoff on transient storage errors."""
+    """``fn(*args, **kwargs)``, retried with backoff (0.2 s doubling, at most 10 s) on transient storage errors."""
     import time
 
     errors = transient_errors()
@@ -198,7 +198,7 @@ def retry_transient(fn, *args, attempts: int = RETRIES, **kwargs):
         except errors:
             if attempt == attempts - 1:
                 raise
-            time.sleep(0.2 * 2 ** attempt)
+            time.sleep(min(10.0, 0.2 * 2 ** attempt))
 
 
 def adopt_orphans(study, older_than: float) -> list[int]:

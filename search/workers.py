@@ -39,6 +39,7 @@ from search.storage import adopt_orphans, retry_transient, transient_errors
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
 WORKER_ENV = "REGSWEEP_WORKER"  # worker label printed in front of its lines
 MAX_CONSECUTIVE_FAILURES = 5
+TELL_ATTEMPTS = 16  # ~2 minutes of database outage before a worker gives up telling a trial
 ORPHAN_AFTER = 10.0  # seconds a RUNNING trial may go without its first heartbeat before it is adopted
 
 
@@ -303,8 +304,8 @@ def _tell(study, trial, state, value):
             if "Cannot tell" not in str(exc):
                 raise
 
-    retry_transient(tell)
-    return retry_transient(study._storage.get_trial, trial._trial_id)
+    retry_transient(tell, attempts=TELL_ATTEMPTS)  # a finished trial must not be lost to a short outage
+    return retry_transient(study._storage.get_trial, trial._trial_id, attempts=TELL_ATTEMPTS)
 
 
 # ------------------------------------------------------------------------------------ launching
@@ -350,7 +351,7 @@ def assignments(workers: int, gpus: list[str], trials_per_gpu: int) -> list[dict
 
 
 def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]], *, device: Optional[str] = None,
-           timeout: Optional[float] = None, n_trials: Optional[int] = None, out: Optional[TextIO] = None) -> int:
+           timeout: Optional[float] = None, out: Optional[TextIO] = None) -> int:
     """Start one ``regsweep worker`` process per env, forward SIGTERM/SIGINT, wait; the worst exit code wins
     (0 only when every worker finished the budget)."""
     out = out or sys.stdout
@@ -359,8 +360,6 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
         cmd += ["--device", device]
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
-    if n_trials is not None:
-        cmd += ["--n-trials", str(n_trials)]
     procs = [subprocess.Popen(cmd, env={**os.environ, **env}) for env in envs]
     print(f"started {len(procs)} workers: " + ", ".join(
         f"{e[WORKER_ENV]} (pid {p.pid}, {'GPU ' + e['CUDA_VISIBLE_DEVICES'] if e['CUDA_VISIBLE_DEVICES'] else 'CPU'}"
@@ -384,14 +383,19 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
 
 
 def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None, timeout: Optional[float] = None,
-                n_trials: Optional[int] = None, out: Optional[TextIO] = None) -> int:
-    """``regsweep worker``: join (or create) the study and run trials until the budget is done."""
-    from search.backends.optuna_backend import open_study_locked
+                out: Optional[TextIO] = None) -> int:
+    """``regsweep worker``: join (or create) the study and run trials until its budget is done.
+
+    The budget is the study's (set by the ``run`` that created or resumed it), else the spec's. Each worker
+    reseeds its sampler: workers built from one seeded spec would otherwise all draw the same params.
+    """
+    from search.backends.optuna_backend import budget, open_study_locked
     from search.objective import Objective
 
     apply_thread_share()
     study = retry_transient(open_study_locked, spec, url, study_name)
-    total = n_trials if n_trials is not None else spec.n_trials
+    study.sampler.reseed_rng()
+    total = budget(study, spec)
     objective = Objective(spec, device)
     label = os.environ.get(WORKER_ENV, f"pid{os.getpid()}")
     with terminate_on_sigterm():

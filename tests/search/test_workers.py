@@ -228,3 +228,13 @@ def test_an_orphaned_trial_without_heartbeat_is_adopted_failed_and_retried(tmp_p
     assert trials[orphan.number].state == TrialState.FAIL and trials[live.number].state == TrialState.RUNNING
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == orphan.params
+
+
+@pytest.mark.parametrize("storage_url", ["sqlite"], indirect=True)
+def test_run_n_trials_reaches_the_workers_and_workers_draw_different_params(storage_url, tmp_path):
+    url, name = storage_url
+    spec = write_spec(tmp_path, name, 2)  # the spec says 2; --n-trials says 8
+    out, _ = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "2", "--n-trials", "8"))
+    trials = assert_exact(url, name, 8)
+    sampled = [t.params["model.dropout"] for t in trials if t.params]
+    assert len(set(sampled)) == len(sampled)  # reseeded per worker: no configuration drawn twice
