@@ -48,6 +48,13 @@ def reachable(url: str) -> bool:
         return False
 
 
+@pytest.fixture
+def postgres_url():
+    """The local PostgreSQL's URL (skipped locally when it is down; a failure under CI)."""
+    require(reachable(POSTGRES_URL), f"postgresql at {POSTGRES_URL}")
+    return POSTGRES_URL
+
+
 @pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 def storage_url(request, tmp_path):
     """One fixture for every storage: a SQLite file, the local PostgreSQL, the local MariaDB/MySQL.

@@ -2,7 +2,6 @@
 PostgreSQL, prints both sections and deletes its studies. Timings are never asserted."""
 
 import importlib.util
-import os
 import re
 import sys
 from pathlib import Path
@@ -10,29 +9,6 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scaling.py"
-POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def require(ok: bool, what: str) -> None:
-    """tests/conftest.py's rule (not importable under --import-mode=importlib): skip locally, fail under CI."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"prerequisite missing under CI: {what}")
-    pytest.skip(f"prerequisite missing: {what}")
-
-
-def _reachable(url: str) -> bool:
-    import sqlalchemy
-
-    try:
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-        return True
-    except Exception:
-        return False
 
 
 def _load():
@@ -43,13 +19,12 @@ def _load():
     return mod
 
 
-def test_tiny_mode_prints_both_sections_and_deletes_its_studies(capsys):
+def test_tiny_mode_prints_both_sections_and_deletes_its_studies(capsys, postgres_url):
     import optuna
 
-    require(_reachable(POSTGRES_URL), f"postgresql at {POSTGRES_URL}")
     mod = _load()
-    before = set(optuna.get_all_study_names(storage=POSTGRES_URL))
-    assert mod.main(["--tiny", "--storage", POSTGRES_URL]) == 0
+    before = set(optuna.get_all_study_names(storage=postgres_url))
+    assert mod.main(["--tiny", "--storage", postgres_url]) == 0
     out = capsys.readouterr().out
     cli_trials, _, store_trials, window = mod.MODES["tiny"]
 
@@ -79,4 +54,4 @@ def test_tiny_mode_prints_both_sections_and_deletes_its_studies(capsys):
     deleted = re.search(r"^deleted studies: (.+)$", out, re.M)[1].split(", ")
     assert len(deleted) == 4 and len({name.rsplit("-", 1)[0] for name in deleted}) == 1  # one fresh prefix
     assert not set(deleted) & before  # fresh names
-    assert not set(deleted) & set(optuna.get_all_study_names(storage=POSTGRES_URL))  # cleaned up
+    assert not set(deleted) & set(optuna.get_all_study_names(storage=postgres_url))  # cleaned up

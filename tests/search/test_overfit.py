@@ -217,13 +217,14 @@ def test_a_diverging_trial_stops_complete_with_its_best_epoch(kind, tmp_path):
     assert study.best_trial.number == t.number
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-@pytest.mark.parametrize("others, verdict", [
-    ([0.2, 0.2, 0.2], "pruned:overfit:gap@7"),  # its best (0.4) is behind the median (0.2) at epoch 7
-    ([0.6, 0.6, 0.6], "stopped:overfit:gap@7"),
-    ([0.4, 0.4, 0.4], "stopped:overfit:gap@7"),  # level with the median is not behind it
-    ([0.2, 0.3, 0.9], "pruned:overfit:gap@7"),  # the median (0.3), not the mean (0.47)
-    ([0.1, 0.5, 0.9], "stopped:overfit:gap@7"),  # the median (0.5), not the best (0.1)
+@pytest.mark.parametrize("kind, others, verdict", [
+    ("sqlite", [0.2, 0.2, 0.2], "pruned:overfit:gap@7"),  # its best (0.4) is behind the median (0.2) at epoch 7
+    ("sqlite", [0.6, 0.6, 0.6], "stopped:overfit:gap@7"),
+    ("memory", [0.2, 0.2, 0.2], "pruned:overfit:gap@7"),
+    ("memory", [0.6, 0.6, 0.6], "stopped:overfit:gap@7"),
+    ("memory", [0.4, 0.4, 0.4], "stopped:overfit:gap@7"),  # level with the median is not behind it
+    ("memory", [0.2, 0.3, 0.9], "pruned:overfit:gap@7"),  # the median (0.3), not the mean (0.47)
+    ("memory", [0.1, 0.5, 0.9], "stopped:overfit:gap@7"),  # the median (0.5), not the best (0.1)
 ])
 def test_complete_unless_behind_the_median_of_finished_trials(kind, tmp_path, others, verdict):
     pruner = OverfitPruner(warmup=3, patience=5, window=3, on_fire="complete")
@@ -240,8 +241,8 @@ def test_complete_unless_behind_the_median_of_finished_trials(kind, tmp_path, ot
         assert t.value == 0.4
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-@pytest.mark.parametrize("others", [[], [0.6, 0.6, 0.6], [0.2, 0.2, 0.2]])
+@pytest.mark.parametrize("kind, others", [("sqlite", [0.6, 0.6, 0.6]), ("memory", []), ("memory", [0.6, 0.6, 0.6]),
+                                          ("memory", [0.2, 0.2, 0.2])])
 def test_on_fire_prune_always_prunes(kind, tmp_path, others):
     pruner = OverfitPruner(warmup=3, patience=5, window=3, on_fire="prune")
     study = make_study(kind, tmp_path, pruner)
