@@ -22,7 +22,7 @@ from models.train import fit
 from search.record import FAIL, PRUNED, Recorder
 from search.spec import StudySpec
 from search.storage import TrialWriter, retry_transient
-from search.workers import Terminated
+from search.workers import Terminated, check_signals
 
 BASE_ATTR = "regsweep:base"
 # data fields that do not change the loaded tensors
@@ -81,8 +81,11 @@ class Objective:
     def __call__(self, trial) -> float:
         from optuna import TrialPruned
 
-        recorder = Recorder(TrialWriter(trial), self.spec.objective,
-                            verdict=lambda epoch: retry_transient(self.verdict, trial, epoch))
+        def verdict(epoch: int) -> Optional[str]:
+            check_signals()  # a SIGTERM/SIGINT swallowed somewhere during the epoch takes effect here
+            return retry_transient(self.verdict, trial, epoch)
+
+        recorder = Recorder(TrialWriter(trial), self.spec.objective, verdict=verdict)
         try:
             cfg = self.config_for(trial)
         except ConfigError as exc:

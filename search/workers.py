@@ -137,21 +137,39 @@ class Heartbeat:
 
 
 # ------------------------------------------------------------------------------------ signals
+_pending: list[type[BaseException]] = []  # a signal whose exception may have been swallowed
+
+
+def check_signals() -> None:
+    """Raise the exception of a SIGTERM/SIGINT received earlier. A signal handler's exception can be swallowed
+    when it lands inside a destructor or GC callback ("Exception ignored in ..."); the trial loop calls this at
+    every epoch and every trial so the signal still takes effect."""
+    if _pending:
+        raise _pending[0]()
+
+
 @contextlib.contextmanager
 def terminate_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` in the main thread for the duration."""
+    """SIGTERM -> :class:`Terminated`, SIGINT -> KeyboardInterrupt in the main thread for the duration (raised
+    at once, and again at the next :func:`check_signals` in case the first was swallowed)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise Terminated()
+        if _pending:  # a repeated signal (Ctrl-C reaches the whole process group, `run` forwards it too):
+            return  # the first one is being handled; raising again could interrupt the trial's FAIL write
+        exc = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        _pending.append(exc)
+        raise exc()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    _pending.clear()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def apply_thread_share() -> None:
@@ -238,6 +256,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
     failures: list[str] = []
     ran = 0
     while True:
+        check_signals()
         if deadline is not None and time.monotonic() >= deadline:
             return ran
         try:
@@ -265,6 +284,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
         try:
             with Heartbeat(study._storage, trial._trial_id):
                 value = objective(trial)
+                check_signals()
             state = TrialState.COMPLETE
         except optuna.TrialPruned:
             state = TrialState.PRUNED

@@ -238,3 +238,23 @@ def test_run_n_trials_reaches_the_workers_and_workers_draw_different_params(stor
     trials = assert_exact(url, name, 8)
     sampled = [t.params["model.dropout"] for t in trials if t.params]
     assert len(set(sampled)) == len(sampled)  # reseeded per worker: no configuration drawn twice
+
+
+def test_a_swallowed_signal_still_takes_effect_at_the_next_check():
+    """A handler's exception raised inside a destructor is lost ("Exception ignored in ..."): the trial loop's
+    check_signals() raises it again, so SIGTERM/Ctrl-C always stop the worker."""
+    from search.workers import Terminated, check_signals, terminate_on_sigterm
+
+    with terminate_on_sigterm():
+        check_signals()  # nothing pending
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+        except Terminated:
+            pass  # swallowed, as a GC callback would
+        os.kill(os.getpid(), signal.SIGTERM)  # a repeat is ignored while the first is handled
+        time.sleep(0.1)
+        with pytest.raises(Terminated):
+            check_signals()
+    with terminate_on_sigterm():
+        check_signals()  # a new guard starts clean
