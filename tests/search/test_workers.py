@@ -215,8 +215,11 @@ def test_an_orphaned_trial_without_heartbeat_is_adopted_failed_and_retried(tmp_p
     monkeypatch.setenv("REGSWEEP_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("REGSWEEP_GRACE_PERIOD", "1")
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), study_name="o")
-    orphan = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    live = study.ask()
+    from search.workers import _ask
+
+    orphan = _ask(study)
+    orphan.suggest_float("x", 0, 1)
+    live = _ask(study)
     study._storage.record_heartbeat(live._trial_id)
     assert adopt_orphans(study, older_than=3600) == []  # too young
     assert adopt_orphans(study, older_than=0) == [orphan._trial_id]  # the live one has its heartbeat
