@@ -9,6 +9,7 @@ restore best weights). Arms:
 - ``asha``: SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
 - ``overfit``: the overfit pruner (warmup 3, patience 3, window 2, on_fire complete)
 - ``median+overfit``: any_of of the two
+- ``median+overfit(p6,w3)``: the same with the overfit pruner at patience 6, window 3 (the demo study's setting)
 
 Per arm: total epochs trained (and the ratio to ``none``), wall seconds, the best trial's validation loss, the
 test accuracy of each seed's best config (its restored best epoch; mean ± sd over seeds; the test set chooses
@@ -40,6 +41,8 @@ ARMS = {
     "overfit": {"name": "overfit", "args": {"warmup": 3, "patience": 3, "window": 2}},
     "median+overfit": {"any_of": [{"name": "median", "args": {"n_startup_trials": 5, "n_warmup_steps": 3}},
                                   {"name": "overfit", "args": {"warmup": 3, "patience": 3, "window": 2}}]},
+    "median+overfit(p6,w3)": {"any_of": [{"name": "median", "args": {"n_startup_trials": 5, "n_warmup_steps": 3}},
+                                         {"name": "overfit", "args": {"warmup": 3, "patience": 6, "window": 3}}]},
 }
 
 
@@ -55,9 +58,10 @@ def run_arm(arm: str, seed: int, n_trials: int, epochs: int | None, db_dir: str)
     spec.sampler = {**spec.sampler, "seed": seed}
     if epochs is not None:
         spec.base = spec.base.with_overrides({"train.epochs": epochs})
-    url = f"sqlite:///{db_dir}/{arm.replace('+', '_')}_{seed}.db"
+    url = f"sqlite:///{db_dir}/{''.join(c if c.isalnum() else '_' for c in arm)}_{seed}.db"
     start = time.perf_counter()
-    result = run(spec, url, f"{arm}-{seed}", n_trials=n_trials, device="cpu", out=io.StringIO())
+    result = run(spec, url, f"{''.join(c if c.isalnum() else '-' for c in arm)}-{seed}", n_trials=n_trials,
+                 device="cpu", out=io.StringIO())
     seconds = time.perf_counter() - start
     trials = result.study.get_trials(deepcopy=False)
     best = result.study.best_trial
