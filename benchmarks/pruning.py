@@ -47,7 +47,6 @@ ARMS = {
 
 
 def run_arm(arm: str, seed: int, n_trials: int, epochs: int | None, db_dir: str) -> dict:
-    import optuna
     from optuna.trial import TrialState
 
     from search.backends.optuna_backend import run

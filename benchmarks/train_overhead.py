@@ -34,7 +34,6 @@ Run: ``.venv/bin/python benchmarks/train_overhead.py [--quick | --tiny] [--threa
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from models.config import ConfigError
+from search.storage import sqlite_file
 from search.workers import SweepFailed, Terminated
 
 DEFAULT_STUDIES_DIR = Path("studies")
@@ -97,24 +98,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from search import workers
-    from search.backends import optuna_backend
-    from search.report import format_summary, study_summary
+def _load_spec_and_storage(args: argparse.Namespace):
+    """The spec and its reachable storage URL: what `run` and `worker` start from."""
     from search.spec import load_spec
-    from search.storage import mask
 
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
     check_reachable(url)
+    return spec, url
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from search import workers
+    from search.backends import optuna_backend
+    from search.report import format_summary, study_summary
+    from search.storage import mask
+
+    spec, url = _load_spec_and_storage(args)
     _warn_sampler_limits(spec)
     name = args.study_name or spec.name
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials: {args.n_trials} is not allowed; must be >= 1")
     envs = workers.assignments(args.workers, workers.parse_gpus(args.gpus) if args.workers > 1 or args.gpus else [],
                                args.trials_per_gpu)
-    if url.startswith("sqlite:///"):
-        print(f"storage: {url} (SQLite file {Path(url[len('sqlite:///'):]).resolve()})", flush=True)
+    if sqlite_file(url) is not None:
+        print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
     if args.workers == 1:
         if args.gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = envs[0]["CUDA_VISIBLE_DEVICES"]
@@ -137,11 +145,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from search import workers
-    from search.spec import load_spec
 
-    spec = load_spec(args.spec)
-    url = _storage_url(args, spec)
-    check_reachable(url)
+    spec, url = _load_spec_and_storage(args)
     return workers.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout)
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import socket
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 

@@ -236,7 +236,6 @@ def order_params(params: Mapping[str, Param], source: str) -> list[Param]:
 def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
     """Every path exists in TrainConfig, its type fits the field, every bound/choice is a valid value."""
     fields = config_paths()
-    base_dict = base.to_dict()
     for p in params:
         fld = f"space.{p.path}"
         if p.path not in fields:
@@ -259,7 +258,6 @@ def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
             except ConfigError as exc:
                 what = "choices" if p.type == "categorical" else ("low" if value == p.low else "high")
                 raise SpaceError(f"{source}: {fld}.{what}: {value!r} would be rejected by the config ({exc})") from None
-        _ = base_dict
 
 
 def build_space(spec: Any, base: TrainConfig, source: str) -> Space:

@@ -84,16 +84,27 @@ def _pool_options() -> dict:
     return {"pool_size": 1, "max_overflow": 1, "pool_recycle": 300, "pool_timeout": 120}
 
 
+def sqlite_file(url: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///PATH`` URL; None for other schemes and for in-memory SQLite."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///"):]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _check_sqlite_dir(url: str) -> None:
+    file = sqlite_file(url)
+    if file is not None and not file.parent.is_dir():
+        raise ConfigError(f"storage: {url!r}: directory {file.parent} does not exist")
+
+
 def check_reachable(url: str) -> None:
     """Connect and run ``SELECT 1`` without creating tables or files; ConfigError when that fails."""
     import sqlalchemy
     import sqlalchemy.exc
 
-    scheme = check_url(url)
-    if scheme == "sqlite":
-        path = url.split("sqlite:///", 1)[-1]
-        if path and path != ":memory:" and not Path(path).parent.is_dir():
-            raise ConfigError(f"storage: {url!r}: directory {Path(path).parent} does not exist")
+    if check_url(url) == "sqlite":
+        _check_sqlite_dir(url)
         return  # the file is created on first use
     try:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -110,10 +121,9 @@ def open_existing(url: str):
     import sqlalchemy
     import sqlalchemy.exc
 
-    scheme = check_url(url)
-    if scheme == "sqlite":
-        path = url.split("sqlite:///", 1)[-1]
-        if not path or path == ":memory:" or not Path(path).is_file():
+    if check_url(url) == "sqlite":
+        file = sqlite_file(url)
+        if file is None or not file.is_file():
             return None
     try:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -137,11 +147,7 @@ def open_storage(url: str, *, heartbeat: bool = True):
     scheme = check_url(url)
     engine: dict = {"pool_pre_ping": True}
     if scheme == "sqlite":
-        path = url.split("sqlite:///", 1)[-1]
-        if path and path != ":memory:":
-            parent = Path(path).parent
-            if not parent.is_dir():
-                raise ConfigError(f"storage: {url!r}: directory {parent} does not exist")
+        _check_sqlite_dir(url)
         engine["connect_args"] = {"timeout": 60}
     else:
         engine.update(_pool_options())

@@ -30,11 +30,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any, Iterator, Optional, TextIO
+from typing import Iterator, Optional, TextIO
 
 from models.config import ConfigError
-from search.storage import adopt_orphans, retry_transient, transient_errors
+from search.storage import adopt_orphans, check_url, retry_transient, sqlite_file, transient_errors
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
 WORKER_ENV = "REGSWEEP_WORKER"  # worker label printed in front of its lines
@@ -61,15 +60,14 @@ def budget_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[N
     PostgreSQL: ``pg_advisory_lock``; MySQL/MariaDB: ``GET_LOCK``; SQLite: ``flock`` on ``<db>.lock``. Each is
     released by the database / kernel when its holder dies, so a killed worker never leaves it taken.
     """
-    scheme = url.split(":", 1)[0].split("+", 1)[0]
+    scheme = check_url(url)
     key = int.from_bytes(hashlib.sha256(f"regsweep:{study_name}".encode()).digest()[:8], "big", signed=True)
     if scheme == "sqlite":
-        path = url.split("sqlite:///", 1)[-1]
-        lock_path = Path(f"{path}.lock") if path and path != ":memory:" else None
-        if lock_path is None:
+        file = sqlite_file(url)
+        if file is None:  # in-memory: one process, nothing to share
             yield
             return
-        with open(lock_path, "a+") as fh:
+        with open(f"{file}.lock", "a+") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield

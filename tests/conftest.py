@@ -37,14 +37,13 @@ MYSQL_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 
 
 def reachable(url: str) -> bool:
-    import sqlalchemy
+    from models.config import ConfigError
+    from search.storage import check_reachable
 
     try:
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
+        check_reachable(url)
         return True
-    except Exception:
+    except ConfigError:
         return False
 
 

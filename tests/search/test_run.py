@@ -2,7 +2,6 @@
 replayed."""
 
 import json
-import math
 import os
 import subprocess
 import sys
