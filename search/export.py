@@ -51,12 +51,14 @@ def trial_config(trial) -> TrainConfig:
     return cfg
 
 
-def provenance(study, trial, storage_masked: str) -> dict[str, Any]:
+def provenance(study, trial, storage_masked: str, state: Optional[str] = None,
+               value: Optional[float] = None) -> dict[str, Any]:
+    """``state``/``value`` stand in for a live trial's (the artifact written just before it is told)."""
     a = trial.user_attrs
     device = str(a.get("device", ""))
     return {
-        "study": study.study_name, "trial": trial.number, "state": trial.state.name,
-        "objective": study.user_attrs.get("regsweep:objective"), "value": trial.value,
+        "study": study.study_name, "trial": trial.number, "state": state or trial.state.name,
+        "objective": study.user_attrs.get("regsweep:objective"), "value": value if state else trial.value,
         "best_epoch": a.get("best_epoch"), "stop_reason": a.get("stop_reason"), "storage": storage_masked,
         "torch_version": a.get("torch_version"), "regsweep_version": regsweep_version,
         "device_type": device.split(":")[0] or None, "num_threads": a.get("num_threads"),
@@ -74,5 +76,10 @@ def render(study, trial, fmt: str, storage_masked: str) -> str:
     prov = provenance(study, trial, storage_masked)
     if fmt == "json":
         return json.dumps({"config": cfg.to_dict(), "provenance": prov}, indent=2) + "\n"
+    return config_yaml(cfg, prov)
+
+
+def config_yaml(cfg: TrainConfig, prov: dict[str, Any]) -> str:
+    """The YAML export: provenance as a comment header, then the plain TrainConfig."""
     header = "".join(f"# {line}\n" for line in dump_yaml({"provenance": prov}).splitlines())
     return f"# regsweep export: a complete TrainConfig. Train it with: regsweep train THIS_FILE\n{header}" + cfg.to_yaml()

@@ -59,6 +59,23 @@ class Objective:
         self.device = resolve_device(device)
         self.data = data_cache or DataCache()
         self.base_dict = spec.base.to_dict()
+        self.artifact_store = None  # set by the worker: search.artifacts.open_store(location)
+        self.storage_label = ""  # the masked storage URL, for the exported config's provenance
+
+    def upload_artifacts(self, trial, recorder: Recorder, state: str, value: Optional[float]) -> None:
+        """The trial's curves and exported config, at its end, before it is told (see search/artifacts.py)."""
+        if self.artifact_store is None or not recorder.history:
+            return
+        from search.artifacts import upload_trial
+        from search.export import config_yaml, provenance, trial_config
+
+        trial_view = trial._cached_frozen_trial if hasattr(trial, "_cached_frozen_trial") else trial
+        text = config_yaml(trial_config(trial_view), provenance(trial.study, trial_view, self.storage_label, state,
+                                                                value))
+        best = trial_view.user_attrs.get("best_epoch")
+        upload_trial(self.artifact_store, trial, recorder.history, best,
+                     f"{trial.study.study_name} trial {trial.number}: {state} "
+                     f"{trial_view.user_attrs.get('stop_reason', '')}", text)
 
     def config_for(self, trial) -> TrainConfig:
         if trial.user_attrs.get(BASE_ATTR):
@@ -105,8 +122,10 @@ class Objective:
         except Exception as exc:  # any error of this trial: FAIL with the reason, the sweep goes on
             reason = f"failed:{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             recorder.fail(reason)
+            self.upload_artifacts(trial, recorder, FAIL, None)
             raise TrialFailed(reason) from exc
         state, value = recorder.finish(hist)
+        self.upload_artifacts(trial, recorder, state, value)
         if state == PRUNED:
             raise TrialPruned(hist.stop_reason)
         if state == FAIL:

@@ -26,6 +26,7 @@ def study_summary(study) -> dict[str, Any]:
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = study.best_trial if complete else None
     return {"name": study.study_name, "direction": study.direction.name.lower(),
+            "budget": study.user_attrs.get("regsweep:n_trials"),
             "objective": study.user_attrs.get("regsweep:objective", "value"), "n_trials": len(trials),
             "states": dict(states), "stop_reasons": dict(reasons),
             "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
@@ -47,3 +48,157 @@ def format_summary(s: dict[str, Any]) -> str:
         if not b["params"]:
             lines.append("    (the base config, no params)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ HTML report
+TOP_CURVES = 4
+
+
+def _trial_kind(t) -> str:
+    """complete | stopped (COMPLETE but ended early by itself) | pruned | failed | running | waiting."""
+    reason = t.user_attrs.get("stop_reason") or ""
+    if t.state.name == "COMPLETE":
+        return "stopped" if reason.startswith(("early_stopped", "stopped:")) else "complete"
+    return {"PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}[t.state.name]
+
+
+def _save_axes(ax, path, size=(8, 4.5)) -> None:
+    fig = ax.figure if not hasattr(ax, "__len__") else ax.flat[0].figure
+    fig.set_size_inches(*size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _optuna_plots(study, out) -> list[tuple[str, str, str]]:
+    """(file, title, note) of Optuna's matplotlib plots; a plot that cannot be drawn says why."""
+    import warnings
+
+    import optuna
+    import optuna.visualization.matplotlib as ovm
+
+    plots = [("history.png", "Optimisation history", ovm.plot_optimization_history, (8, 4.5)),
+             ("importances.png", "Parameter importances (fANOVA)", ovm.plot_param_importances, (8, 4.5)),
+             ("parallel.png", "Parallel coordinates", ovm.plot_parallel_coordinate, (13, 5.5))]
+    done = []
+    for file, title, fn, size in plots:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                ax = fn(study)
+            _save_axes(ax, out / file, size)
+            done.append((file, title, ""))
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances need 2+ trials with params
+            done.append(("", title, f"not drawn: {exc}"))
+    return done
+
+
+def _curves_plot(trials, objective: str, path) -> None:
+    from search.plots import draw_curves, new_figure
+
+    fig = new_figure(10, 2.6 * len(trials))
+    axes = fig.subplots(len(trials), 2, squeeze=False)
+    for i, (row, t) in enumerate(zip(axes, trials)):
+        draw_curves(row[0], row[1], t.user_attrs.get("history", []), t.user_attrs.get("best_epoch"), legend=i == 0)
+        row[0].set_title(f"trial {t.number}: {objective}={t.value:.4g} ({t.user_attrs.get('stop_reason', '')})",
+                         fontsize=9, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def _bars_plot(counts: dict[str, int], title: str, path, colors: dict[str, str] | None = None) -> None:
+    from search.plots import new_figure
+
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    fig = new_figure(8, 0.45 * len(items) + 1.2)
+    ax = fig.subplots()
+    ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1],
+            color=[(colors or {}).get(k, "#1f77b4") for k, _ in items][::-1])
+    for i, (_, v) in enumerate(items[::-1]):
+        ax.text(v, i, f" {v}", va="center", fontsize=8)
+    ax.set_xlabel("trials")
+    ax.set_title(title, fontsize=10, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def write_report(study, out, storage_masked: str) -> "Path":
+    """``out/index.html`` and its PNGs; only local, relative references. Built in a sibling temporary
+    directory and moved in file by file, so a failure leaves the previous report as it was."""
+    import html
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # Optuna's plots use pyplot: never a display
+    from models.config import ConfigError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a directory")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out: directory {out.parent} does not exist")
+    trials = study.get_trials(deepcopy=False)
+    if not trials:
+        raise ConfigError(f"study '{study.study_name}' has no trials yet; nothing to report")
+    s = study_summary(study)
+    sign = 1 if s["direction"] == "minimize" else -1
+    complete = sorted((t for t in trials if t.state.name == "COMPLETE" and t.value is not None),
+                      key=lambda t: sign * t.value)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        sections = []
+        for file, title, note in _optuna_plots(study, tmp):
+            sections.append((title, file, note))
+        if complete:
+            _curves_plot(complete[:TOP_CURVES], s["objective"], tmp / "curves.png")
+            sections.append((f"Train vs validation, top {min(TOP_CURVES, len(complete))} trials "
+                             "(gap shaded; dotted line: best epoch)", "curves.png", ""))
+        else:
+            sections.append(("Train vs validation curves", "", "not drawn: no COMPLETE trial yet"))
+        kinds = {}
+        for t in trials:
+            kinds[_trial_kind(t)] = kinds.get(_trial_kind(t), 0) + 1
+        _bars_plot(kinds, "Trials: complete, stopped early by themselves, pruned, failed", tmp / "states.png",
+                   {"complete": "#2ca02c", "stopped": "#17becf", "pruned": "#ff7f0e", "failed": "#d62728"})
+        sections.append(("Trial outcomes", "states.png", ""))
+        _bars_plot(s["stop_reasons"], "Stop reasons", tmp / "stop_reasons.png")
+        sections.append(("Stop reasons", "stop_reasons.png", ""))
+        (tmp / "index.html").write_text(_html(study, s, complete, sections, storage_masked, html.escape),
+                                        encoding="utf-8")
+        out.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / "index.html"
+
+
+def _html(study, s, complete, sections, storage_masked, esc) -> str:
+    rows = []
+    for t in complete[:10]:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(t.params.items()))
+        test = t.user_attrs.get("test_acc")
+        rows.append(f"<tr><td>{t.number}</td><td>{t.value:.5g}</td><td>{t.user_attrs.get('best_epoch')}</td>"
+                    f"<td>{'' if test is None else f'{test:.4f}'}</td><td>{esc(str(t.user_attrs.get('stop_reason', '')))}"
+                    f"</td><td>{esc(params or '(base config)')}</td></tr>")
+    body = [f"<h1>Study {esc(s['name'])}</h1>",
+            f"<p>{esc(storage_masked)} &middot; {s['n_trials']} trials &middot; {s['direction']} "
+            f"{esc(s['objective'])}</p>",
+            "<pre>" + esc(format_summary(s)) + "</pre>",
+            "<h2>Top trials</h2>" + ("<table><tr><th>trial</th><th>value</th><th>best epoch</th><th>test acc "
+                                     "(reading only)</th><th>stop reason</th><th>params</th></tr>"
+                                     + "".join(rows) + "</table>" if rows else "<p>No COMPLETE trial yet.</p>")]
+    for title, file, note in sections:
+        body.append(f"<h2>{esc(title)}</h2>")
+        body.append(f'<img src="{esc(file)}" alt="{esc(title)}">' if file else f"<p><em>{esc(note)}</em></p>")
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}img{max-width:100%}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>regsweep report: {esc(s['name'])}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -378,7 +378,18 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
         cmd += ["--device", device]
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
-    procs = [subprocess.Popen(cmd, env={**os.environ, **env}) for env in envs]
+    # children's lines go through `out` (the progress display's console when it is live), a line at a time
+    procs = [subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                              text=True, bufsize=1) for env in envs]
+
+    def relay(stream) -> None:
+        for line in stream:
+            out.write(line)
+            out.flush()
+
+    relays = [threading.Thread(target=relay, args=(p.stdout,), daemon=True) for p in procs]
+    for r in relays:
+        r.start()
     print(f"started {len(procs)} workers: " + ", ".join(
         f"{e[WORKER_ENV]} (pid {p.pid}, {'GPU ' + e['CUDA_VISIBLE_DEVICES'] if e['CUDA_VISIBLE_DEVICES'] else 'CPU'}"
         f", {e[THREADS_ENV]} threads)" for p, e in zip(procs, envs)), file=out, flush=True)
@@ -394,6 +405,8 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        for r in relays:
+            r.join(timeout=5)
     for bad in (143, 130, 1, 2):
         if bad in codes:
             return bad
@@ -401,20 +414,19 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
 
 
 def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None, timeout: Optional[float] = None,
-                out: Optional[TextIO] = None) -> int:
+                artifacts: Optional[str] = None, out: Optional[TextIO] = None) -> int:
     """``regsweep worker``: join (or create) the study and run trials until its budget is done.
 
     The budget is the study's (set by the ``run`` that created or resumed it), else the spec's. Each worker
     reseeds its sampler: workers built from one seeded spec would otherwise all draw the same params.
     """
-    from search.backends.optuna_backend import budget, open_study_locked
-    from search.objective import Objective
+    from search.backends.optuna_backend import budget, make_objective, open_study_locked
 
     apply_thread_share()
     study = retry_transient(open_study_locked, spec, url, study_name)
     study.sampler.reseed_rng()
     total = budget(study, spec)
-    objective = Objective(spec, device)
+    objective = make_objective(spec, study, url, device=device, artifacts=artifacts, coordinator=False, out=out)
     label = os.environ.get(WORKER_ENV, f"pid{os.getpid()}")
     with terminate_on_sigterm():
         worker_loop(study, objective, url, total, timeout=timeout if timeout is not None else spec.timeout,

@@ -74,3 +74,49 @@ def storage_url(request, tmp_path):
         optuna.delete_study(study_name=name, storage=url)
     except KeyError:
         pass
+
+
+# ------------------------------------------------------------------------------------ a swept study
+SWEPT_SPEC = """
+name: swept
+description: a tiny sweep shared by the dashboard, report and artifact tests
+base:
+  model: {name: cnn, widths: [8, 16]}
+  data: {name: digits, batch_size: 64}
+  optim: {name: adamw, lr: 3.0e-3}
+  train: {epochs: 4, num_threads: 1, train_eval_size: 128}
+objective: {metric: val_loss}
+space:
+  model.dropout: {type: float, low: 0.0, high: 0.5}
+  regularization.l2: {type: float, low: 1.0e-6, high: 1.0e-2, log: true}
+sampler: {name: tpe, seed: 0, args: {n_startup_trials: 3}}
+pruner: {name: median, args: {n_startup_trials: 2, n_warmup_steps: 0}}
+budget: {n_trials: 5}
+enqueue: [{}, {model.dropout: 0.0, regularization.l2: 1.0e-6}, {model.dropout: 0.5, regularization.l2: 1.0e-2}]
+"""
+
+
+@pytest.fixture(scope="session")
+def swept_study(tmp_path_factory):
+    """A 5-trial digits sweep run once through `regsweep run` on SQLite (artifacts on by default).
+    Returns (spec path, storage url, artifact dir). Tests must not change it."""
+    from search.cli import main
+
+    root = tmp_path_factory.mktemp("swept")
+    spec = root / "swept.yaml"
+    spec.write_text(SWEPT_SPEC)
+    url = f"sqlite:///{root / 'swept.db'}"
+    assert main(["run", str(spec), "--storage", url]) == 0
+    return spec, url, root / "swept-artifacts"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """(chromium binary, chromedriver) — Debian's `chromium` and `chromium-driver`; a failure under CI."""
+    import shutil
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    require(binary is not None and driver is not None,
+            "chromium and chromedriver (apt-get install -y chromium chromium-driver)")
+    return binary, driver

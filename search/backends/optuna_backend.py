@@ -144,8 +144,23 @@ def budget(study, spec: StudySpec) -> int:
     return int(study.user_attrs.get(BUDGET_ATTR, spec.n_trials))
 
 
+def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = None, artifacts: Optional[str] = None,
+                   coordinator: bool = True, out: Optional[TextIO] = None) -> Objective:
+    """The worker's objective with the study's artifact store attached (search/artifacts.py)."""
+    from search.artifacts import open_store, resolve
+
+    objective = Objective(spec, device)
+    objective.storage_label = mask(url)
+    location = resolve(study, url, artifacts, coordinator=coordinator)
+    if location is not None:
+        objective.artifact_store = open_store(location)
+        print(f"artifacts: {location}", file=out or sys.stdout, flush=True)
+    return objective
+
+
 def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] = None, timeout: Optional[float] = None,
-        device: Optional[str] = None, allow_spec_change: bool = False, out: Optional[TextIO] = None) -> RunResult:
+        device: Optional[str] = None, allow_spec_change: bool = False, artifacts: Optional[str] = None,
+        out: Optional[TextIO] = None) -> RunResult:
     """One in-process worker: the same loop every worker runs (search/workers.py)."""
     import optuna
 
@@ -162,7 +177,8 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
         return RunResult(study, 0, True)
     start = time.monotonic()
     with terminate_on_sigterm():
-        ran = worker_loop(study, Objective(spec, device), url, total,
+        objective = make_objective(spec, study, url, device=device, artifacts=artifacts, out=out)
+        ran = worker_loop(study, objective, url, total,
                           timeout=timeout if timeout is not None else spec.timeout, out=out)
     print(f"ran {ran} trials in {time.monotonic() - start:.1f}s", file=out, flush=True)
     return RunResult(study, ran, False)

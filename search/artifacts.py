@@ -1,0 +1,156 @@
+"""Per-trial artifacts through Optuna's artifact API: the curves plot and the exported config of each trial.
+
+The artifact store's *location* is a study attr (``regsweep:artifacts``), so every worker and the dashboard
+use the same one. A location is a directory (shared by the workers, e.g. NFS), ``s3://BUCKET`` (Optuna's
+``Boto3ArtifactStore``) or ``gs://BUCKET`` (``GCSArtifactStore``), or ``off``.
+
+Which location a process uses:
+- ``--artifacts LOC`` given to ``run``: LOC, written to the study attr (``off`` switches artifacts off).
+- ``--artifacts LOC`` given to ``worker``: LOC for this worker only (the share mounted at another path on
+  its machine); the study attr is set only when the study has none.
+- no flag: the study attr; for a study without one on a SQLite file, ``<db stem>-artifacts/`` beside the
+  database file (recorded in the attr); otherwise off.
+
+Uploads happen once per trial, at its end (never per epoch), while the trial is still RUNNING (Optuna
+refuses attrs on a finished trial). A failed upload warns and never fails the trial.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from models.config import ConfigError
+
+ARTIFACTS_ATTR = "regsweep:artifacts"
+OFF = "off"
+
+
+def normalize(location: str, flag: str = "--artifacts") -> str:
+    """A canonical location: an absolute directory path, s3://BUCKET, gs://BUCKET or 'off'."""
+    loc = location.strip()
+    if loc == OFF:
+        return OFF
+    scheme, sep, rest = loc.partition("://")
+    if sep:
+        if scheme not in ("s3", "gs") or not rest.strip("/") or "/" in rest.strip("/"):
+            raise ConfigError(f"{flag}: {location!r} is not allowed; give a directory, s3://BUCKET, gs://BUCKET "
+                              "or off")
+        return f"{scheme}://{rest.strip('/')}"
+    path = Path(loc).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag}: {location!r} is a file; give a directory shared by the workers")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag}: {location!r}: directory {path.parent} does not exist")
+    return str(path)
+
+
+def default_location(url: str) -> Optional[str]:
+    """``<db stem>-artifacts`` beside a SQLite database file; None for other storages."""
+    from search.storage import sqlite_file
+
+    file = sqlite_file(url)
+    if file is None:
+        return None
+    return str(file.resolve().with_name(f"{file.stem}-artifacts"))
+
+
+def resolve(study, url: str, flag: Optional[str], *, coordinator: bool) -> Optional[str]:
+    """The location this process uses for ``study`` (None: off); records it in the study attr as above."""
+    current = study.user_attrs.get(ARTIFACTS_ATTR)
+    if flag is not None:
+        loc = normalize(flag)
+        if coordinator or current is None:
+            if loc != current:
+                study.set_user_attr(ARTIFACTS_ATTR, loc)
+        return None if loc == OFF else loc
+    if current is not None:
+        return None if current == OFF else current
+    loc = default_location(url)
+    if loc is not None:
+        study.set_user_attr(ARTIFACTS_ATTR, loc)
+    return loc
+
+
+def open_store(location: str):
+    """Optuna's artifact store for a location (a directory is created if missing)."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    if location.startswith("s3://"):
+        from optuna.artifacts import Boto3ArtifactStore
+
+        return Boto3ArtifactStore(location[len("s3://"):])
+    if location.startswith("gs://"):
+        from optuna.artifacts import GCSArtifactStore
+
+        return GCSArtifactStore(location[len("gs://"):])
+    Path(location).mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(location)
+
+
+class AnyStore:
+    """Reads from whichever of several stores holds an artifact (the dashboard over studies whose workers
+    used different locations); writes go to the first."""
+
+    def __init__(self, stores: list):
+        self.stores = stores
+
+    def open_reader(self, artifact_id: str):
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        for store in self.stores:
+            try:
+                return store.open_reader(artifact_id)
+            except ArtifactNotFound:
+                continue
+        raise ArtifactNotFound(f"artifact {artifact_id} is in none of {len(self.stores)} stores")
+
+    def write(self, artifact_id: str, content_body) -> None:
+        self.stores[0].write(artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        from optuna.artifacts.exceptions import ArtifactNotFound
+
+        for store in self.stores:
+            try:
+                store.remove(artifact_id)
+            except ArtifactNotFound:
+                continue
+
+
+def upload_trial(store, trial, history: list[dict[str, Any]], best_epoch: Optional[int], title: str,
+                 config_yaml: Optional[str]) -> list[str]:
+    """Upload ``trial-<n>-curves.png`` (when there is history) and ``trial-<n>-config.yaml``; returns the
+    artifact ids. Errors warn on stderr and return what was uploaded."""
+    from optuna.artifacts import upload_artifact
+
+    from search.plots import curves_png
+
+    ids: list[str] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="regsweep-artifacts-") as tmp:
+            files = []
+            if history:
+                png = os.path.join(tmp, f"trial-{trial.number}-curves.png")
+                curves_png(png, history, title, best_epoch)
+                files.append(png)
+            if config_yaml is not None:
+                cfg = os.path.join(tmp, f"trial-{trial.number}-config.yaml")
+                Path(cfg).write_text(config_yaml, encoding="utf-8")
+                files.append(cfg)
+            for f in files:
+                ids.append(upload_artifact(artifact_store=store, file_path=f, study_or_trial=trial))
+    except Exception as exc:  # an unreachable bucket or a full disk must not fail a trained trial
+        print(f"warning: trial {trial.number}: artifact upload failed ({exc.__class__.__name__}: {exc})",
+              file=sys.stderr, flush=True)
+    return ids
+
+
+def trial_artifacts(study, trial) -> list[dict[str, Any]]:
+    """The artifact metadata of a trial (id, filename, mimetype)."""
+    from optuna.artifacts import get_all_artifact_meta
+
+    return [vars(m) for m in get_all_artifact_meta(trial, storage=study._storage)]
