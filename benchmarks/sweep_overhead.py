@@ -55,13 +55,14 @@ def plain_optuna(spec, url: str, n_trials: int) -> tuple[float, int, int]:
     return time.perf_counter() - t0, epochs, pruned
 
 
-def regsweep_run(spec, url: str, n_trials: int) -> tuple[float, int, int]:
+def regsweep_run(spec, url: str, n_trials: int, artifacts: str | None = None) -> tuple[float, int, int]:
+    """regsweep's loop; artifacts on by default (a SQLite study keeps them beside the database file)."""
     from optuna.trial import TrialState
 
     from search.backends.optuna_backend import run
 
     t0 = time.perf_counter()
-    result = run(spec, url, spec.name, n_trials=n_trials, device="cpu", out=io.StringIO())
+    result = run(spec, url, spec.name, n_trials=n_trials, device="cpu", artifacts=artifacts, out=io.StringIO())
     seconds = time.perf_counter() - t0
     trials = result.study.get_trials()
     epochs = sum(len(t.user_attrs.get("history", [])) for t in trials)
@@ -92,15 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     fit(spec.base.with_overrides({"train.epochs": 1}), "cpu")  # warm-up: imports, first-step costs
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arm, fn in (("plain optuna", plain_optuna), ("regsweep", regsweep_run)):
+        for arm, fn in (("plain optuna", plain_optuna), ("regsweep", regsweep_run),
+                        ("no artifacts", lambda *a: regsweep_run(*a, artifacts="off"))):
             seconds, epochs, pruned = fn(spec, f"sqlite:///{tmp}/{arm.replace(' ', '_')}.db", n_trials)
             rows.append((arm, seconds, epochs, pruned))
     print(f"{'arm':<14}{'trials':>7}{'pruned':>7}{'epochs':>7}{'seconds':>9}{'s/epoch':>9}")
     for arm, seconds, epochs, pruned in rows:
         print(f"{arm:<14}{n_trials:>7}{pruned:>7}{epochs:>7}{seconds:>9.2f}{seconds / max(epochs, 1):>9.4f}")
-    (_, base_s, base_e, _), (_, ours_s, ours_e, _) = rows
+    (_, base_s, base_e, _), (_, ours_s, ours_e, _), (_, bare_s, bare_e, _) = rows
     print(f"ratio regsweep / plain optuna: wall {ours_s / base_s:.3f}x, per epoch "
           f"{(ours_s / max(ours_e, 1)) / (base_s / max(base_e, 1)):.3f}x (goal <= 1.2x wall)")
+    print(f"ratio regsweep without artifacts / plain optuna: wall {bare_s / base_s:.3f}x, per epoch "
+          f"{(bare_s / max(bare_e, 1)) / (base_s / max(base_e, 1)):.3f}x")
     return 0
 
 

@@ -59,5 +59,5 @@ def curves_png(path: str, history: Sequence[dict[str, Any]], title: str, best_ep
     ax_loss, ax_acc = fig.subplots(1, 2)
     draw_curves(ax_loss, ax_acc, history, best_epoch)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.88, wspace=0.25)  # tight_layout draws twice
     fig.savefig(path, dpi=dpi)

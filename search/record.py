@@ -53,11 +53,12 @@ class Recorder:
     epoch, then asks ``verdict(epoch)`` (if given) for a stop reason — ``pruned:<pruner>@<epoch>``,
     ``stopped:overfit:<rule>@<epoch>`` — and returns it to stop the run."""
 
-    def __init__(self, sink: Sink, objective: Objective, verdict: Optional[Callable[[int], Optional[str]]] = None):
+    def __init__(self, sink: Sink, objective: Objective, verdict: Optional[Callable[[int], Optional[str]]] = None,
+                 history: Optional[list[dict[str, Any]]] = None):
         self.sink = sink
         self.objective = objective
         self.verdict = verdict
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = list(history or [])  # epochs already recorded (a driver's end write)
         self._pending: dict[str, Any] = {}
 
     def start(self, config: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
@@ -76,12 +77,18 @@ class Recorder:
 
     def finish(self, hist) -> tuple[str, Optional[float]]:
         """Write the final attrs from a ``models.train.History``; returns (outcome, value)."""
+        attrs = {"n_params": hist.n_params, "device": hist.device, "seed": hist.seed,
+                 "num_threads": hist.num_threads, "split_fingerprint": hist.split_fingerprint,
+                 "torch_version": hist.torch_version, **hist.test}
+        return self.end(hist.stop_reason, attrs)
+
+    def end(self, stop_reason: str, attrs: Optional[dict[str, Any]] = None) -> tuple[str, Optional[float]]:
+        """Write ``best_epoch`` and ``stop_reason`` (plus ``attrs``) for the recorded history; returns (outcome,
+        value). ``finish`` calls it; a driver calls it alone for a trial stopped from outside its trainer (a
+        Ray scheduler or stopper), which cannot write its own end."""
         best = best_epoch(self.history, self.objective)
-        attrs = {"best_epoch": best, "stop_reason": hist.stop_reason, "n_params": hist.n_params,
-                 "device": hist.device, "seed": hist.seed, "num_threads": hist.num_threads,
-                 "split_fingerprint": hist.split_fingerprint, "torch_version": hist.torch_version}
-        attrs.update(hist.test)
-        state = outcome(hist.stop_reason)
+        attrs = {"best_epoch": best, "stop_reason": stop_reason, **(attrs or {})}
+        state = outcome(stop_reason)
         if state != FAIL and best is None:
             state, attrs["stop_reason"] = FAIL, "failed:no finite objective value"
         self._flush(attrs)

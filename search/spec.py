@@ -11,6 +11,7 @@ Grammar (paths are relative to the spec file)::
     budget: {n_trials: 20, timeout: null}
     enqueue: [{}]                          # params dicts to try first; {} = the base config itself
     storage: null                          # optional; see search/storage.py for the precedence
+    ray: {scheduler: asha, overfit: {patience: 3}}   # optional; only --backend ray reads it
 
 Every error is one line naming the file, the field, the value and what is allowed.
 """
@@ -29,7 +30,7 @@ from models.config import ConfigError, TrainConfig, load_yaml_file
 from search.space import Space, build_space
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
-               "storage")
+               "storage", "ray")
 # metric -> the only direction that makes sense for it
 OBJECTIVES = {"val_loss": "minimize", "val_acc": "maximize"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -66,6 +67,7 @@ class StudySpec:
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the spec path as the user typed it (error messages)
+    ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (search/backends/ray_backend.py)
 
     @property
     def directory(self) -> Path:
@@ -73,8 +75,11 @@ class StudySpec:
 
     def canonical(self) -> dict[str, Any]:
         """What defines the search (not the budget, name or storage): hashed and stored in the study."""
-        return {"base": self.base.to_dict(), "objective": vars(self.objective), "space": self.space.to_dict(),
-                "sampler": self.sampler, "pruner": self.pruner, "enqueue": self.enqueue}
+        canonical = {"base": self.base.to_dict(), "objective": vars(self.objective), "space": self.space.to_dict(),
+                     "sampler": self.sampler, "pruner": self.pruner, "enqueue": self.enqueue}
+        if self.ray:  # only when given: specs without it keep their hash
+            canonical["ray"] = self.ray
+        return canonical
 
     def spec_hash(self) -> str:
         text = json.dumps(self.canonical(), sort_keys=True, default=str)
@@ -175,8 +180,11 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     if storage is not None and not isinstance(storage, str):
         raise _fail(source, "storage", storage, "must be a storage URL string")
 
+    from search.backends.ray_backend import parse_ray_section  # imports no Ray
+
+    ray = parse_ray_section(data.get("ray"), source, base.train.epochs)
     spec = StudySpec(name, path, base, Objective(metric, direction), space, sampler, data.get("pruner"),
-                     n_trials, timeout, enqueue, storage, description, dict(data), source)
+                     n_trials, timeout, enqueue, storage, description, dict(data), source, ray)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
     try:

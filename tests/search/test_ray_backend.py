@@ -1,0 +1,332 @@
+"""The Ray Tune backend: a local Ray (num_cpus=2) ASHA sweep on digits, recorded exactly like the Optuna backend,
+on PostgreSQL through a password-bearing URL (trust auth accepts any password) that must never reach Ray's files.
+
+One Ray session and one sweep are shared by the module's tests. Ray missing under CI is a failure (conftest's
+``require``), never a skip.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from models.train import HISTORY_KEYS
+from search.cli import main
+
+
+def _conftest():
+    """tests/conftest.py's helpers (`require` fails under CI instead of skipping); --import-mode=importlib puts
+    no conftest on sys.path, so it is loaded by path."""
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_regsweep_tests_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_c = _conftest()
+POSTGRES_URL, reachable, require = _c.POSTGRES_URL, _c.reachable, _c.require
+
+SECRET = "secretpw"
+PW_URL = POSTGRES_URL.replace("postgres@", f"postgres:{SECRET}@")
+EPOCHS = 5
+N_TRIALS = 8
+SPEC = f"""
+name: ray_tiny
+base:
+  model: {{name: cnn, widths: [8, 16]}}
+  data: {{name: digits, batch_size: 64}}
+  optim: {{name: adamw, lr: 3.0e-3}}
+  train: {{epochs: {EPOCHS}, num_threads: 1, train_eval_size: 128}}
+objective: {{metric: val_loss}}
+space:
+  model.dropout: {{type: float, low: 0.0, high: 0.5}}
+  regularization.l2: {{type: float, low: 1.0e-6, high: 1.0e-2, log: true}}
+  scheduler.name: {{type: categorical, choices: [none, step]}}
+  scheduler.gamma: {{type: float, low: 0.1, high: 0.9, when: {{scheduler.name: step}}}}
+sampler: {{name: tpe, seed: 0, args: {{n_startup_trials: 4}}}}
+pruner: none
+budget: {{n_trials: {N_TRIALS}}}
+enqueue: [{{}}]
+ray: {{scheduler: {{name: asha, args: {{grace_period: 1, reduction_factor: 2}}}}}}
+"""
+END_ATTRS = {"config", "history", "best_epoch", "stop_reason", "n_params", "device", "seed", "num_threads",
+             "split_fingerprint", "torch_version", "test_loss", "test_acc", "worker"}
+
+
+def _ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    """One local Ray for the module, started the way `run --backend ray` starts it (the URL in the environment)."""
+    require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
+    require(reachable(POSTGRES_URL), f"postgresql at {POSTGRES_URL}")
+    import ray
+
+    from search.backends import ray_backend
+
+    results = tmp_path_factory.mktemp("ray_results")
+    saved = {k: os.environ.get(k) for k in (ray_backend.STORAGE_ENV, ray_backend.RESULTS_ENV)}
+    os.environ[ray_backend.RESULTS_ENV] = str(results)
+    ray_backend.init_ray(PW_URL, num_cpus=2)
+    yield results
+    ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tmp_path_factory):
+    """`regsweep run SPEC --backend ray` of 8 trials; yields (spec path, study name, stdout)."""
+    root = tmp_path_factory.mktemp("ray_sweep")
+    spec = root / "ray_tiny.yaml"
+    spec.write_text(SPEC)
+    name = f"t-ray-{uuid.uuid4().hex[:10]}"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["run", str(spec), "--backend", "ray", "--storage", PW_URL, "--study-name", name])
+    assert code == 0, out.getvalue()
+    yield spec, name, out.getvalue()
+    with contextlib.suppress(KeyError):
+        optuna.delete_study(study_name=name, storage=POSTGRES_URL)
+
+
+def _study(name):
+    """The study, its trials read at once (retried: other tests restart the shared PostgreSQL server)."""
+    from search.storage import retry_transient
+
+    def load():
+        study = optuna.load_study(study_name=name, storage=POSTGRES_URL)
+        study.get_trials()
+        return study
+
+    return retry_transient(load)
+
+
+def test_sweep_records_every_trial_as_the_optuna_backend_does(sweep, tmp_path):
+    spec, name, out = sweep
+    study = _study(name)
+    trials = study.get_trials()
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == N_TRIALS  # the budget: COMPLETE + PRUNED
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    pruned = [t for t in done if t.state == TrialState.PRUNED]
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    assert pruned and complete, [(t.number, t.state.name, t.user_attrs.get("stop_reason")) for t in trials]
+    assert trials[0].user_attrs["regsweep:base"] is True and trials[0].params == {}
+    for t in done:
+        hist = t.user_attrs["history"]
+        assert hist and all(tuple(e) == HISTORY_KEYS for e in hist)  # the Optuna backend's history, key for key
+        assert [e["epoch"] for e in hist] == list(range(len(hist)))
+        assert sorted(t.intermediate_values) == list(range(len(hist)))  # one value per trained epoch, from 0
+        assert all(t.intermediate_values[e["epoch"]] == e["val_loss"] for e in hist)
+        best = min(range(len(hist)), key=lambda i: hist[i]["val_loss"])
+        assert t.user_attrs["best_epoch"] == best
+        assert t.user_attrs["regsweep:ray_run"].startswith(f"{name}-ray-")
+        reason = t.user_attrs["stop_reason"]
+        if t.state == TrialState.PRUNED:
+            assert reason == f"pruned:asha@{len(hist) - 1}" and len(hist) < EPOCHS  # ASHA stopped it early
+        else:
+            assert reason in ("completed", "early_stopped")
+            assert t.value == hist[best]["val_loss"]  # the BEST epoch's value, not the last
+            assert END_ATTRS <= set(t.user_attrs)
+        step = t.params.get("scheduler.name") == "step"
+        assert ("scheduler.gamma" in t.params) == step  # the condition held through the Optuna sampler
+    lines = [line for line in out.splitlines() if line.startswith("trial ")]
+    assert len(lines) == N_TRIALS and all("pruned:asha@" in line for line in lines if " PRUNED " in line)
+
+    # the Optuna backend on the same spec writes the same attrs and history keys
+    from search.backends import optuna_backend
+    from search.spec import load_spec
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ref = optuna_backend.run(load_spec(spec), url, "ref", n_trials=1, device="cpu", out=io.StringIO()).study
+    ref_trial = ref.get_trials()[0]
+    ray_base = trials[0]
+    assert set(ref_trial.user_attrs) - {"artifacts", "regsweep:artifacts"} <= set(ray_base.user_attrs)
+    assert ref_trial.user_attrs["history"][0].keys() == ray_base.user_attrs["history"][0].keys()
+    assert ref_trial.user_attrs["config"] == ray_base.user_attrs["config"]
+    assert [e["val_loss"] for e in ref_trial.user_attrs["history"]] == \
+        [e["val_loss"] for e in ray_base.user_attrs["history"]]  # same config, same CPU threads: same curve
+
+
+def test_export_and_train_reproduce_a_ray_trial_exactly(sweep, tmp_path, capsys):
+    _, name, _ = sweep
+    study = _study(name)
+    trial = min((t for t in study.get_trials() if t.state == TrialState.COMPLETE and t.number != 0),
+                key=lambda t: t.value, default=study.trials[0])
+    exported = tmp_path / "best.yaml"
+    assert main(["export", "--storage", PW_URL, "--study-name", name, "--trial", str(trial.number),
+                 "--out", str(exported)]) == 0
+    assert SECRET not in exported.read_text()
+    assert main(["train", str(exported), "--device", "cpu", "--out", str(tmp_path / "run")]) == 0
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert hist["num_threads"] == trial.user_attrs["num_threads"]
+    assert hist["epochs"][trial.user_attrs["best_epoch"]]["val_loss"] == trial.value  # exactly, on CPU
+
+
+def test_nothing_under_rays_storage_path_holds_the_password(sweep, ray_session):
+    files = [p for p in Path(ray_session).rglob("*") if p.is_file()]
+    assert any(p.name == "tuner.pkl" for p in files) and any(p.name == "params.json" for p in files)
+    leaks = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaks
+
+
+def test_resume_fails_the_dead_drivers_running_trials_and_restores(sweep, ray_session):
+    from search.backends import ray_backend
+    from search.spec import load_spec
+
+    spec_path, name, _ = sweep
+    study = _study(name)
+    run_name = study.trials[1].user_attrs["regsweep:ray_run"]
+    orphan = study.ask({"model.dropout": optuna.distributions.FloatDistribution(0.0, 0.5)})  # left RUNNING
+    orphan.set_user_attr("regsweep:ray_run", run_name)  # ... by the dead driver of that experiment
+    out = io.StringIO()
+    result = ray_backend.run(load_spec(spec_path), PW_URL, name, n_trials=N_TRIALS + 1, resume=True, out=out)
+    study = _study(name)
+    dead = study.trials[orphan.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["stop_reason"] == "failed:driver died (resumed)"
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retried) == 1 and retried[0].params["model.dropout"] == dead.params["model.dropout"]
+    assert retried[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert result.ran == 1 and len([t for t in study.trials if t.state in (TrialState.COMPLETE,
+                                                                          TrialState.PRUNED)]) == N_TRIALS + 1
+    assert f"restoring Ray experiment {Path(ray_session) / run_name}" in out.getvalue()
+
+
+# ------------------------------------------------------------------------------------ refusals (no Ray needed)
+@pytest.fixture
+def spec_file(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+@pytest.mark.parametrize("name, says", [
+    ("pbt", "PBT changes a trial's params mid-run"),
+    ("hyperband", "needs checkpoint save/restore"),
+    ("bohb", "choose one of: fifo, asha, median"),
+])
+def test_refused_schedulers_are_one_line_errors(tmp_path, capsys, name, says):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC.replace("{name: asha, args: {grace_period: 1, reduction_factor: 2}}", name))
+    err = _one_line_error(capsys, ["validate", str(spec), "--storage", f"sqlite:///{tmp_path / 'db'}"])
+    assert f"ray.scheduler.name: '{name}' is not allowed" in err and says in err
+    assert not (tmp_path / "db").exists()
+
+
+def test_scheduler_override_is_checked(spec_file, tmp_path):
+    from models.config import ConfigError
+    from search.backends import ray_backend
+    from search.spec import load_spec
+
+    with pytest.raises(ConfigError, match="scheduler.name: 'pbt' is not allowed; PBT"):
+        ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x", scheduler="pbt")
+    with pytest.raises(ConfigError, match=r"grace_period: 0 is not allowed; must be an integer in \[1, train"):
+        ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
+                        scheduler={"name": "asha", "args": {"grace_period": 0}})
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("flags", [["--address", "auto"], ["--gpus-per-trial", "0.5"], ["--cpus-per-trial", "2"],
+                                   ["--resume"]])
+def test_ray_flags_are_refused_with_the_optuna_backend(spec_file, tmp_path, capsys, flags):
+    err = _one_line_error(capsys, ["run", str(spec_file), "--storage", f"sqlite:///{tmp_path / 'db'}", *flags])
+    assert f"{flags[0]}: not allowed with --backend optuna" in err
+    assert not (tmp_path / "db").exists()  # nothing written
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--workers", "2"], "--workers: not allowed with --backend ray"),
+    (["--gpus", "0"], "--gpus: not allowed with --backend ray"),
+    (["--artifacts", "/tmp/x"], "--artifacts: not allowed with --backend ray"),
+    (["--device", "cuda"], "--device: 'cuda' is not allowed with --gpus-per-trial 0"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial: 0 is not allowed"),
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial: 1.5 is not allowed"),
+    (["--address", "nowhere"], "--address: 'nowhere' is not allowed; use auto or HOST:PORT"),
+])
+def test_unsupported_ray_uses_give_the_documented_error(spec_file, tmp_path, capsys, flags, says):
+    require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
+    err = _one_line_error(capsys, ["run", str(spec_file), "--backend", "ray", "--storage",
+                                   f"sqlite:///{tmp_path / 'db'}", *flags])
+    assert says in err
+    assert not (tmp_path / "db").exists()
+
+
+def test_in_memory_sqlite_is_refused(spec_file, capsys):
+    require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
+    err = _one_line_error(capsys, ["run", str(spec_file), "--backend", "ray", "--storage", "sqlite://"])
+    assert "in-memory SQLite database is not shared with Ray's worker processes" in err
+
+
+def test_spec_without_a_ray_section_keeps_its_hash():
+    from search.spec import load_spec
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_spec(root / "studies" / "digits_cnn.yaml")
+    assert spec.ray == {} and "ray" not in spec.canonical()
+
+
+def test_importing_the_backend_imports_no_ray():
+    code = ("import sys, search.backends.ray_backend, search.spec, search.cli; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_driver_writes_the_end_of_a_trial_ray_stopped(spec_file, tmp_path):
+    """What the driver does when Ray's overfit stopper or scheduler stopped a trial from outside: the overfit
+    pruner's own verdict, the end written through record.py, then the state told (no Ray process needed)."""
+    require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
+    from search.backends import ray_backend
+    from search.backends.optuna_backend import open_study_locked
+    from search.spec import load_spec
+    from search.workers import _ask
+
+    spec = load_spec(spec_file)
+    study = open_study_locked(spec, f"sqlite:///{tmp_path / 'db'}", "s")
+    flat, falling = [0.9, 0.5, 0.6, 0.7, 0.8], [0.9, 0.8, 0.7]
+    trials = []
+    for losses in (flat, falling):
+        trial = _ask(study)
+        hist = [{k: 0.0 for k in HISTORY_KEYS} | {"epoch": i, "val_loss": v, "train_eval_loss": v}
+                for i, v in enumerate(losses)]
+        trial.set_user_attr("history", hist)
+        for i, v in enumerate(losses):
+            trial.report(v, i)
+        trials.append(trial)
+    ray_backend._RUN.update(study=study, open={"r0": trials[0]._trial_id, "r1": trials[1]._trial_id})
+    try:
+        stopper = ray_backend._overfit_stopper_class()({"warmup": 1, "patience": 3, "window": 0})
+        result = {"epoch": 4}
+        assert stopper("r0", result) is True and result[ray_backend.STOP_KEY] == "stopped:overfit:plateau@4"
+        assert stopper("r1", {"epoch": 2}) is False
+    finally:
+        ray_backend._RUN.clear()
+    stopped = ray_backend.finish_trial(spec, study, trials[0]._trial_id, error=False, result=result, scheduler="asha")
+    assert stopped.state == TrialState.COMPLETE and stopped.value == 0.5  # the best epoch's, not the last
+    assert stopped.user_attrs["best_epoch"] == 1 and stopped.user_attrs["stop_reason"] == "stopped:overfit:plateau@4"
+    pruned = ray_backend.finish_trial(spec, study, trials[1]._trial_id, error=False, result={"epoch": 2},
+                                      scheduler="asha")
+    assert pruned.state == TrialState.PRUNED and pruned.user_attrs["stop_reason"] == "pruned:asha@2"
+    assert pruned.user_attrs["best_epoch"] == 2 and sorted(pruned.intermediate_values) == [0, 1, 2]
