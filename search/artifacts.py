@@ -149,6 +149,21 @@ def upload_trial(store, trial, history: list[dict[str, Any]], best_epoch: Option
     return ids
 
 
+def upload_trial_end(store, trial, history: list[dict[str, Any]], state: str, value: Optional[float],
+                     storage_label: str) -> list[str]:
+    """A live (RUNNING) ``optuna.trial.Trial`` at its end: its curves and its export with the FINAL state and
+    value (the trial is told right after). Both backends call this; the Ray driver for every Ray trial."""
+    from search.export import config_yaml, provenance, trial_config
+
+    view = trial._cached_frozen_trial if hasattr(trial, "_cached_frozen_trial") else \
+        trial.study._storage.get_trial(trial._trial_id)
+    text = None
+    if view.user_attrs.get("config") is not None:
+        text = config_yaml(trial_config(view), provenance(trial.study, view, storage_label, state, value))
+    title = f"{trial.study.study_name} trial {trial.number}: {state} {view.user_attrs.get('stop_reason', '')}"
+    return upload_trial(store, trial, history, view.user_attrs.get("best_epoch"), title, text)
+
+
 def trial_artifacts(study, trial) -> list[dict[str, Any]]:
     """The artifact metadata of a trial (id, filename, mimetype)."""
     from optuna.artifacts import get_all_artifact_meta

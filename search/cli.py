@@ -114,6 +114,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from search.report import format_summary, study_summary
     from search.storage import mask
 
+    if args.backend == "ray":
+        return _run_on_ray(args)
+    ray_only = [flag for flag, given in (("--address", args.address is not None),
+                                         ("--gpus-per-trial", args.gpus_per_trial is not None),
+                                         ("--cpus-per-trial", args.cpus_per_trial is not None),
+                                         ("--resume", args.resume)) if given]
+    if ray_only:
+        raise ConfigError(f"{ray_only[0]}: not allowed with --backend optuna; it is a Ray flag (add --backend ray)")
     spec, url = _load_spec_and_storage(args)
     _warn_sampler_limits(spec)
     name = args.study_name or spec.name
@@ -123,21 +131,76 @@ def cmd_run(args: argparse.Namespace) -> int:
                                args.trials_per_gpu)
     if sqlite_file(url) is not None:
         print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
-    if args.workers == 1:
-        if args.gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = envs[0]["CUDA_VISIBLE_DEVICES"]
-        result = optuna_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout,
-                                    device=args.device, allow_spec_change=args.allow_spec_change)
-        study = result.study
-    else:
-        study = optuna_backend.open_study_locked(spec, url, name, allow_spec_change=args.allow_spec_change,
-                                                 n_trials=args.n_trials)
-        total = optuna_backend.budget(study, spec)
-        print(f"study '{name}' in {mask(url)}: {optuna_backend.done_count(study)}/{total} trials done", flush=True)
-        code = workers.launch(str(spec.path), url, name, envs, device=args.device, timeout=args.timeout)
-        if code != 0:
-            return code
+    # the study (and a new database's tables) exist before the progress thread reads them
+    study = optuna_backend.open_study_locked(spec, url, name, allow_spec_change=args.allow_spec_change,
+                                             n_trials=args.n_trials)
+    with _progress(spec, url, name):
+        if args.workers == 1:
+            if args.gpus:
+                os.environ["CUDA_VISIBLE_DEVICES"] = envs[0]["CUDA_VISIBLE_DEVICES"]
+            result = optuna_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout,
+                                        device=args.device, allow_spec_change=args.allow_spec_change,
+                                        artifacts=args.artifacts)
+            study = result.study
+        else:
+            from search.artifacts import resolve
+
+            total = optuna_backend.budget(study, spec)
+            location = resolve(study, url, args.artifacts, coordinator=True)  # the workers read it from the study
+            print(f"study '{name}' in {mask(url)}: {optuna_backend.done_count(study)}/{total} trials done"
+                  + (f"; artifacts: {location}" if location else ""), flush=True)
+            code = workers.launch(str(spec.path), url, name, envs, device=args.device, timeout=args.timeout)
+            if code != 0:
+                return code
     print(format_summary(study_summary(study)))
+    print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
+          f"--out best.yaml\n  regsweep train best.yaml")
+    return 0
+
+
+def _progress(spec, url: str, name: str):
+    """The coordinator's progress display (live table on a terminal, plain lines otherwise), which also keeps
+    the study's dashboard note up to date; nothing when $REGSWEEP_PROGRESS=off."""
+    import contextlib
+
+    from search.dashboard import write_note
+    from search.progress import Progress
+
+    mode = os.environ.get("REGSWEEP_PROGRESS", "auto")
+    if mode not in ("auto", "live", "plain", "off"):
+        raise ConfigError(f"$REGSWEEP_PROGRESS: {mode!r} is not allowed; use auto, live, plain or off")
+    if mode == "off":
+        return contextlib.nullcontext()
+    return Progress(url, name, live=None if mode == "auto" else mode == "live",
+                    on_change=lambda study: write_note(study, spec))
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    """`run --backend ray`: the study on Ray Tune (search/backends/ray_backend.py)."""
+    from search.report import format_summary, study_summary
+    from search.storage import mask
+
+    for flag, refused in (("--workers", args.workers != 1), ("--gpus", args.gpus is not None),
+                          ("--trials-per-gpu", args.trials_per_gpu != 1)):
+        if refused:
+            raise ConfigError(f"{flag}: not allowed with --backend ray; Ray places trials by --cpus-per-trial and "
+                              "--gpus-per-trial")
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # the [ray] extra
+        raise ConfigError("--backend: 'ray' is not allowed here; Ray is not installed (pip install 'regsweep[ray]')")
+    from search.backends import ray_backend
+
+    spec, url = _load_spec_and_storage(args)
+    _warn_sampler_limits(spec)
+    name = args.study_name or spec.name
+    if sqlite_file(url) is not None:
+        print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
+    result = ray_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
+                             address=args.address, gpus_per_trial=args.gpus_per_trial,
+                             cpus_per_trial=args.cpus_per_trial, resume=args.resume,
+                             allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
+    print(format_summary(study_summary(result.study)))
     print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
           f"--out best.yaml\n  regsweep train best.yaml")
     return 0
@@ -147,7 +210,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from search import workers
 
     spec, url = _load_spec_and_storage(args)
-    return workers.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout)
+    return workers.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout,
+                               artifacts=args.artifacts)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from search.dashboard import serve
+
+    url = _storage_url(args)
+    check_reachable(url)
+    return serve(url, host=args.host, port=args.port, artifacts=args.artifacts)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from search.report import write_report
+    from search.storage import mask
+
+    study, url = _load_study(args)
+    index = write_report(study, Path(args.out), mask(url))
+    print(f"wrote {index} ({len(list(index.parent.glob('*.png')))} plots)")
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -189,7 +271,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from search.bench import run_args
+
+    return run_args(args)
+
+
 # ------------------------------------------------------------------------------------ parser
+ARTIFACTS_HELP = ("per-trial artifact store (curves PNG + config YAML): a directory shared by the workers, "
+                  "s3://BUCKET, gs://BUCKET or off (default: the study's; <db>-artifacts/ beside a SQLite file)")
+
 def _storage_flags(p: argparse.ArgumentParser, study: bool = True) -> None:
     p.add_argument("--storage", default=None,
                    help="storage URL (default: $REGSWEEP_STORAGE, the spec's storage, sqlite:///studies/regsweep.db)")
@@ -223,6 +314,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=1, help="local worker processes (default 1: this process)")
     r.add_argument("--gpus", default=None, help="GPU indices for the workers, e.g. 0,1 (default: all visible)")
     r.add_argument("--trials-per-gpu", type=int, default=1, help="workers packed on each GPU")
+    r.add_argument("--backend", default="optuna", choices=("optuna", "ray"),
+                   help="optuna: regsweep's own workers (default); ray: a Ray Tune sweep (the [ray] extra)")
+    r.add_argument("--address", default=None, help="Ray only: auto or HOST:PORT of a Ray head (default: local Ray)")
+    r.add_argument("--gpus-per-trial", type=float, default=None, metavar="FLOAT",
+                   help="Ray only: GPUs per trial, e.g. 0.5 packs two trials on a GPU (default 0)")
+    r.add_argument("--cpus-per-trial", type=int, default=None, metavar="INT", help="Ray only: CPUs per trial (default 1)")
+    r.add_argument("--resume", action="store_true",
+                   help="Ray only: restore the study's latest Ray experiment after its driver died")
+    r.add_argument("--artifacts", default=None, metavar="LOC", help=ARTIFACTS_HELP)
     r.set_defaults(func=cmd_run)
 
     w = sub.add_parser("worker", help="join a study from any machine and run trials until its budget is done")
@@ -230,6 +330,8 @@ def parser() -> argparse.ArgumentParser:
     _storage_flags(w)
     w.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
     w.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    w.add_argument("--artifacts", default=None, metavar="LOC",
+                   help="this worker's path to the study's artifact store (default: the study's)")
     w.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("status", help="studies in a storage: counts per state, best trial, stop reasons")
@@ -242,6 +344,27 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--format", default="yaml", choices=("yaml", "json", "params"))
     e.add_argument("--out", metavar="FILE", default=None, help="output file (default: stdout)")
     e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("dashboard", help="optuna-dashboard on the storage (127.0.0.1 only unless --host)")
+    _storage_flags(d, study=False)
+    d.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; it has no login)")
+    d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    d.add_argument("--artifacts", default=None, metavar="LOC", help="artifact store (default: the studies' own)")
+    d.set_defaults(func=cmd_dashboard)
+
+    rep = sub.add_parser("report", help="a static HTML report of a study: plots, curves, stop reasons")
+    _storage_flags(rep)
+    rep.add_argument("--out", metavar="DIR", required=True, help="output directory (index.html + PNGs)")
+    rep.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="epoch speed of the seeds' loop vs fit, ResNet-18 TFLOP/s, trials/hour packed")
+    b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    bench_size = b.add_mutually_exclusive_group()
+    bench_size.add_argument("--quick", action="store_true", help="small sizes (minutes on a 2-core CPU)")
+    bench_size.add_argument("--dry-run", action="store_true", help="the plan + the smallest run of each measurement")
+    b.add_argument("--json", metavar="FILE", default=None, help="also write the figures to FILE")
+    b.add_argument("--only", default="mnist_cnn,resnet18,packing", help="a subset of mnist_cnn,resnet18,packing")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -63,19 +63,11 @@ class Objective:
         self.storage_label = ""  # the masked storage URL, for the exported config's provenance
 
     def upload_artifacts(self, trial, recorder: Recorder, state: str, value: Optional[float]) -> None:
-        """The trial's curves and exported config, at its end, before it is told (see search/artifacts.py)."""
-        if self.artifact_store is None or not recorder.history:
-            return
-        from search.artifacts import upload_trial
-        from search.export import config_yaml, provenance, trial_config
+        """The trial's curves and exported config, at its end, before it is told (search/artifacts.py)."""
+        if self.artifact_store is not None and recorder.history:
+            from search.artifacts import upload_trial_end
 
-        trial_view = trial._cached_frozen_trial if hasattr(trial, "_cached_frozen_trial") else trial
-        text = config_yaml(trial_config(trial_view), provenance(trial.study, trial_view, self.storage_label, state,
-                                                                value))
-        best = trial_view.user_attrs.get("best_epoch")
-        upload_trial(self.artifact_store, trial, recorder.history, best,
-                     f"{trial.study.study_name} trial {trial.number}: {state} "
-                     f"{trial_view.user_attrs.get('stop_reason', '')}", text)
+            upload_trial_end(self.artifact_store, trial, recorder.history, state, value, self.storage_label)
 
     def config_for(self, trial) -> TrainConfig:
         if trial.user_attrs.get(BASE_ATTR):

@@ -305,6 +305,13 @@ def finish_trial(spec: StudySpec, study, trial_id: int, *, error: bool, result: 
         else:
             reason = f"pruned:{scheduler}@{len(history) - 1}"
         state, value = _end_from_driver(spec, study, trial_id, reason)
+    store = _RUN.get("artifact_store")
+    if store is not None and history:  # at the trial's end, while it is still RUNNING (search/artifacts.py)
+        import optuna
+
+        from search.artifacts import upload_trial_end
+
+        upload_trial_end(store, optuna.trial.Trial(study, trial_id), history, state, value, _RUN["storage_label"])
     return _tell(study, trial_id, state, value)
 
 
@@ -528,7 +535,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
         device: Optional[str] = None, address: Optional[str] = None, gpus_per_trial: Optional[float] = None,
         cpus_per_trial: Optional[int] = None, resume: bool = False, allow_spec_change: bool = False,
         scheduler: Any = None, out: Optional[TextIO] = None, storage_path: Optional[str] = None,
-        num_cpus: Optional[int] = None, max_failures: int = 2) -> RunResult:
+        num_cpus: Optional[int] = None, max_failures: int = 2, artifacts: Optional[str] = None) -> RunResult:
     """Run the study on Ray Tune until its budget of COMPLETE + PRUNED trials is met (see the module docstring).
 
     ``scheduler`` (a name or ``{name, args}``) overrides the spec's ``ray.scheduler``; ``storage_path`` is Ray's
@@ -538,6 +545,8 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     """
     import optuna
 
+    from search.artifacts import open_store
+    from search.artifacts import resolve as resolve_artifacts
     from search.storage import check_url, sqlite_file
 
     out = out or sys.stdout
@@ -595,8 +604,12 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     fingerprint = storage_fingerprint(url)
     deadline_s = timeout if timeout is not None else spec.timeout
     _RUN.clear()
-    _RUN.update(study=study, url=url, out=out, open={}, failures=[], ran=0,
+    _RUN.update(study=study, url=url, out=out, open={}, failures=[], ran=0, storage_label=mask(url),
                 deadline=None if deadline_s is None else time.monotonic() + deadline_s)
+    location = resolve_artifacts(study, url, artifacts, coordinator=True)
+    if location is not None:  # the driver uploads every trial's curves + config at its end
+        _RUN["artifact_store"] = open_store(location)
+        print(f"artifacts: {location}", file=out, flush=True)
     resources = {"cpu": cpus, "gpu": gpus}
     trainable = tune.with_resources(tune.with_parameters(_trainable, spec=clean, device=trial_device), resources)
     start = time.monotonic()

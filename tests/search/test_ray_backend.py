@@ -98,7 +98,8 @@ def sweep(ray_session, tmp_path_factory):
     name = f"t-ray-{uuid.uuid4().hex[:10]}"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["run", str(spec), "--backend", "ray", "--storage", PW_URL, "--study-name", name])
+        code = main(["run", str(spec), "--backend", "ray", "--storage", PW_URL, "--study-name", name,
+                     "--artifacts", str(root / "artifacts")])
     assert code == 0, out.getvalue()
     yield spec, name, out.getvalue()
     with contextlib.suppress(KeyError):
@@ -115,6 +116,20 @@ def _study(name):
         return study
 
     return retry_transient(load)
+
+
+def test_the_driver_uploads_every_trial_artifacts(sweep):
+    from search.artifacts import ARTIFACTS_ATTR, open_store, trial_artifacts
+
+    spec, name, _ = sweep
+    study = _study(name)
+    store = open_store(study.user_attrs[ARTIFACTS_ATTR])
+    for t in study.get_trials():
+        metas = {m["filename"]: m["artifact_id"] for m in trial_artifacts(study, t)}
+        assert set(metas) == {f"trial-{t.number}-curves.png", f"trial-{t.number}-config.yaml"}
+        text = store.open_reader(metas[f"trial-{t.number}-config.yaml"]).read().decode()
+        assert f"state: {t.state.name}" in text  # the final state: PRUNED ones too (ended by the driver)
+        assert SECRET not in text and store.open_reader(metas[f"trial-{t.number}-curves.png"]).read(4) == b"\x89PNG"
 
 
 def test_sweep_records_every_trial_as_the_optuna_backend_does(sweep, tmp_path):
@@ -260,7 +275,6 @@ def test_ray_flags_are_refused_with_the_optuna_backend(spec_file, tmp_path, caps
 @pytest.mark.parametrize("flags, says", [
     (["--workers", "2"], "--workers: not allowed with --backend ray"),
     (["--gpus", "0"], "--gpus: not allowed with --backend ray"),
-    (["--artifacts", "/tmp/x"], "--artifacts: not allowed with --backend ray"),
     (["--device", "cuda"], "--device: 'cuda' is not allowed with --gpus-per-trial 0"),
     (["--cpus-per-trial", "0"], "--cpus-per-trial: 0 is not allowed"),
     (["--gpus-per-trial", "1.5"], "--gpus-per-trial: 1.5 is not allowed"),
