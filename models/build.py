@@ -68,7 +68,8 @@ class Parts:
     def train_loader(self) -> data_mod.BatchLoader:
         """The shuffled training batches (seeded by train.seed), augmented when data.augment is on."""
         if self._train_loader is None:
-            gen = torch.Generator().manual_seed(self.config.train.seed + 1)
+            # on the training device: augmentation draws its offsets there (on the CPU the same stream as before)
+            gen = torch.Generator(device=self.device).manual_seed(self.config.train.seed + 1)
             aug = data_mod.Augment(self.data.in_shape, self.data.flip, gen) if self.config.data.augment else None
             self._train_loader = data_mod.BatchLoader(self.data.train, self.config.data.batch_size, shuffle=True,
                                                       seed=self.config.train.seed, transform=aug,

@@ -270,11 +270,14 @@ def load(cfg: DataConfig, device: torch.device | str | None = None) -> DataBundl
 
 # ------------------------------------------------------------------------------------ augmentation
 def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop of the zero-padded batch back to its size (one gather, no Python loop)."""
+    """Per-sample random crop of the zero-padded batch back to its size (one gather, no Python loop).
+
+    The offsets are drawn on ``gen``'s device: with a generator on the batch's device (as
+    :meth:`models.build.Parts.train_loader` makes it) no host->device copy happens per batch."""
     n, c, h, w = x.shape
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     n_idx = torch.arange(n, device=x.device)[:, None, None, None]
@@ -283,12 +286,13 @@ def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    mask = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    mask = (torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5).to(x.device)
     return torch.where(mask[:, None, None, None], x.flip(3), x)
 
 
 class Augment:
-    """Random crop with padding (1/8 of the side) and, for natural images, horizontal flips."""
+    """Random crop with padding (1/8 of the side) and, for natural images, horizontal flips: tensor ops on the
+    batch's device, random numbers from ``gen`` (on that device too, so nothing is copied per batch)."""
 
     def __init__(self, in_shape: tuple[int, int, int], flip: bool, gen: torch.Generator):
         self.pad = max(1, min(in_shape[1:]) // 8)

@@ -59,13 +59,25 @@ class History:
 
 
 def configure_torch(cfg: TrainConfig, device: torch.device) -> int:
-    """Threads and determinism from the config (process-wide, as torch has them). Returns the threads."""
+    """Threads and determinism from the config (process-wide, as torch has them). Returns the threads.
+
+    On CUDA, fp32 matmuls and convolutions may use TF32 tensor cores (``train.precision: fp32`` means
+    fp32/TF32 there), and cuDNN picks its fastest kernels (``cudnn.benchmark``) unless ``train.deterministic``.
+    Nothing here changes the CPU's arithmetic."""
     if cfg.train.num_threads is not None:
         torch.set_num_threads(cfg.train.num_threads)
     torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
     torch.backends.cudnn.deterministic = cfg.train.deterministic
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.train.deterministic
+    if device.type == "cuda":
+        set_tf32(True)
     return torch.get_num_threads()
+
+
+def set_tf32(on: bool) -> None:
+    """TF32 for fp32 matmuls (cuDNN convolutions use it by default). Process-wide; call it for CUDA only.
+    Uses ``set_float32_matmul_precision``, the API every torch >= 1.12 has and inductor reads."""
+    torch.set_float32_matmul_precision("high" if on else "highest")
 
 
 def _autocast(device: torch.device, precision: str):
@@ -110,7 +122,7 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
     sign = MONITORS[es.monitor]  # +1: lower is better
     hist = History(n_params=sum(p.numel() for p in model.parameters()), device=str(dev), seed=tcfg.seed,
                    num_threads=threads, split_fingerprint=parts.data.fingerprint)
-    net = torch.compile(model) if tcfg.compile else model
+    net = compile_model(model) if tcfg.compile else model
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16" and dev.type == "cuda")
     loader, tr_eval, val = parts.train_loader(), parts.eval_loader("train_eval"), parts.eval_loader("val")
     best_score, best_state, since_best = math.inf, None, 0
@@ -173,6 +185,50 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
         hist.test = {"test_loss": tl, "test_acc": ta}
     hist.seconds = time.perf_counter() - start
     return parts, hist
+
+
+# ---------------------------------------------------------------------------------------- compile
+class TensorRateDropout(nn.Module):
+    """Dropout (``channelwise``: Dropout2d) whose rate is a 0-dim buffer instead of a Python float.
+
+    torch.compile guards on float attributes, so every new ``model.dropout`` would compile the model again;
+    a tensor is a graph input, so trials that differ only in p share one compiled graph. Used only under
+    compile, where the random stream differs from eager mode's anyway (inductor draws its own)."""
+
+    def __init__(self, p: float, channelwise: bool):
+        super().__init__()
+        self.channelwise = channelwise
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)  # not in the state_dict
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        shape = (*x.shape[:2], *([1] * (x.dim() - 2))) if self.channelwise else x.shape
+        keep = torch.rand(shape, device=x.device) >= self.p
+        return x * keep / (1.0 - self.p)
+
+
+def compile_model(model: nn.Module, **options: Any) -> nn.Module:
+    """``torch.compile(model, dynamic=False)`` with the dropout rates as tensors (see TensorRateDropout).
+
+    torch.compile caches compiled graphs per code object and guards (architecture, input shapes, train/eval,
+    dtype, device) for the whole process, so the next trial of the same architecture reuses them whatever
+    its dropout, weights or seed; the recompile limit is raised so that a sweep over architectures (BN
+    placement, widths, ...) does not fall back to eager mode. Mutates ``model``'s dropout modules in place
+    (its state_dict is unchanged)."""
+    dev = next((t.device for t in model.parameters()), torch.device("cpu"))
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Dropout, nn.Dropout2d)):
+                swap = TensorRateDropout(child.p, isinstance(child, nn.Dropout2d)).to(dev)
+                setattr(parent, name, swap.train(child.training))
+    import torch._dynamo.config as dynamo_config
+
+    for key in ("recompile_limit", "cache_size_limit"):  # the name changed in torch 2.6
+        if hasattr(dynamo_config, key):
+            setattr(dynamo_config, key, max(getattr(dynamo_config, key), 64))
+            break
+    return torch.compile(model, dynamic=False, **options)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
