@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sweep train test test-all bench clean
+.PHONY: install sweep dashboard report train test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ install: $(STAMP)
 # The demo sweep: 20 trials over the regularisation space on sklearn's digits, into studies/regsweep.db.
 sweep: $(STAMP)
 	$(BIN)/regsweep run studies/digits_cnn.yaml
+
+# Browse the demo study: optuna-dashboard on http://127.0.0.1:8080/dashboard/, or a static HTML report.
+dashboard: $(STAMP)
+	$(BIN)/regsweep dashboard
+
+report: $(STAMP)
+	$(BIN)/regsweep report --study-name digits_cnn --out runs/report
+	@echo "open runs/report/index.html"
 
 # Train the seed CNN on scikit-learn's bundled digits (no download, ~10 s on 2 cores).
 train: $(STAMP)
