@@ -131,9 +131,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                                args.trials_per_gpu)
     if sqlite_file(url) is not None:
         print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
-    # the study (and a new database's tables) exist before the progress thread reads them
-    study = optuna_backend.open_study_locked(spec, url, name, allow_spec_change=args.allow_spec_change,
-                                             n_trials=args.n_trials)
     with _progress(spec, url, name):
         if args.workers == 1:
             if args.gpus:
@@ -145,6 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             from search.artifacts import resolve
 
+            study = optuna_backend.open_study_locked(spec, url, name, allow_spec_change=args.allow_spec_change,
+                                                     n_trials=args.n_trials)
             total = optuna_backend.budget(study, spec)
             location = resolve(study, url, args.artifacts, coordinator=True)  # the workers read it from the study
             print(f"study '{name}' in {mask(url)}: {optuna_backend.done_count(study)}/{total} trials done"
@@ -196,10 +195,11 @@ def _run_on_ray(args: argparse.Namespace) -> int:
     name = args.study_name or spec.name
     if sqlite_file(url) is not None:
         print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
-    result = ray_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
-                             address=args.address, gpus_per_trial=args.gpus_per_trial,
-                             cpus_per_trial=args.cpus_per_trial, resume=args.resume,
-                             allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
+    with _progress(spec, url, name):  # the driver is the coordinator: progress and the study note
+        result = ray_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
+                                 address=args.address, gpus_per_trial=args.gpus_per_trial,
+                                 cpus_per_trial=args.cpus_per_trial, resume=args.resume,
+                                 allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
     print(format_summary(study_summary(result.study)))
     print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
           f"--out best.yaml\n  regsweep train best.yaml")

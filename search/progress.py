@@ -104,14 +104,18 @@ class Progress:
         self._last_done: Optional[int] = None
 
     def _load(self):
+        """The study once the run has created it; never creates a database, a table or a study itself
+        (racing the run's own creation of a new database's schema)."""
         if self._study is None:
             import optuna
 
-            from search.storage import open_storage
+            from search.storage import open_existing
 
+            storage = open_existing(self.url)
+            if storage is None:
+                return None
             try:
-                self._study = optuna.load_study(study_name=self.study_name,
-                                                storage=open_storage(self.url, heartbeat=False))
+                self._study = optuna.load_study(study_name=self.study_name, storage=storage)
             except KeyError:  # not created yet
                 return None
         return self._study

@@ -73,3 +73,11 @@ def test_progress_waits_for_a_study_that_does_not_exist_yet(tmp_path):
     assert prog.poll() is None
     optuna.create_study(study_name="later", storage=url)
     assert prog.poll().done == 0
+
+
+def test_progress_never_creates_the_database(tmp_path):
+    """The run creates the database and its schema; a progress thread doing it too raced it (alembic's
+    UNIQUE constraint on a new SQLite file)."""
+    db = tmp_path / "new.db"
+    prog = Progress(f"sqlite:///{db}", "s", out=io.StringIO(), live=False)
+    assert prog.poll() is None and not db.exists()

@@ -132,6 +132,16 @@ def test_the_driver_uploads_every_trial_artifacts(sweep):
         assert SECRET not in text and store.open_reader(metas[f"trial-{t.number}-curves.png"]).read(4) == b"\x89PNG"
 
 
+def test_the_driver_writes_the_study_note_and_progress(sweep):
+    from search.dashboard import read_note
+
+    spec, name, out = sweep
+    study = _study(name)
+    note = read_note(study)
+    assert note.startswith("# ray_tiny\n") and f"Trial **{study.best_trial.number}**" in note
+    assert f"progress: {N_TRIALS}/{N_TRIALS} done" in out
+
+
 def test_sweep_records_every_trial_as_the_optuna_backend_does(sweep, tmp_path):
     spec, name, out = sweep
     study = _study(name)
