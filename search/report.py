@@ -1,8 +1,10 @@
-"""Text summaries of studies: counts per state, best value and params, stop reasons."""
+"""Study summaries: the text one of `status`/`run` (counts per state, best value and params, stop reasons) and
+the static HTML report of `regsweep report` (Optuna's matplotlib plots, curves of the top trials, outcomes)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 
@@ -125,14 +127,13 @@ def _bars_plot(counts: dict[str, int], title: str, path, colors: dict[str, str] 
     fig.savefig(path, dpi=90)
 
 
-def write_report(study, out, storage_masked: str) -> "Path":
+def write_report(study, out, storage_masked: str) -> Path:
     """``out/index.html`` and its PNGs; only local, relative references. Built in a sibling temporary
     directory and moved in file by file, so a failure leaves the previous report as it was."""
     import html
     import os
     import shutil
     import tempfile
-    from pathlib import Path
 
     import matplotlib
 
