@@ -23,6 +23,7 @@ dashboard: $(STAMP)
 	$(BIN)/regsweep dashboard
 
 report: $(STAMP)
+	mkdir -p runs
 	$(BIN)/regsweep report --study-name digits_cnn --out runs/report
 	@echo "open runs/report/index.html"
 
