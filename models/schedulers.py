@@ -44,6 +44,14 @@ class LRSchedule:
         else:
             self.scheduler.step()
 
+    def state_dict(self) -> dict:
+        """The torch scheduler's state (``{}`` for none): plain values, loadable with weights_only=True."""
+        return {} if self.scheduler is None else self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
+
 
 Factory = Callable[[torch.optim.Optimizer, SchedulerConfig, int, int], LRSchedule]
 SCHEDULERS: Registry[Factory] = Registry("scheduler")

@@ -9,6 +9,10 @@ Stopping: ``early_stopping`` as Keras' EarlyStopping (monitor, patience, min_del
 non-finite loss stops with ``failed:...``. Stop reasons: ``completed``, ``early_stopped``, whatever
 ``report`` returned, ``failed:<error>``.
 
+Resuming: ``train(..., checkpoint=fn)`` hands ``fn`` the training state at the end of every epoch after which
+training goes on, and ``train(..., state=that_state)`` resumes from it, giving exactly the later epochs of the
+uninterrupted run (the Ray backend's HyperBand pauses and resumes trials this way).
+
 Run as ``python -m models.train CONFIG.yaml [--device cpu|cuda] [--out DIR]``.
 """
 
@@ -33,6 +37,7 @@ from models.config import MONITORS, ConfigError, TrainConfig
 from models.data import BatchLoader
 
 Report = Callable[[int, dict[str, Any]], Any]
+Checkpoint = Callable[[dict[str, Any]], None]  # called with train()'s state at the end of an epoch
 HISTORY_KEYS = ("epoch", "train_loss", "train_eval_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 
@@ -106,14 +111,40 @@ def evaluate(model: nn.Module, loader: BatchLoader, precision: str = "fp32",
 
 
 def fit(cfg: TrainConfig, device: str | torch.device | None = None, report: Optional[Report] = None,
-        parts: Optional[Parts] = None) -> History:
+        parts: Optional[Parts] = None, state: Optional[dict[str, Any]] = None,
+        checkpoint: Optional[Checkpoint] = None) -> History:
     """Train ``cfg``; return its History. The model (best weights if restore_best) stays in ``parts``
-    when given, so callers can save it; see :func:`train` for the variant returning both."""
-    return train(cfg, device, report, parts)[1]
+    when given, so callers can save it; see :func:`train` for the variant returning both (and for
+    ``state``/``checkpoint``: resuming exactly)."""
+    return train(cfg, device, report, parts, state=state, checkpoint=checkpoint)[1]
+
+
+def _generators(parts: Parts, loader: BatchLoader) -> dict[str, torch.Generator]:
+    """Every generator of the training loop that is not the global RNG: the shuffle, the augmentation's and
+    the batch regulariser's (when it has its own; mixup/cutmix/noise draw from the global RNG)."""
+    gens = {"loader": loader.generator}
+    aug = getattr(loader.transform, "gen", None)
+    if isinstance(aug, torch.Generator):
+        gens["augment"] = aug
+    reg = getattr(parts.regularize_batch, "generator", None)
+    if isinstance(reg, torch.Generator):
+        gens["batch_regularizer"] = reg
+    return gens
 
 
 def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Optional[Report] = None,
-          parts: Optional[Parts] = None) -> tuple[Parts, History]:
+          parts: Optional[Parts] = None, *, state: Optional[dict[str, Any]] = None,
+          checkpoint: Optional[Checkpoint] = None) -> tuple[Parts, History]:
+    """Train ``cfg``; return (parts, History).
+
+    ``checkpoint(state)``, when given, is called at the end of every epoch after which training goes on (after
+    ``report`` and the early-stopping bookkeeping) with the training state: a plain dict of tensors and Python
+    values (``torch.save`` it; ``torch.load(weights_only=True)`` reads it back). ``state`` resumes from such a
+    dict: the later epochs are exactly those of an uninterrupted run (same config, device type and threads),
+    since it holds everything that decides them: weights, optimizer, LR schedule, GradScaler, every generator
+    of the loop (shuffle, augmentation, batch regulariser), the global CPU RNG (dropout, mixup/cutmix, noise)
+    and the CUDA one, and the early-stopping bookkeeping and history so far. It must come from the same
+    config (and ``parts`` built from it, or none)."""
     dev = resolve_device(device) if parts is None else parts.device
     threads = configure_torch(cfg, dev)
     parts = parts if parts is not None else build(cfg, dev)
@@ -126,9 +157,12 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16" and dev.type == "cuda")
     loader, tr_eval, val = parts.train_loader(), parts.eval_loader("train_eval"), parts.eval_loader("val")
     best_score, best_state, since_best = math.inf, None, 0
+    first = 0
+    if state is not None:
+        first, best_score, best_state, since_best = _restore(state, parts, loader, scaler, hist, dev)
     start = time.perf_counter()
 
-    for epoch in range(tcfg.epochs):
+    for epoch in range(first, tcfg.epochs):
         t0 = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         net.train()
@@ -177,6 +211,8 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
         if es.patience is not None and since_best >= es.patience:
             hist.stop_reason = "early_stopped"
             break
+        if checkpoint is not None and epoch + 1 < tcfg.epochs:
+            checkpoint(training_state(epoch + 1, parts, loader, scaler, hist, best_score, best_state, since_best))
 
     if es.restore_best and best_state is not None:
         model.load_state_dict(best_state)
@@ -185,6 +221,48 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
         hist.test = {"test_loss": tl, "test_acc": ta}
     hist.seconds = time.perf_counter() - start
     return parts, hist
+
+
+def training_state(epoch: int, parts: Parts, loader: BatchLoader, scaler: torch.amp.GradScaler, hist: History,
+                   best_score: float, best_state: Optional[dict[str, torch.Tensor]],
+                   since_best: int) -> dict[str, Any]:
+    """The state to resume before ``epoch`` from (see :func:`train`): a copy, never the live tensors."""
+    dev = parts.device
+    out = {"epoch": epoch, "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+           "scheduler": parts.scheduler.state_dict(), "scaler": scaler.state_dict(),
+           "generators": {k: g.get_state() for k, g in _generators(parts, loader).items()},
+           "cpu_rng": torch.get_rng_state(), "best_score": best_score, "best_state": best_state,
+           "since_best": since_best, "best_epoch": hist.best_epoch, "epochs": hist.epochs}
+    if dev.type == "cuda":
+        out["cuda_rng"] = torch.cuda.get_rng_state(dev)
+    return copy.deepcopy(out)
+
+
+def _restore(state: dict[str, Any], parts: Parts, loader: BatchLoader, scaler: torch.amp.GradScaler,
+             hist: History, dev: torch.device) -> tuple[int, float, Optional[dict[str, torch.Tensor]], int]:
+    """Load a :func:`training_state` into the loop's objects; returns (epoch, best_score, best_state,
+    since_best). The global RNGs are set last, so nothing drawn while loading shifts them."""
+    state = copy.deepcopy(state)  # the caller's dict stays as it was (it may resume again)
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    gens = _generators(parts, loader)
+    if set(gens) != set(state["generators"]):
+        raise ValueError(f"training state: generators {sorted(state['generators'])} do not match this config's "
+                         f"{sorted(gens)}; resume with the config the state was saved from")
+    for key, gen in gens.items():
+        gen.set_state(state["generators"][key])
+    hist.epochs = list(state["epochs"])
+    hist.best_epoch = state["best_epoch"]
+    best_state = state["best_state"]
+    if best_state is not None:
+        best_state = {k: v.to(dev) for k, v in best_state.items()}
+    torch.set_rng_state(state["cpu_rng"].cpu())
+    if dev.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), dev)
+    return int(state["epoch"]), float(state["best_score"]), best_state, int(state["since_best"])
 
 
 # ---------------------------------------------------------------------------------------- compile

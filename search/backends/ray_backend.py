@@ -18,7 +18,15 @@ The spec's optional ``ray:`` section (read by this backend only)::
 
     ray:
       scheduler: {name: asha, args: {grace_period: 1, reduction_factor: 2}}   # fifo (default) | asha | median
+                                                                              # | hyperband {reduction_factor}
       overfit: {patience: 3, window: 3}    # the overfit rule as a Ray stopper (search/pruners/overfit.py)
+
+HyperBand pauses and resumes trials: under it the trainable reports every epoch with a Ray checkpoint holding
+``models.train``'s training state (``train(checkpoint=...)``) and a resumed trial continues from it
+(``train(state=...)``, an exact replay) and continues the trial's recorded history (``resumed_at`` lists the epochs
+it resumed at). A paused trial stays RUNNING in the study with no process beating its heartbeat; while Ray runs,
+the driver beats the heartbeat of every trial it asked that Ray has not finished (:class:`_OpenTrialsHeartbeat`),
+so neither it nor any other worker fails them as stale; when the driver dies, the beats stop and they are.
 
 The storage URL (and its password) reaches the trials through the environment (``$REGSWEEP_RAY_STORAGE``), never
 a trial's config: nothing Ray writes under its storage path contains it. Ray is imported inside functions only.
@@ -26,6 +34,7 @@ a trial's config: nothing Ray writes under its storage path contains it. Ray is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -48,10 +57,10 @@ STORAGE_ENV = "REGSWEEP_RAY_STORAGE"  # the storage URL, in every Ray worker's e
 RESULTS_ENV = "REGSWEEP_RAY_RESULTS"  # Ray's storage path (experiment dirs); default ~/ray_results
 RUN_ATTR = "regsweep:ray_run"  # user attr of every trial a Ray driver asked: the Ray experiment's name
 STOP_KEY = "regsweep_stop"  # the overfit stopper's stop reason, put into the result it stopped on
-SCHEDULERS = ("fifo", "asha", "median")
+SCHEDULERS = ("fifo", "asha", "median", "hyperband")
+PAUSING = ("hyperband",)  # schedulers that pause and resume trials: every epoch is checkpointed (models.train)
+CHECKPOINT_FILE = "state.pt"  # models.train's training state in a Ray checkpoint dir (torch.save)
 REFUSED = {
-    "hyperband": "HyperBand pauses and resumes trials, which needs checkpoint save/restore that models.train.fit "
-                 "does not offer; use asha (asynchronous HyperBand, no pausing), median or fifo",
     "pbt": "PBT changes a trial's params mid-run (no single Optuna record) and Ray refuses search algorithms "
            "with it; use asha, median or fifo",
     "pb2": "PB2 changes a trial's params mid-run (no single Optuna record) and Ray refuses search algorithms "
@@ -65,9 +74,11 @@ SCHEDULER_ARGS: dict[str, dict[str, tuple[str, str]]] = {
              "brackets": ("int", "an integer >= 1")},
     "median": {"grace_period": ("int", "an integer in [1, train.epochs]"),
                "min_samples_required": ("int", "an integer >= 1")},
+    "hyperband": {"reduction_factor": ("float", "a number > 1")},
 }
 DEFAULTS = {"asha": {"grace_period": 1, "reduction_factor": 2, "brackets": 1},
-            "median": {"grace_period": 1, "min_samples_required": 3}}
+            "median": {"grace_period": 1, "min_samples_required": 3},
+            "hyperband": {"reduction_factor": 3}}
 RAY_KEYS = ("scheduler", "overfit")
 MAX_CONSECUTIVE_FAILURES = 5
 
@@ -179,12 +190,44 @@ def _worker_study(spec: StudySpec, study_name: str, fingerprint: str):
     return _WORKER["study"]
 
 
-def _trainable(config: dict[str, Any], spec: Optional[StudySpec] = None, device: Optional[str] = None) -> None:
+def _load_checkpoint(device: str) -> Optional[dict[str, Any]]:
+    """The training state of the Ray checkpoint this trial resumes from (HyperBand unpaused it), else None."""
+    from ray import tune
+
+    ckpt = tune.get_checkpoint()
+    if ckpt is None:
+        return None
+    import torch
+
+    with ckpt.as_directory() as path:
+        return torch.load(Path(path) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+
+
+def _report_with_checkpoint(metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """``tune.report`` with the training state as the result's checkpoint (Ray copies it to its storage)."""
+    import tempfile
+
+    import torch
+    from ray import tune
+
+    with tempfile.TemporaryDirectory(prefix="regsweep-ckpt-") as tmp:
+        torch.save(state, Path(tmp) / CHECKPOINT_FILE)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
+def _trainable(config: dict[str, Any], spec: Optional[StudySpec] = None, device: Optional[str] = None,
+               checkpoints: bool = False) -> None:
     """One Ray trial: the asked Optuna trial -> TrainConfig -> ``fit``, recorded through search/record.py.
 
     Every epoch is recorded (history + report from step 0), then reported to Ray. An epoch after which the trial
-    stops by itself (the spec pruner's verdict, a non-finite loss) is reported to Ray only after the trial's end
-    is written, so a scheduler acting on that result cannot hide the trial's own stop reason.
+    stops by itself (the spec pruner's verdict, a non-finite loss, early stopping when ``checkpoints``) is
+    reported to Ray only after the trial's end is written, so a scheduler acting on that result cannot hide the
+    trial's own stop reason.
+
+    ``checkpoints`` (a pausing scheduler): every epoch after which training goes on is reported from ``fit``'s
+    checkpoint callback with the training state as a Ray checkpoint, and a trial started with a checkpoint resumes ``fit`` from it and
+    continues the trial's recorded history (Ray pauses a trial only while it waits in ``tune.report``, so the
+    recorded history ends exactly at the checkpoint's epoch).
     """
     import optuna
     from ray import tune
@@ -199,9 +242,19 @@ def _trainable(config: dict[str, Any], spec: Optional[StudySpec] = None, device:
     study = _worker_study(spec, config["study"], config["storage"])
     trial = optuna.trial.Trial(study, config["trial_id"])
     objective = Objective(spec, device, data_cache=_WORKER.setdefault("data", DataCache()))
-    recorder = Recorder(TrialWriter(trial), spec.objective,
+    state = _load_checkpoint(objective.device) if checkpoints else None
+    extra: dict[str, Any] = {"worker": f"ray:{socket.gethostname()}:{os.getpid()}"}
+    history: list[dict[str, Any]] = []
+    if state is not None:
+        recorded = trial._cached_frozen_trial.user_attrs
+        if recorded.get("stop_reason") is not None:  # it had ended by itself before Ray paused it: nothing left
+            return
+        history = list(recorded.get("history") or [])[: int(state["epoch"])]
+        extra["resumed_at"] = [*(recorded.get("resumed_at") or []), int(state["epoch"])]
+    recorder = Recorder(TrialWriter(trial), spec.objective, history=history,
                         verdict=lambda epoch: retry_transient(objective.verdict, trial, epoch))
     deferred: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []  # with checkpoints: this epoch's metrics, reported by the checkpoint
 
     def on_epoch(epoch: int, record: dict[str, Any]) -> Optional[str]:
         reason = recorder.on_epoch(epoch, record)
@@ -210,8 +263,14 @@ def _trainable(config: dict[str, Any], spec: Optional[StudySpec] = None, device:
         if reason or not finite or epoch + 1 >= cfg.train.epochs:
             deferred.append(metrics if finite else {})
             return reason
-        tune.report(metrics)
+        if checkpoints:
+            pending.append(metrics)  # fit calls the checkpoint next unless early stopping ends the run here
+        else:
+            tune.report(metrics)
         return None
+
+    def on_checkpoint(train_state: dict[str, Any]) -> None:
+        _report_with_checkpoint(pending.pop(), train_state)
 
     with Heartbeat(study._storage, trial._trial_id):
         try:
@@ -219,15 +278,16 @@ def _trainable(config: dict[str, Any], spec: Optional[StudySpec] = None, device:
         except ConfigError as exc:
             recorder.fail(f"failed:config: {exc}")
             return
-        recorder.start(cfg.to_dict(), {"worker": f"ray:{socket.gethostname()}:{os.getpid()}"})
+        recorder.start(cfg.to_dict(), extra)
         try:
             parts = build(cfg, objective.device, data=objective.data.get(cfg.data, objective.device))
-            hist = fit(cfg, objective.device, report=on_epoch, parts=parts)
+            hist = fit(cfg, objective.device, report=on_epoch, parts=parts, state=state,
+                       checkpoint=on_checkpoint if checkpoints else None)
         except Exception as exc:  # this trial's error: FAIL with the reason (no Ray retry: it would fail again)
             recorder.fail(f"failed:{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return
         recorder.finish(hist)
-    for metrics in deferred:
+    for metrics in pending + deferred:  # pending: the epoch early stopping ended the run at
         if metrics:
             tune.report(metrics)
 
@@ -445,14 +505,17 @@ def _overfit_stopper_class():
 
 
 def _scheduler(sched: Mapping[str, Any], spec: StudySpec):
-    """Ray's scheduler; time is counted in epochs (training_iteration), ASHA's max_t is train.epochs."""
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule
+    """Ray's scheduler; time is counted in epochs (training_iteration), ASHA's and HyperBand's max_t is
+    train.epochs."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
 
     if sched["name"] == "fifo":
         return FIFOScheduler()
     args = {**DEFAULTS[sched["name"]], **sched.get("args", {})}
     if sched["name"] == "asha":
         return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=spec.base.train.epochs, **args)
+    if sched["name"] == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=spec.base.train.epochs, **args)
     return MedianStoppingRule(time_attr="training_iteration", **args)
 
 
@@ -611,7 +674,9 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
         _RUN["artifact_store"] = open_store(location)
         print(f"artifacts: {location}", file=out, flush=True)
     resources = {"cpu": cpus, "gpu": gpus}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, spec=clean, device=trial_device), resources)
+    pausing = sched["name"] in PAUSING
+    trainable = tune.with_resources(tune.with_parameters(_trainable, spec=clean, device=trial_device,
+                                                         checkpoints=pausing), resources)
     start = time.monotonic()
     restore = resume and tune.Tuner.can_restore(str(previous[-1]))
     while True:
@@ -631,9 +696,11 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
                     trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=run_name, storage_path=str(root), stop=stopper, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)))
+                                          checkpoint_config=tune.CheckpointConfig(
+                                              checkpoint_at_end=False, num_to_keep=2 if pausing else None)))
         try:
-            _fit_quietly(tuner)
+            with _OpenTrialsHeartbeat(study) if pausing else contextlib.nullcontext():
+                _fit_quietly(tuner)
         except BaseException as exc:  # a Tune error: this driver's trials never stay RUNNING
             _fail_open_trials(spec, study, f"failed:ray: {exc.__class__.__name__}")
             _RUN.clear()
@@ -660,16 +727,53 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     return RunResult(study, ran, False)
 
 
+class _OpenTrialsHeartbeat:
+    """While Ray runs, beat the heartbeat of every trial this driver asked that Ray has not finished (``_RUN``'s
+    open trials), every heartbeat interval, from a daemon thread. A trial that HyperBand paused has no process
+    beating it but stays RUNNING in the study; these beats keep ``fail_stale_trials`` (this driver's, another
+    driver's or an Optuna worker's) from failing it while the driver lives. Ray itself tells the driver about a
+    trial whose process died (``on_trial_complete`` with an error), so nothing is left alive by this."""
+
+    def __init__(self, study):
+        import threading
+
+        self.storage = study._storage
+        self.interval = self.storage.get_heartbeat_interval() if hasattr(self.storage, "get_heartbeat_interval") \
+            else None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="regsweep-open-trials-heartbeat")
+
+    def __enter__(self) -> "_OpenTrialsHeartbeat":
+        if self.interval:
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            for trial_id in list(_RUN.get("open", {}).values()):
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception:  # a dropped connection (or a trial finished meanwhile): next time
+                    pass
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+
 def _trial_dirname(trial) -> str:
     return f"trial-{trial.config.get('number', trial.trial_id)}-{trial.trial_id}"
 
 
 def _fit_quietly(tuner) -> None:
     """``tuner.fit()`` with Ray's progress tables and banners kept off the terminal (trial lines are ours)."""
-    import contextlib
+    import warnings
 
     sink = io.StringIO()
-    with contextlib.redirect_stderr(sink):
+    with contextlib.redirect_stderr(sink), warnings.catch_warnings():
+        # HyperBand forces the result buffer to 1, which run() sets for every scheduler anyway
+        warnings.filterwarnings("ignore", message=".*TUNE_RESULT_BUFFER_LENGTH is set")
         tuner.fit()
 
 

@@ -198,3 +198,37 @@ def test_cli_trains_resnet20_on_synthetic_cifar_shaped_data(tmp_path, capsys):
     assert [e["epoch"] for e in hist["epochs"]] == [0, 1]
     assert hist["n_params"] > 250_000
     assert hist["epochs"][0]["lr"] != hist["epochs"][1]["lr"]  # onecycle stepped per batch
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_resuming_from_any_epochs_state_replays_the_run_exactly(tiny_cfg, tmp_path, augment):
+    """The state saved after epoch k (torch.save, weights_only load) resumes to the same later epochs as the
+    uninterrupted run: dropout, shuffling, augmentation, a step LR schedule, early stopping and restore_best."""
+    cfg = tiny_cfg.with_overrides({
+        "model.dropout": 0.2, "model.widths": [16, 32], "data.augment": augment, "data.val_fraction": 0.5,
+        "data.test_fraction": 0.1, "optim.lr": 0.03, "train.epochs": 10,
+        "train.train_eval_size": 128, "scheduler": {"name": "step", "step_size": 3, "gamma": 0.5},
+        "train.early_stopping": {"monitor": "val_loss", "patience": 1, "restore_best": True}})
+    ref_parts, ref = train(cfg, "cpu")
+    assert ref.stop_reason == ("completed" if augment else "early_stopped")  # both ways of ending are resumed
+    saved = []
+
+    def keep(state):
+        path = tmp_path / f"state-{augment}-{state['epoch']}.pt"
+        torch.save(state, path)
+        saved.append(path)
+
+    parts, hist = train(cfg, "cpu", checkpoint=keep)
+    assert _curves(hist) == _curves(ref) and hist.stop_reason == ref.stop_reason  # checkpointing changes nothing
+    assert len(saved) == len(ref.epochs) - 1 >= 2  # none after the last epoch: training does not go on
+    reported = []
+    for path in (saved[0], saved[3]):  # after epoch 0, and after epoch 3 (past an LR step, early stopping counting)
+        state = torch.load(path, weights_only=True)
+        reported.clear()
+        parts, resumed = train(cfg, "cpu", report=lambda e, r: reported.append(e), state=state)
+        k = state["epoch"]
+        assert reported == list(range(k, len(ref.epochs)))  # only the later epochs are trained and reported
+        assert _curves(resumed) == _curves(ref)
+        assert (resumed.stop_reason, resumed.best_epoch, resumed.test) == (ref.stop_reason, ref.best_epoch, ref.test)
+        for a, b in zip(parts.model.state_dict().values(), ref_parts.model.state_dict().values()):
+            assert torch.equal(a, b)

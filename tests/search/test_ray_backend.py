@@ -233,6 +233,61 @@ def test_resume_fails_the_dead_drivers_running_trials_and_restores(sweep, ray_se
     assert f"restoring Ray experiment {Path(ray_session) / run_name}" in out.getvalue()
 
 
+HB_EPOCHS, HB_TRIALS = 4, 6
+
+
+def test_hyperband_pauses_resumes_and_records_every_epoch_once(ray_session, tmp_path, monkeypatch):
+    """HyperBand (max_t = 4 epochs, eta 4: a bracket of 2 full trials, then one of 4 halved after epoch 0) pauses
+    trials and resumes them from their checkpoint: the budget is met exactly, every trial's history and reports
+    run 0..n-1 once, the ones it stopped are PRUNED at their last epoch, and a resumed trial's curve is exactly
+    what the same config gives in one uninterrupted run. The driver's own stale check runs with a 3 s grace
+    period: a paused trial survives it only through the driver's heartbeats."""
+    from models.config import TrainConfig
+    from models.train import fit
+    from search.backends import ray_backend
+    from search.spec import load_spec
+
+    monkeypatch.setenv("REGSWEEP_HEARTBEAT_INTERVAL", "1")  # the driver's storage (the trials' keep 30 s)
+    monkeypatch.setenv("REGSWEEP_GRACE_PERIOD", "3")
+    spec_path = tmp_path / "hb.yaml"
+    spec_path.write_text(SPEC.replace(f"epochs: {EPOCHS}", f"epochs: {HB_EPOCHS}")
+                         .replace(f"n_trials: {N_TRIALS}", f"n_trials: {HB_TRIALS}")
+                         .replace("{name: asha, args: {grace_period: 1, reduction_factor: 2}}",
+                                  "{name: hyperband, args: {reduction_factor: 4}}"))
+    name = f"t-ray-hb-{uuid.uuid4().hex[:10]}"
+    out = io.StringIO()
+    try:
+        result = ray_backend.run(load_spec(spec_path), PW_URL, name, out=out)
+        study = _study(name)
+        trials = study.get_trials()
+        done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(done) == HB_TRIALS and result.ran == HB_TRIALS, out.getvalue()
+        assert [t.state for t in trials if t not in done] == []  # none failed as stale, none left RUNNING
+        resumed = []
+        for t in done:
+            hist = t.user_attrs["history"]
+            assert [e["epoch"] for e in hist] == list(range(len(hist)))  # once each, from 0
+            assert sorted(t.intermediate_values) == list(range(len(hist)))
+            assert all(t.intermediate_values[e["epoch"]] == e["val_loss"] for e in hist)
+            if t.state == TrialState.PRUNED:
+                assert t.user_attrs["stop_reason"] == f"pruned:hyperband@{len(hist) - 1}" and len(hist) < HB_EPOCHS
+            else:
+                assert t.user_attrs["stop_reason"] == "completed" and len(hist) == HB_EPOCHS
+            at = t.user_attrs.get("resumed_at", [])
+            assert at == sorted(set(at)) and all(0 < k < len(hist) for k in at)
+            if at:
+                resumed.append(t)
+        assert any(t.state == TrialState.PRUNED for t in done)
+        for t in resumed[:1]:  # the replay is exact: the same curve as one uninterrupted run of its config
+            ref = fit(TrainConfig.from_dict(t.user_attrs["config"]), "cpu")
+            assert [{k: v for k, v in e.items() if k != "seconds"} for e in ref.epochs] == \
+                [{k: v for k, v in e.items() if k != "seconds"} for e in t.user_attrs["history"]]
+        print(f"hyperband: {len(resumed)} resumed trials: {[(t.number, t.user_attrs['resumed_at']) for t in resumed]}")
+    finally:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=name, storage=POSTGRES_URL)
+
+
 # ------------------------------------------------------------------------------------ refusals (no Ray needed)
 @pytest.fixture
 def spec_file(tmp_path):
@@ -250,8 +305,7 @@ def _one_line_error(capsys, argv) -> str:
 
 @pytest.mark.parametrize("name, says", [
     ("pbt", "PBT changes a trial's params mid-run"),
-    ("hyperband", "needs checkpoint save/restore"),
-    ("bohb", "choose one of: fifo, asha, median"),
+    ("bohb", "choose one of: fifo, asha, median, hyperband"),
 ])
 def test_refused_schedulers_are_one_line_errors(tmp_path, capsys, name, says):
     spec = tmp_path / "s.yaml"
@@ -271,6 +325,13 @@ def test_scheduler_override_is_checked(spec_file, tmp_path):
     with pytest.raises(ConfigError, match=r"grace_period: 0 is not allowed; must be an integer in \[1, train"):
         ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
                         scheduler={"name": "asha", "args": {"grace_period": 0}})
+    with pytest.raises(ConfigError, match=r"scheduler.args.reduction_factor: 1 is not allowed; must be a number > 1"):
+        ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
+                        scheduler={"name": "hyperband", "args": {"reduction_factor": 1}})
+    with pytest.raises(ConfigError, match=r"scheduler.args.grace_period: 1 is not allowed; hyperband takes: "
+                                          r"reduction_factor"):
+        ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
+                        scheduler={"name": "hyperband", "args": {"grace_period": 1}})
     assert not (tmp_path / "db").exists()
 
 
