@@ -108,10 +108,34 @@ def _load_spec_and_storage(args: argparse.Namespace):
     return spec, url
 
 
+def _run_setup(args: argparse.Namespace):
+    """What both backends of `run` start from: the spec, its reachable storage and the study name."""
+    spec, url = _load_spec_and_storage(args)
+    _warn_sampler_limits(spec)
+    if args.n_trials is not None and args.n_trials < 1:
+        raise ConfigError(f"--n-trials: {args.n_trials} is not allowed; must be >= 1")
+    return spec, url, args.study_name or spec.name
+
+
+def _print_sqlite_file(url: str) -> None:
+    if sqlite_file(url) is not None:
+        print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
+
+
+def _print_outcome(study, url: str, name: str) -> int:
+    """The study's summary and how to export and replay its best trial; the run's exit code 0."""
+    from search.report import format_summary, study_summary
+    from search.storage import mask
+
+    print(format_summary(study_summary(study)))
+    print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
+          f"--out best.yaml\n  regsweep train best.yaml")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from search import workers
     from search.backends import optuna_backend
-    from search.report import format_summary, study_summary
     from search.storage import mask
 
     if args.backend == "ray":
@@ -122,15 +146,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                                          ("--resume", args.resume)) if given]
     if ray_only:
         raise ConfigError(f"{ray_only[0]}: not allowed with --backend optuna; it is a Ray flag (add --backend ray)")
-    spec, url = _load_spec_and_storage(args)
-    _warn_sampler_limits(spec)
-    name = args.study_name or spec.name
-    if args.n_trials is not None and args.n_trials < 1:
-        raise ConfigError(f"--n-trials: {args.n_trials} is not allowed; must be >= 1")
+    spec, url, name = _run_setup(args)
     envs = workers.assignments(args.workers, workers.parse_gpus(args.gpus) if args.workers > 1 or args.gpus else [],
                                args.trials_per_gpu)
-    if sqlite_file(url) is not None:
-        print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
+    _print_sqlite_file(url)
     with _progress(spec, url, name):
         if args.workers == 1:
             if args.gpus:
@@ -151,10 +170,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             code = workers.launch(str(spec.path), url, name, envs, device=args.device, timeout=args.timeout)
             if code != 0:
                 return code
-    print(format_summary(study_summary(study)))
-    print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
-          f"--out best.yaml\n  regsweep train best.yaml")
-    return 0
+    return _print_outcome(study, url, name)
 
 
 def _progress(spec, url: str, name: str):
@@ -176,9 +192,6 @@ def _progress(spec, url: str, name: str):
 
 def _run_on_ray(args: argparse.Namespace) -> int:
     """`run --backend ray`: the study on Ray Tune (search/backends/ray_backend.py)."""
-    from search.report import format_summary, study_summary
-    from search.storage import mask
-
     for flag, refused in (("--workers", args.workers != 1), ("--gpus", args.gpus is not None),
                           ("--trials-per-gpu", args.trials_per_gpu != 1)):
         if refused:
@@ -190,20 +203,14 @@ def _run_on_ray(args: argparse.Namespace) -> int:
         raise ConfigError("--backend: 'ray' is not allowed here; Ray is not installed (pip install 'regsweep[ray]')")
     from search.backends import ray_backend
 
-    spec, url = _load_spec_and_storage(args)
-    _warn_sampler_limits(spec)
-    name = args.study_name or spec.name
-    if sqlite_file(url) is not None:
-        print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
+    spec, url, name = _run_setup(args)
+    _print_sqlite_file(url)
     with _progress(spec, url, name):  # the driver is the coordinator: progress and the study note
         result = ray_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
                                  address=args.address, gpus_per_trial=args.gpus_per_trial,
                                  cpus_per_trial=args.cpus_per_trial, resume=args.resume,
                                  allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
-    print(format_summary(study_summary(result.study)))
-    print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
-          f"--out best.yaml\n  regsweep train best.yaml")
-    return 0
+    return _print_outcome(result.study, url, name)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

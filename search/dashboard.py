@@ -104,7 +104,7 @@ def serve(url: str, host: str = "127.0.0.1", port: int = 8080, artifacts: Option
 # ------------------------------------------------------------------------------------ study note
 def note_body(study, spec) -> str:
     """Markdown: the spec summary and the best trial so far."""
-    from search.report import study_summary
+    from search.report import study_summary, value_text
 
     s = study_summary(study)
     lines = [f"# {spec.name}", ""]
@@ -133,8 +133,7 @@ def note_body(study, spec) -> str:
         lines.append(f"Trial **{b['number']}**: {s['objective']} = {b['value']:.4g} at epoch {b['best_epoch']}"
                      + (f", test accuracy {b['test_acc']:.4f} (for reading, never for choosing)"
                         if isinstance(b.get("test_acc"), float) else ""))
-        lines += [""] + [f"- `{k}`: {v:.4g}" if isinstance(v, float) else f"- `{k}`: {v}"
-                         for k, v in sorted(b["params"].items())]
+        lines += [""] + [f"- `{k}`: {value_text(v)}" for k, v in sorted(b["params"].items())]
         if not b["params"]:
             lines.append("- (the base config itself)")
         lines += ["", f"Reproduce: `regsweep export --study-name {study.study_name} --trial {b['number']} --out best.yaml`"

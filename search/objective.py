@@ -19,7 +19,7 @@ from models.build import build, resolve_device
 from models.config import ConfigError, DataConfig, TrainConfig
 from models.data import DataBundle, load
 from models.train import fit
-from search.record import FAIL, PRUNED, Recorder
+from search.record import FAIL, PRUNED, Recorder, failure_reason
 from search.spec import StudySpec
 from search.storage import TrialWriter, retry_transient
 from search.workers import Terminated, check_signals
@@ -112,7 +112,7 @@ class Objective:
             recorder.fail("failed:terminated")
             raise
         except Exception as exc:  # any error of this trial: FAIL with the reason, the sweep goes on
-            reason = f"failed:{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = failure_reason(exc)
             recorder.fail(reason)
             self.upload_artifacts(trial, recorder, FAIL, None)
             raise TrialFailed(reason) from exc

@@ -40,6 +40,12 @@ def best_epoch(history: list[dict[str, Any]], objective: Objective) -> Optional[
     return best_i
 
 
+def failure_reason(exc: BaseException) -> str:
+    """``failed:<ExceptionClass>: <first line of its message>``: the stop reason of a trial that raised."""
+    text = str(exc)
+    return f"failed:{exc.__class__.__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def outcome(stop_reason: str) -> str:
     if stop_reason.startswith("failed:"):
         return FAIL

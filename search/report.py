@@ -36,6 +36,11 @@ def study_summary(study) -> dict[str, Any]:
                                                "test_acc": best.user_attrs.get("test_acc")}}
 
 
+def value_text(v: Any) -> str:
+    """A param value as summaries print it: floats to 4 significant digits."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"study {s['name']}: {s['n_trials']} trials ({s['direction']} {s['objective']})",
              "  states: " + (", ".join(f"{k} {v}" for k, v in sorted(s["states"].items())) or "none"),
@@ -46,7 +51,7 @@ def format_summary(s: dict[str, Any]) -> str:
     else:
         lines.append(f"  best: trial {b['number']} {s['objective']}={b['value']:.4f} at epoch {b['best_epoch']}")
         for k, v in sorted(b["params"].items()):
-            lines.append(f"    {k}: {v:.4g}" if isinstance(v, float) else f"    {k}: {v}")
+            lines.append(f"    {k}: {value_text(v)}")
         if not b["params"]:
             lines.append("    (the base config, no params)")
     return "\n".join(lines)
@@ -163,10 +168,8 @@ def write_report(study, out, storage_masked: str) -> Path:
                              "(gap shaded; dotted line: best epoch)", "curves.png", ""))
         else:
             sections.append(("Train vs validation curves", "", "not drawn: no COMPLETE trial yet"))
-        kinds = {}
-        for t in trials:
-            kinds[_trial_kind(t)] = kinds.get(_trial_kind(t), 0) + 1
-        _bars_plot(kinds, "Trials: complete, stopped early by themselves, pruned, failed", tmp / "states.png",
+        _bars_plot(Counter(_trial_kind(t) for t in trials),
+                   "Trials: complete, stopped early by themselves, pruned, failed", tmp / "states.png",
                    {"complete": "#2ca02c", "stopped": "#17becf", "pruned": "#ff7f0e", "failed": "#d62728"})
         sections.append(("Trial outcomes", "states.png", ""))
         _bars_plot(s["stop_reasons"], "Stop reasons", tmp / "stop_reasons.png")

@@ -307,15 +307,22 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
 
 
 def _tell(study, trial, state, value):
-    """Finish the trial; a storage hiccup is retried, a trial already finished elsewhere is left alone."""
+    return tell_trial(study, trial._trial_id, state, value, trial)
+
+
+def tell_trial(study, trial_id: int, state, value, trial=None):
+    """Finish a trial (its live ``Trial``, or found by id) and return it frozen; a storage hiccup is retried, a
+    trial already finished elsewhere (e.g. failed as stale) is left alone. Every backend tells through here."""
     import optuna
+
+    target = trial if trial is not None else retry_transient(study._storage.get_trial_number_from_id, trial_id)
 
     def tell() -> None:
         try:
             if state == optuna.trial.TrialState.COMPLETE:
-                study.tell(trial, value)
+                study.tell(target, value)
             else:
-                study.tell(trial, state=state)
+                study.tell(target, state=state)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
         except ValueError as exc:  # "Cannot tell a COMPLETE trial": already finished by fail_stale_trials
@@ -323,7 +330,7 @@ def _tell(study, trial, state, value):
                 raise
 
     retry_transient(tell, attempts=TELL_ATTEMPTS)  # a finished trial must not be lost to a short outage
-    return retry_transient(study._storage.get_trial, trial._trial_id, attempts=TELL_ATTEMPTS)
+    return retry_transient(study._storage.get_trial, trial_id, attempts=TELL_ATTEMPTS)
 
 
 # ------------------------------------------------------------------------------------ launching

@@ -235,7 +235,7 @@ def _trainable(config: dict[str, Any], spec: Optional[StudySpec] = None, device:
     from models.build import build
     from models.train import fit
     from search.objective import DataCache, Objective
-    from search.record import Recorder
+    from search.record import Recorder, failure_reason
     from search.storage import TrialWriter, retry_transient
     from search.workers import Heartbeat
 
@@ -284,7 +284,7 @@ def _trainable(config: dict[str, Any], spec: Optional[StudySpec] = None, device:
             hist = fit(cfg, objective.device, report=on_epoch, parts=parts, state=state,
                        checkpoint=on_checkpoint if checkpoints else None)
         except Exception as exc:  # this trial's error: FAIL with the reason (no Ray retry: it would fail again)
-            recorder.fail(f"failed:{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            recorder.fail(failure_reason(exc))
             return
         recorder.finish(hist)
     for metrics in pending + deferred:  # pending: the epoch early stopping ended the run at
@@ -315,28 +315,12 @@ def _end_from_driver(spec: StudySpec, study, trial_id: int, reason: str):
 
 
 def _tell(study, trial_id: int, state: str, value: Optional[float]):
-    """Finish the trial (retried on a dropped connection; one finished elsewhere is left alone)."""
-    import optuna
+    """Finish the trial by id, ``state`` a record.py outcome name (search.workers.tell_trial)."""
     from optuna.trial import TrialState
 
-    from search.storage import retry_transient
+    from search.workers import tell_trial
 
-    number = retry_transient(study._storage.get_trial_number_from_id, trial_id)
-
-    def tell() -> None:
-        try:
-            if state == "COMPLETE":
-                study.tell(number, value)
-            else:
-                study.tell(number, state=getattr(TrialState, state))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass
-        except ValueError as exc:  # "Cannot tell a COMPLETE trial": already finished by fail_stale_trials
-            if "Cannot tell" not in str(exc):
-                raise
-
-    retry_transient(tell, attempts=16)
-    return _frozen(study, trial_id)
+    return tell_trial(study, trial_id, TrialState[state], value)
 
 
 def finish_trial(spec: StudySpec, study, trial_id: int, *, error: bool, result: Optional[Mapping[str, Any]],
