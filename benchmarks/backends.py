@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 MODES = {"full": (None, None), "quick": (10, 5), "tiny": (4, 2)}  # (n_trials, epochs); None: the spec's
 
@@ -37,7 +36,7 @@ def _arm_result(study, seconds: float) -> dict:
 
 
 def optuna_arm(spec, url: str, n_trials: int) -> dict:
-    from search.backends.optuna_backend import run
+    from regsweep.search.backends.optuna_backend import run
 
     t0 = time.perf_counter()
     result = run(spec, url, spec.name, n_trials=n_trials, device="cpu", out=io.StringIO())
@@ -45,7 +44,7 @@ def optuna_arm(spec, url: str, n_trials: int) -> dict:
 
 
 def ray_arm(spec, url: str, n_trials: int, scheduler, results: str) -> tuple[dict, float]:
-    from search.backends import ray_backend
+    from regsweep.search.backends import ray_backend
 
     t0 = time.perf_counter()
     ray_backend.init_ray(url, num_cpus=os.cpu_count() or 1)
@@ -59,7 +58,7 @@ def ray_arm(spec, url: str, n_trials: int, scheduler, results: str) -> tuple[dic
 def main(argv: list[str] | None = None) -> int:
     import optuna
 
-    from search.spec import load_spec
+    from regsweep.search.spec import load_spec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default=str(ROOT / "studies" / "digits_cnn.yaml"))
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny:
             over["model.widths"] = [8, 16]
         spec.base = spec.base.with_overrides(over)
-    from models.train import fit
+    from regsweep.models.train import fit
 
     fit(spec.base.with_overrides({"train.epochs": 1}), "cpu")  # warm-up: imports, first-step costs
     rows = {}

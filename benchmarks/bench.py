@@ -4,7 +4,7 @@ The logic is the importable module ``search/bench.py`` (``regsweep bench`` runs 
 optuna nor ray). Run from anywhere:
 
     .venv/bin/python benchmarks/bench.py [--device cuda|cpu] [--quick | --dry-run] [--json FILE]
-    PYTHONPATH=. python3 benchmarks/bench.py --device cuda       # a bare GPU host; see gpu_check.sh
+    bash benchmarks/gpu_check.sh                                # a bare GPU host (no install)
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
 
-from search.bench import main  # noqa: E402
+from regsweep.search.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh --dry-run       # the plan + the smallest run of every measurement
 #   DEVICE=cpu bash benchmarks/gpu_check.sh --dry-run    # the same on a machine without a GPU
 #
-# Needs python3 with torch, numpy and PyYAML (no optuna, no ray, no install of regsweep: PYTHONPATH=.).
+# Needs python3 with torch, numpy and PyYAML (no optuna, no ray, no install of regsweep: a link
+# regsweep -> this checkout in a temporary directory on PYTHONPATH).
 # Missing packages are installed from wheels carried in $REGSWEEP_WHEELS (pip --no-index), if it is set.
 # Environment: PYTHON (default: python3), DEVICE (default: cuda, or cpu with --dry-run when CUDA is absent),
 # OUT (JSON figures; default: $TMPDIR/regsweep-bench-<device>-<mode>.json).
@@ -65,5 +66,8 @@ fi
 ARGS=(--device "$DEVICE" --json "$OUT")
 [[ "$MODE" == "quick" ]] && ARGS+=(--quick)
 [[ "$MODE" == "dry-run" ]] && ARGS+=(--dry-run)
-echo "== PYTHONPATH=. $PY -m search.bench ${ARGS[*]}"
-PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m search.bench "${ARGS[@]}"
+# The import name `regsweep` maps this checkout (as the installed package does): a link to it on PYTHONPATH.
+LINKS="$(mktemp -d)"; trap 'rm -rf "$LINKS"' EXIT
+ln -s "$HERE" "$LINKS/regsweep"
+echo "== $PY -P -m regsweep.search.bench ${ARGS[*]}"
+PYTHONPATH="$LINKS${PYTHONPATH:+:$PYTHONPATH}" "$PY" -P -m regsweep.search.bench "${ARGS[@]}"

@@ -1,7 +1,7 @@
 """One-shot check that models/ trains on a CUDA device with the torch found there (no search code).
 
 Runs from the source tree with only torch, torchvision, numpy, scikit-learn and PyYAML (what a bare GPU host
-has):  PYTHONPATH=. python3 benchmarks/gpu_smoke.py [--device cuda] [--quick]
+has):  .venv/bin/python benchmarks/gpu_smoke.py [--device cuda] [--quick]
 Prints the device, torch version, and per workload the epoch seconds and final validation accuracy.
 """
 
@@ -13,14 +13,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from models.config import TrainConfig
-    from models.train import fit
+    from regsweep.models.config import TrainConfig
+    from regsweep.models.train import fit
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")

@@ -32,7 +32,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ARMS = {
     "none": {"name": "none"},
@@ -49,8 +48,8 @@ ARMS = {
 def run_arm(arm: str, seed: int, n_trials: int, epochs: int | None, db_dir: str) -> dict:
     from optuna.trial import TrialState
 
-    from search.backends.optuna_backend import run
-    from search.spec import load_spec
+    from regsweep.search.backends.optuna_backend import run
+    from regsweep.search.spec import load_spec
 
     spec = load_spec(ROOT / "studies" / "overfit_demo.yaml")
     spec.pruner = ARMS[arm]

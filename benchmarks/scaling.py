@@ -2,16 +2,16 @@
 
 Two measurements, each on fresh, uniquely named studies that are deleted at the end:
 
-1. ``workers``: trials/hour of the real CLI, ``python -m search.cli run SPEC --storage URL --study-name NAME
+1. ``workers``: trials/hour of the real CLI, ``python -m regsweep.search.cli run SPEC --storage URL --study-name NAME
    --workers K``, for K = 1 and K = 2, on a spec whose trials are CPU-bound, short and all the same size
    (digits CNN, widths [16, 32], ``train.num_threads: 1``, no pruner, no early stopping; the space only
    moves dropout and L2, which do not change a trial's cost). The wall time runs from the first trial's
    ``datetime_start`` to the last trial's ``datetime_complete`` (read back with Optuna afterwards), so
    process start-up is excluded; each worker's first trial still loads the dataset. Goal: K=2 / K=1 >= 1.8x
    on 2 cores.
-2. ``storage``: per-trial time of the recording path (``search.record.Recorder`` over
-   ``search.storage.TrialWriter``, a trivial objective of 3 epochs; random sampler, median pruner) driven by
-   ``search.workers.worker_loop`` in this process — the real stale-trial check, budget lock, count, ask,
+2. ``storage``: per-trial time of the recording path (``regsweep.search.record.Recorder`` over
+   ``regsweep.search.storage.TrialWriter``, a trivial objective of 3 epochs; random sampler, median pruner) driven by
+   ``regsweep.search.workers.worker_loop`` in this process — the real stale-trial check, budget lock, count, ask,
    heartbeat and tell — for the first 100 and the last 100 trials of a 1,000-trial study. Goal: last / first
    close to 1 (no cost that grows with the study).
 
@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 DEFAULT_STORAGE = "postgresql://postgres@127.0.0.1:5432/test"
 SPEC = """\
@@ -85,9 +84,9 @@ class WorkersResult:
 # ------------------------------------------------------------------------------------ 1. workers
 def run_cli(spec: Path, url: str, study: str, workers: int, limit: float) -> None:
     """The real CLI in a subprocess (its own process group, so a failure here never leaves workers behind)."""
-    cmd = [sys.executable, "-m", "search.cli", "run", str(spec), "--storage", url, "--study-name", study,
+    cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", "run", str(spec), "--storage", url, "--study-name", study,
            "--workers", str(workers)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = dict(os.environ)
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -156,7 +155,7 @@ def measure_workers(url: str, tag: str, n_trials: int, epochs: int, created: lis
 
 # ------------------------------------------------------------------------------------ 2. storage
 def _history(epochs: int):
-    from models.train import History
+    from regsweep.models.train import History
 
     return History(epochs=[dict(RECORD, epoch=e) for e in range(epochs)], best_epoch=epochs - 1,
                    n_params=21386, split_fingerprint="0123456789abcdef", test={"test_loss": 0.4, "test_acc": 0.9})
@@ -172,9 +171,9 @@ class RecordingObjective:
         self.epochs, self.hist, self.inside = epochs, _history(epochs), []
 
     def __call__(self, trial) -> float:
-        from search.record import Recorder
-        from search.spec import Objective
-        from search.storage import TrialWriter
+        from regsweep.search.record import Recorder
+        from regsweep.search.spec import Objective
+        from regsweep.search.storage import TrialWriter
 
         t0 = time.perf_counter()
         try:
@@ -208,8 +207,8 @@ def timed_loop(url: str, name: str, n_trials: int, epochs: int) -> tuple[list[fl
     import optuna
     from optuna.trial import TrialState
 
-    from search.storage import open_storage
-    from search.workers import worker_loop
+    from regsweep.search.storage import open_storage
+    from regsweep.search.workers import worker_loop
 
     study = optuna.create_study(storage=open_storage(url), study_name=name,
                                 sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.MedianPruner())
@@ -250,7 +249,7 @@ def delete_studies(url: str, names: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import optuna
 
-    from search.storage import check_reachable, mask
+    from regsweep.search.storage import check_reachable, mask
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"RDB storage URL (default {DEFAULT_STORAGE})")

@@ -3,7 +3,7 @@
 Two measurements, each arm on a fresh SQLite file opened the same way (search.storage.open_storage):
 
 1. ``trials``: N trials (default 1,000) of a trivial objective with one epoch each. Raw: suggest, report,
-   should_prune, return. regsweep: the same through ``search.record.Recorder`` (config attr at the start,
+   should_prune, return. regsweep: the same through ``regsweep.search.record.Recorder`` (config attr at the start,
    one history write + report per epoch, the final attrs). Also the per-trial time of the last 100 trials
    against the first 100 (goal <= 1.5x: no cost that grows with the study).
 2. ``epochs``: 20 epochs per trial (default 50 trials): raw ``trial.report`` + ``should_prune`` per epoch
@@ -24,14 +24,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RECORD = {"epoch": 0, "train_loss": 0.5, "train_eval_loss": 0.4, "train_acc": 0.9, "val_loss": 0.45,
           "val_acc": 0.88, "lr": 1e-3, "seconds": 0.1}
 
 
 def _history(epochs: int):
-    from models.train import History
+    from regsweep.models.train import History
 
     return History(epochs=[dict(RECORD, epoch=e) for e in range(epochs)], best_epoch=epochs - 1,
                    n_params=21386, split_fingerprint="0123456789abcdef", test={"test_loss": 0.4, "test_acc": 0.9})
@@ -49,9 +48,9 @@ def raw_objective(epochs: int):
 
 
 def regsweep_objective(epochs: int):
-    from search.record import Recorder
-    from search.spec import Objective
-    from search.storage import TrialWriter
+    from regsweep.search.record import Recorder
+    from regsweep.search.spec import Objective
+    from regsweep.search.storage import TrialWriter
 
     hist = _history(epochs)
     config = {"model": {"dropout": 0.0}}
@@ -72,7 +71,7 @@ def timed_study(url: str, objective, n_trials: int) -> list[float]:
     """Seconds per trial (ask -> tell), in order."""
     import optuna
 
-    from search.storage import open_storage
+    from regsweep.search.storage import open_storage
 
     study = optuna.create_study(storage=open_storage(url), sampler=optuna.samplers.RandomSampler(seed=0),
                                 pruner=optuna.pruners.MedianPruner())

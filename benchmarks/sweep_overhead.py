@@ -2,8 +2,8 @@
 
 Both arms use the same spec (studies/digits_cnn.yaml by default): the same base config, the same space
 sampled by the same seeded TPE, the same pruner, a fresh SQLite file each. The baseline's objective calls
-``models.train.fit`` with a raw ``trial.report`` / ``trial.should_prune`` callback — no history attr, no
-stop reasons, no spec hash, no data cache. regsweep's arm is ``search.backends.optuna_backend.run``, which
+``regsweep.models.train.fit`` with a raw ``trial.report`` / ``trial.should_prune`` callback — no history attr, no
+stop reasons, no spec hash, no data cache. regsweep's arm is ``regsweep.search.backends.optuna_backend.run``, which
 records everything the Recording contract asks for. Goal: regsweep <= 1.2x the baseline's wall time.
 
     .venv/bin/python benchmarks/sweep_overhead.py [--quick] [--spec studies/digits_cnn.yaml]
@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def plain_optuna(spec, url: str, n_trials: int) -> tuple[float, int, int]:
     import optuna
 
-    from models.train import fit
+    from regsweep.models.train import fit
 
     study = optuna.create_study(storage=url, study_name=spec.name, direction=spec.objective.direction,
                                 sampler=spec.make_sampler(), pruner=spec.make_pruner())
@@ -59,7 +58,7 @@ def regsweep_run(spec, url: str, n_trials: int, artifacts: str | None = None) ->
     """regsweep's loop; artifacts on by default (a SQLite study keeps them beside the database file)."""
     from optuna.trial import TrialState
 
-    from search.backends.optuna_backend import run
+    from regsweep.search.backends.optuna_backend import run
 
     t0 = time.perf_counter()
     result = run(spec, url, spec.name, n_trials=n_trials, device="cpu", artifacts=artifacts, out=io.StringIO())
@@ -72,7 +71,7 @@ def regsweep_run(spec, url: str, n_trials: int, artifacts: str | None = None) ->
 def main(argv: list[str] | None = None) -> int:
     import optuna
 
-    from search.spec import load_spec
+    from regsweep.search.spec import load_spec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--spec", default=str(ROOT / "studies" / "digits_cnn.yaml"))
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tiny:
             over["model.widths"] = [8, 16]
         spec.base = spec.base.with_overrides(over)
-    from models.train import fit
+    from regsweep.models.train import fit
 
     fit(spec.base.with_overrides({"train.epochs": 1}), "cpu")  # warm-up: imports, first-step costs
     rows = []

@@ -1,4 +1,4 @@
-"""Per-epoch overhead of regsweep's ``models.train.fit()`` against a hand-written "seeds-style" loop.
+"""Per-epoch overhead of regsweep's ``regsweep.models.train.fit()`` against a hand-written "seeds-style" loop.
 
 What is compared, in ONE process, on the CPU, with the same torch thread count and the same process-wide
 torch settings (``configure_torch`` of the config, applied before both):
@@ -7,7 +7,7 @@ torch settings (``configure_torch`` of the config, applied before both):
   ``TensorDataset`` (shuffled by a ``RandomSampler`` seeded with ``train.seed``), ``model.train()``, forward,
   cross-entropy, ``zero_grad``/``backward``/``step`` with a hand-made optimizer of the same kind and
   hyper-parameters, and one validation pass per epoch (eval mode, no grad, loss and accuracy).
-- **fit**: ``models.train.fit`` on the SAME model (``models.build.make_model``, same seed, so the same
+- **fit**: ``regsweep.models.train.fit`` on the SAME model (``regsweep.models.build.make_model``, same seed, so the same
   initial weights), the same normalised tensors, batch size and optimizer settings. Per epoch fit does all
   the baseline does plus its bookkeeping (history record, early-stopping state, a state-dict copy when
   the epoch improves) and one extra eval-mode pass over a fixed training subset (``train_eval_loss``,
@@ -45,13 +45,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(ROOT))
 
-from models import data as data_mod  # noqa: E402
-from models.build import build, make_model  # noqa: E402
-from models.config import TrainConfig  # noqa: E402
-from models.train import configure_torch, fit  # noqa: E402
+from regsweep.models import data as data_mod  # noqa: E402
+from regsweep.models.build import build, make_model  # noqa: E402
+from regsweep.models.config import TrainConfig  # noqa: E402
+from regsweep.models.train import configure_torch, fit  # noqa: E402
 
 GOAL = 1.03
 DIGITS_YAML = ROOT / "studies" / "base" / "digits_cnn.yaml"

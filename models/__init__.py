@@ -3,4 +3,6 @@
 Nothing here imports search code, Optuna or Ray. Importing the package does no work.
 """
 
-__version__ = "0.1.0"
+if __name__ == "models":  # imported by its pre-0.2 name (a checkout on sys.path): refuse in one line
+    raise ImportError("regsweep 0.2 moved 'models' to 'regsweep.models': import regsweep.models instead "
+                      "(README: Breaking changes in 0.2)")

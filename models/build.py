@@ -21,14 +21,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models import data as data_mod
-from models.cnn import MODELS
-from models.config import ConfigError, TrainConfig
-from models.init import initialize
-from models.optim import make_optimizer
-from models.regularize import BatchRegularizer, Penalty, loss_function, penalty_and_batch
-from models.resnet import ResNet  # noqa: F401  (registers resnet18/resnet20 in MODELS)
-from models.schedulers import LRSchedule, make_schedule
+from regsweep.models import data as data_mod
+from regsweep.models.cnn import MODELS
+from regsweep.models.config import ConfigError, TrainConfig
+from regsweep.models.init import initialize
+from regsweep.models.optim import make_optimizer
+from regsweep.models.regularize import BatchRegularizer, Penalty, loss_function, penalty_and_batch
+from regsweep.models.resnet import ResNet  # noqa: F401  (registers resnet18/resnet20 in MODELS)
+from regsweep.models.schedulers import LRSchedule, make_schedule
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.layers import ConvBlock, Head, flat_features
-from models.registry import Registry
+from regsweep.models.layers import ConvBlock, Head, flat_features
+from regsweep.models.registry import Registry
 
 MODELS: Registry = Registry("model")
 

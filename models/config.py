@@ -333,7 +333,7 @@ def _in_registry(path: str, value: str, names: list[str]) -> None:
 
 
 def _validate(cfg: TrainConfig) -> None:
-    from models import cnn, data, init, layers, optim, resnet, schedulers  # noqa: F401 (registries)
+    from regsweep.models import cnn, data, init, layers, optim, resnet, schedulers  # noqa: F401 (registries)
 
     m = cfg.model
     _in_registry("model.name", m.name, cnn.MODELS.names())

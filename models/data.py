@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from models.config import ConfigError, DataConfig
-from models.registry import Registry
+from regsweep.models.config import ConfigError, DataConfig
+from regsweep.models.registry import Registry
 
 
 @dataclass

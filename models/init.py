@@ -7,7 +7,7 @@ from typing import Callable
 
 from torch import nn
 
-from models.registry import Registry
+from regsweep.models.registry import Registry
 
 INITS: Registry[Callable[[nn.Module], None]] = Registry("init")
 _WEIGHTED = (nn.Conv2d, nn.Linear)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.registry import Registry
+from regsweep.models.registry import Registry
 
 ACTIVATIONS: Registry = Registry("activation")
 ACTIVATIONS.add("relu", lambda: nn.ReLU(inplace=True))

@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from models.config import OptimConfig
-from models.registry import Registry
-from models.regularize import param_groups
+from regsweep.models.config import OptimConfig
+from regsweep.models.registry import Registry
+from regsweep.models.regularize import param_groups
 
 OPTIMIZERS: Registry[Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = Registry("optimizer")
 

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from models.config import RegularizationConfig
+from regsweep.models.config import RegularizationConfig
 
 
 def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from models.cnn import MODELS
-from models.layers import ACTIVATIONS, Head, conv_bn_act
+from regsweep.models.cnn import MODELS
+from regsweep.models.layers import ACTIVATIONS, Head, conv_bn_act
 
 
 class BasicBlock(nn.Module):

@@ -20,8 +20,8 @@ from typing import Callable, Optional
 import torch
 from torch.optim import lr_scheduler as tls
 
-from models.config import SchedulerConfig
-from models.registry import Registry
+from regsweep.models.config import SchedulerConfig
+from regsweep.models.registry import Registry
 
 
 @dataclass

@@ -13,7 +13,7 @@ Resuming: ``train(..., checkpoint=fn)`` hands ``fn`` the training state at the e
 training goes on, and ``train(..., state=that_state)`` resumes from it, giving exactly the later epochs of the
 uninterrupted run (the Ray backend's HyperBand pauses and resumes trials this way).
 
-Run as ``python -m models.train CONFIG.yaml [--device cpu|cuda] [--out DIR]``.
+Run as ``python -m regsweep.models.train CONFIG.yaml [--device cpu|cuda] [--out DIR]``.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from models.build import Parts, build, resolve_device
-from models.config import MONITORS, ConfigError, TrainConfig
-from models.data import BatchLoader
+from regsweep.models.build import Parts, build, resolve_device
+from regsweep.models.config import MONITORS, ConfigError, TrainConfig
+from regsweep.models.data import BatchLoader
 
 Report = Callable[[int, dict[str, Any]], Any]
 Checkpoint = Callable[[dict[str, Any]], None]  # called with train()'s state at the end of an epoch
@@ -321,7 +321,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: TrainConfig, histor
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu") -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model from the checkpoint's own config and load its weights (no pickled objects)."""
-    from models.build import make_model
+    from regsweep.models.build import make_model
 
     payload = torch.load(path, map_location=device, weights_only=True)
     cfg = TrainConfig.from_dict(payload["config"])
@@ -373,7 +373,7 @@ def run_training(config_path: str, device: str | None = None, out: str | None = 
     return 0
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m models.train") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m regsweep.models.train") -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Train one TrainConfig YAML.")
     parser.add_argument("config", help="TrainConfig YAML file")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")

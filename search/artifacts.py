@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from models.config import ConfigError
+from regsweep.models.config import ConfigError
 
 ARTIFACTS_ATTR = "regsweep:artifacts"
 OFF = "off"
@@ -50,7 +50,7 @@ def normalize(location: str, flag: str = "--artifacts") -> str:
 
 def default_location(url: str) -> Optional[str]:
     """``<db stem>-artifacts`` beside a SQLite database file; None for other storages."""
-    from search.storage import sqlite_file
+    from regsweep.search.storage import sqlite_file
 
     file = sqlite_file(url)
     if file is None:
@@ -127,7 +127,7 @@ def upload_trial(store, trial, history: list[dict[str, Any]], best_epoch: Option
     artifact ids. Errors warn on stderr and return what was uploaded."""
     from optuna.artifacts import upload_artifact
 
-    from search.plots import curves_png
+    from regsweep.search.plots import curves_png
 
     ids: list[str] = []
     try:
@@ -153,7 +153,7 @@ def upload_trial_end(store, trial, history: list[dict[str, Any]], state: str, va
                      storage_label: str) -> list[str]:
     """A live (RUNNING) ``optuna.trial.Trial`` at its end: its curves and its export with the FINAL state and
     value (the trial is told right after). Both backends call this; the Ray driver for every Ray trial."""
-    from search.export import config_yaml, provenance, trial_config
+    from regsweep.search.export import config_yaml, provenance, trial_config
 
     view = trial._cached_frozen_trial if hasattr(trial, "_cached_frozen_trial") else \
         trial.study._storage.get_trial(trial._trial_id)

@@ -13,21 +13,21 @@ dropped, median of the rest:
 (a) **seeds**: the seed scripts' loop: ``DataLoader(TensorDataset(host tensors), batch_size=64,
     shuffle=True)``, fp32, a host->device copy of every batch, ``loss.item()`` every step, a validation pass
     per epoch, torch's default settings (no TF32 matmuls, no cudnn.benchmark), no augmentation;
-(b) **fit**: ``models.train.fit`` with the study's own config: data loaded onto the device once, batches
+(b) **fit**: ``regsweep.models.train.fit`` with the study's own config: data loaded onto the device once, batches
     by index there, the validation and train-eval passes, and every epoch recorded through
-    ``search.record.Recorder`` into an in-memory sink (the trial's recording path minus the database: each
+    ``regsweep.search.record.Recorder`` into an in-memory sink (the trial's recording path minus the database: each
     write is JSON-serialised, as a storage would).
 
 Printed per workload: epoch seconds, images/s (training images per second of epoch), the speedup (a)/(b);
 for ResNet-18 the achieved TFLOP/s of fit: FLOPs counted with ``torch.utils.flop_counter.FlopCounterMode``
 on one real training step (forward AND backward counted, not forward x 3) plus the forward FLOPs of the
 validation and train-eval passes, divided by the epoch seconds. Then **packing**: K = 1, 2, 4 worker
-processes (``python -m search.bench --pack-worker``), each loading the mnist_cnn data onto the device once and
+processes (``python -m regsweep.search.bench --pack-worker``), each loading the mnist_cnn data onto the device once and
 warming up, then started together to run the same number of short recorded fits; trials/hour =
 K x trials / (last end - first start). On the CPU each process gets ``cores // K`` threads.
 
 Imports neither optuna nor ray: a bare GPU host runs it from the source tree with
-``PYTHONPATH=. python -m search.bench --device cuda`` (``benchmarks/gpu_check.sh``). Timings are printed
+``python -m regsweep.search.bench --device cuda`` (``benchmarks/gpu_check.sh``). Timings are printed
 (and saved with ``--json``), never asserted; the targets of issue 11 are printed for full-size runs.
 """
 
@@ -49,14 +49,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from models.build import build, make_model, resolve_device
-from models.config import ConfigError, TrainConfig, load_yaml_file
-from models.data import DataBundle, load
-from models.train import configure_torch, fit, set_tf32
-from search.record import Recorder
-from search.spec import Objective
+from regsweep.models.build import build, make_model, resolve_device
+from regsweep.models.config import ConfigError, TrainConfig, load_yaml_file
+from regsweep.models.data import DataBundle, load
+from regsweep.models.train import configure_torch, fit, set_tf32
+from regsweep.search.record import Recorder
+from regsweep.search.spec import Objective
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the regsweep package (its folder holds studies/)
 STUDIES = ROOT / "studies"
 WORKLOADS = ("mnist_cnn", "resnet18", "packing")
 SEEDS_BATCH = 64
@@ -176,7 +176,7 @@ def run_seeds(cfg: TrainConfig, host: DataBundle, dev: torch.device, epochs: int
 
 
 class MemorySink:
-    """A ``search.record`` sink that keeps what a storage would get, JSON-serialised as a storage does."""
+    """A ``regsweep.search.record`` sink that keeps what a storage would get, JSON-serialised as a storage does."""
 
     def __init__(self) -> None:
         self.attrs: dict[str, Any] = {}
@@ -217,7 +217,7 @@ def count_flops(cfg: TrainConfig, bundle: DataBundle, dev: torch.device, n: int 
     """(training FLOPs per image: forward + backward as counted, forward FLOPs per image) of cfg's model."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.train import _autocast
+    from regsweep.models.train import _autocast
 
     parts = build(cfg, dev, data=bundle)
     x, y = bundle.train.x[:n], bundle.train.y[:n]
@@ -289,7 +289,10 @@ def measure_packing(sizes: Sizes, dev: torch.device, ks: tuple[int, ...] = PACK_
     cfg, objective = workload_config("mnist_cnn", sizes, dev)
     cfg = synthetic(cfg, [1, 28, 28], n_train, max(n_train // 6, 10), epochs)
     job = {"config": cfg.to_dict(), "objective": vars(objective), "device": str(dev), "trials": trials}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    import regsweep  # the pack workers import the same regsweep as this process (installed, or gpu_check.sh's link)
+
+    home = str(Path(regsweep.__path__[0]).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [home, os.environ.get("PYTHONPATH")])))
     cores = _cores()
     rounds: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="regsweep-bench-") as tmp:
@@ -298,7 +301,7 @@ def measure_packing(sizes: Sizes, dev: torch.device, ks: tuple[int, ...] = PACK_
         try:
             for log in logs:
                 with open(log, "w") as err:
-                    procs.append(subprocess.Popen([sys.executable, "-m", "search.bench", "--pack-worker"], cwd=ROOT,
+                    procs.append(subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.bench", "--pack-worker"], cwd=tmp,
                                                   env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                   stderr=err, text=True))
             for proc in procs:
@@ -455,7 +458,7 @@ def run(device: Optional[str] = None, mode: str = "full", json_path: Optional[st
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``regsweep bench`` and ``python -m search.bench``."""
+    """The flags of ``regsweep bench`` and ``python -m regsweep.search.bench``."""
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes (minutes on a 2-core CPU)")
@@ -477,7 +480,7 @@ def run_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m search.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m regsweep.search.bench", description=__doc__.splitlines()[0])
     add_arguments(p)
     p.add_argument("--pack-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -15,18 +15,18 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-from models.config import ConfigError
-from search.storage import sqlite_file
-from search.workers import SweepFailed, Terminated
+from regsweep.models.config import ConfigError
+from regsweep.search.storage import sqlite_file
+from regsweep.search.workers import SweepFailed, Terminated
 
 DEFAULT_STUDIES_DIR = Path("studies")
 
 
 # ------------------------------------------------------------------------------------ helpers
 def _storage_url(args: argparse.Namespace, spec=None) -> str:
-    from search.storage import check_url, resolve_url
+    from regsweep.search.storage import check_url, resolve_url
 
-    spec_dir = spec.directory if spec is not None else DEFAULT_STUDIES_DIR
+    spec_dir = (Path.cwd() if spec.builtin else spec.directory) if spec is not None else DEFAULT_STUDIES_DIR
     url = resolve_url(getattr(args, "storage", None), spec.storage if spec is not None else None, spec_dir)
     try:
         check_url(url)
@@ -42,7 +42,7 @@ def _load_study(args: argparse.Namespace):
     """The study named by --study-name in the storage, or the only study there."""
     import optuna
 
-    from search.storage import mask, open_storage
+    from regsweep.search.storage import mask, open_storage
 
     url = _storage_url(args)
     storage = open_storage(url, heartbeat=False)
@@ -59,7 +59,7 @@ def _load_study(args: argparse.Namespace):
 
 
 def _warn_sampler_limits(spec) -> None:
-    from search.samplers import limitation_warning
+    from regsweep.search.samplers import limitation_warning
 
     line = limitation_warning(spec.sampler["name"], spec.space)
     if line:
@@ -68,23 +68,23 @@ def _warn_sampler_limits(spec) -> None:
 
 def check_reachable(url: str) -> None:
     """Connect (and write nothing): an unreachable database or a missing driver is bad input."""
-    from search.storage import check_reachable as reach
+    from regsweep.search.storage import check_reachable as reach
 
     reach(url)
 
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.train import run_training
+    from regsweep.models.train import run_training
 
     return run_training(args.config, args.device, args.out)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from search.spec import load_spec
-    from search.storage import mask
+    from regsweep.search.spec import load_spec
+    from regsweep.search.storage import mask
 
-    from search.backends.optuna_backend import check_existing_study
+    from regsweep.search.backends.optuna_backend import check_existing_study
 
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
@@ -100,7 +100,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _load_spec_and_storage(args: argparse.Namespace):
     """The spec and its reachable storage URL: what `run` and `worker` start from."""
-    from search.spec import load_spec
+    from regsweep.search.spec import load_spec
 
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
@@ -124,8 +124,8 @@ def _print_sqlite_file(url: str) -> None:
 
 def _print_outcome(study, url: str, name: str) -> int:
     """The study's summary and how to export and replay its best trial; the run's exit code 0."""
-    from search.report import format_summary, study_summary
-    from search.storage import mask
+    from regsweep.search.report import format_summary, study_summary
+    from regsweep.search.storage import mask
 
     print(format_summary(study_summary(study)))
     print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
@@ -134,9 +134,9 @@ def _print_outcome(study, url: str, name: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from search import workers
-    from search.backends import optuna_backend
-    from search.storage import mask
+    from regsweep.search import workers
+    from regsweep.search.backends import optuna_backend
+    from regsweep.search.storage import mask
 
     if args.backend == "ray":
         return _run_on_ray(args)
@@ -159,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                         artifacts=args.artifacts)
             study = result.study
         else:
-            from search.artifacts import resolve
+            from regsweep.search.artifacts import resolve
 
             study = optuna_backend.open_study_locked(spec, url, name, allow_spec_change=args.allow_spec_change,
                                                      n_trials=args.n_trials)
@@ -178,8 +178,8 @@ def _progress(spec, url: str, name: str):
     the study's dashboard note up to date; nothing when $REGSWEEP_PROGRESS=off."""
     import contextlib
 
-    from search.dashboard import write_note
-    from search.progress import Progress
+    from regsweep.search.dashboard import write_note
+    from regsweep.search.progress import Progress
 
     mode = os.environ.get("REGSWEEP_PROGRESS", "auto")
     if mode not in ("auto", "live", "plain", "off"):
@@ -201,7 +201,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("ray") is None:  # the [ray] extra
         raise ConfigError("--backend: 'ray' is not allowed here; Ray is not installed (pip install 'regsweep[ray]')")
-    from search.backends import ray_backend
+    from regsweep.search.backends import ray_backend
 
     spec, url, name = _run_setup(args)
     _print_sqlite_file(url)
@@ -214,7 +214,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from search import workers
+    from regsweep.search import workers
 
     spec, url = _load_spec_and_storage(args)
     return workers.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout,
@@ -222,7 +222,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from search.dashboard import serve
+    from regsweep.search.dashboard import serve
 
     url = _storage_url(args)
     check_reachable(url)
@@ -230,8 +230,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from search.report import write_report
-    from search.storage import mask
+    from regsweep.search.report import write_report
+    from regsweep.search.storage import mask
 
     study, url = _load_study(args)
     index = write_report(study, Path(args.out), mask(url))
@@ -242,8 +242,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
-    from search.report import format_summary, study_summary
-    from search.storage import mask, open_storage
+    from regsweep.search.report import format_summary, study_summary
+    from regsweep.search.storage import mask, open_storage
 
     if args.study_name is None:
         url = _storage_url(args)
@@ -259,8 +259,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from search.export import pick_trial, render
-    from search.storage import mask
+    from regsweep.search.export import pick_trial, render
+    from regsweep.search.storage import mask
 
     study, url = _load_study(args)
     trial = pick_trial(study, args.trial)
@@ -279,7 +279,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from search.bench import run_args
+    from regsweep.search.bench import run_args
 
     return run_args(args)
 

@@ -17,7 +17,7 @@ import socket
 import sys
 from typing import Any, Optional, TextIO
 
-from models.config import ConfigError
+from regsweep.models.config import ConfigError
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -35,7 +35,7 @@ def study_stores(storage, flag: Optional[str]):
     """The artifact store the dashboard reads: --artifacts, else every location recorded by the studies."""
     import optuna
 
-    from search.artifacts import ARTIFACTS_ATTR, OFF, AnyStore, normalize, open_store
+    from regsweep.search.artifacts import ARTIFACTS_ATTR, OFF, AnyStore, normalize, open_store
 
     if flag is not None:
         loc = normalize(flag)
@@ -55,7 +55,7 @@ def make_app(url: str, artifacts: Optional[str] = None):
     """optuna-dashboard's WSGI app on the storage; returns (app, artifact locations)."""
     import optuna_dashboard
 
-    from search.storage import open_storage
+    from regsweep.search.storage import open_storage
 
     storage = open_storage(url, heartbeat=False)
     store, locations = study_stores(storage, artifacts)
@@ -67,7 +67,7 @@ def serve(url: str, host: str = "127.0.0.1", port: int = 8080, artifacts: Option
     """Serve until interrupted."""
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-    from search.storage import mask
+    from regsweep.search.storage import mask
 
     out = out or sys.stdout
     if not 0 <= port < 65536:
@@ -104,7 +104,7 @@ def serve(url: str, host: str = "127.0.0.1", port: int = 8080, artifacts: Option
 # ------------------------------------------------------------------------------------ study note
 def note_body(study, spec) -> str:
     """Markdown: the spec summary and the best trial so far."""
-    from search.report import study_summary, value_text
+    from regsweep.search.report import study_summary, value_text
 
     s = study_summary(study)
     lines = [f"# {spec.name}", ""]

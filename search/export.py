@@ -1,6 +1,6 @@
 """Export a trial's configuration as a file the plain training code reproduces.
 
-- ``yaml``: the complete TrainConfig (``regsweep train best.yaml`` / ``models.build``), provenance as a
+- ``yaml``: the complete TrainConfig (``regsweep train best.yaml`` / ``regsweep.models.build``), provenance as a
   comment header, so the file stays one plain TrainConfig.
 - ``json``: ``{"config": {...}, "provenance": {...}}``.
 - ``params``: the trial's sampled params, flat dotted paths (what ``TrainConfig.with_overrides`` takes).
@@ -15,8 +15,8 @@ import datetime as dt
 import json
 from typing import Any, Optional
 
-from models import __version__ as regsweep_version
-from models.config import ConfigError, TrainConfig, dump_yaml
+from regsweep import __version__ as regsweep_version
+from regsweep.models.config import ConfigError, TrainConfig, dump_yaml
 
 FORMATS = ("yaml", "json", "params")
 

@@ -15,14 +15,14 @@ from typing import Optional
 
 import torch
 
-from models.build import build, resolve_device
-from models.config import ConfigError, DataConfig, TrainConfig
-from models.data import DataBundle, load
-from models.train import fit
-from search.record import FAIL, PRUNED, Recorder, failure_reason
-from search.spec import StudySpec
-from search.storage import TrialWriter, retry_transient
-from search.workers import Terminated, check_signals
+from regsweep.models.build import build, resolve_device
+from regsweep.models.config import ConfigError, DataConfig, TrainConfig
+from regsweep.models.data import DataBundle, load
+from regsweep.models.train import fit
+from regsweep.search.record import FAIL, PRUNED, Recorder, failure_reason
+from regsweep.search.spec import StudySpec
+from regsweep.search.storage import TrialWriter, retry_transient
+from regsweep.search.workers import Terminated, check_signals
 
 BASE_ATTR = "regsweep:base"
 # data fields that do not change the loaded tensors
@@ -65,7 +65,7 @@ class Objective:
     def upload_artifacts(self, trial, recorder: Recorder, state: str, value: Optional[float]) -> None:
         """The trial's curves and exported config, at its end, before it is told (search/artifacts.py)."""
         if self.artifact_store is not None and recorder.history:
-            from search.artifacts import upload_trial_end
+            from regsweep.search.artifacts import upload_trial_end
 
             upload_trial_end(self.artifact_store, trial, recorder.history, state, value, self.storage_label)
 
@@ -77,8 +77,8 @@ class Objective:
 
     def verdict(self, trial, epoch: int) -> Optional[str]:
         """The study's pruner on this trial after ``epoch``, as a stop reason (or None)."""
-        from search.pruners.compose import stop_verdict
-        from search.pruners.registry import label
+        from regsweep.search.pruners.compose import stop_verdict
+        from regsweep.search.pruners.registry import label
 
         pruner = trial.study.pruner
         if not hasattr(pruner, "verdict"):  # Optuna's own pruners: through the public API

@@ -109,7 +109,7 @@ class Progress:
         if self._study is None:
             import optuna
 
-            from search.storage import open_existing
+            from regsweep.search.storage import open_existing
 
             storage = open_existing(self.url)
             if storage is None:
@@ -141,7 +141,7 @@ class Progress:
         return s
 
     def _run(self) -> None:
-        from search.storage import transient_errors
+        from regsweep.search.storage import transient_errors
 
         while not self._stop.wait(self.interval):
             try:

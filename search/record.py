@@ -7,7 +7,7 @@ Per epoch exactly one history write (the ``history`` user attr: the list of per-
 reading, never used to choose). The trial's value is the best epoch's objective.
 
 A *sink* has ``write(attrs, report=None)``: set several user attrs and (optionally) report ``(value, step)``
-in one storage transaction — ``search.storage.TrialWriter`` for a live Optuna trial, or the storage-backed
+in one storage transaction — ``regsweep.search.storage.TrialWriter`` for a live Optuna trial, or the storage-backed
 sink the Ray backend uses. Per trial that is one write at the start (``config``), one per epoch and one at
 the end.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Optional, Protocol
 
-from search.spec import Objective
+from regsweep.search.spec import Objective
 
 ATTR_PREFIX = "regsweep:"
 
@@ -55,7 +55,7 @@ def outcome(stop_reason: str) -> str:
 
 
 class Recorder:
-    """Records one trial. ``on_epoch`` is the ``report`` callback of ``models.train.fit``: it writes the
+    """Records one trial. ``on_epoch`` is the ``report`` callback of ``regsweep.models.train.fit``: it writes the
     epoch, then asks ``verdict(epoch)`` (if given) for a stop reason — ``pruned:<pruner>@<epoch>``,
     ``stopped:overfit:<rule>@<epoch>`` — and returns it to stop the run."""
 
@@ -82,7 +82,7 @@ class Recorder:
         return self.verdict(epoch) if self.verdict is not None else None
 
     def finish(self, hist) -> tuple[str, Optional[float]]:
-        """Write the final attrs from a ``models.train.History``; returns (outcome, value)."""
+        """Write the final attrs from a ``regsweep.models.train.History``; returns (outcome, value)."""
         attrs = {"n_params": hist.n_params, "device": hist.device, "seed": hist.seed,
                  "num_threads": hist.num_threads, "split_fingerprint": hist.split_fingerprint,
                  "torch_version": hist.torch_version, **hist.test}

@@ -104,7 +104,7 @@ def _optuna_plots(study, out) -> list[tuple[str, str, str]]:
 
 
 def _curves_plot(trials, objective: str, path) -> None:
-    from search.plots import draw_curves, new_figure
+    from regsweep.search.plots import draw_curves, new_figure
 
     fig = new_figure(10, 2.6 * len(trials))
     axes = fig.subplots(len(trials), 2, squeeze=False)
@@ -117,7 +117,7 @@ def _curves_plot(trials, objective: str, path) -> None:
 
 
 def _bars_plot(counts: dict[str, int], title: str, path, colors: dict[str, str] | None = None) -> None:
-    from search.plots import new_figure
+    from regsweep.search.plots import new_figure
 
     items = sorted(counts.items(), key=lambda kv: -kv[1])
     fig = new_figure(8, 0.45 * len(items) + 1.2)
@@ -143,7 +143,7 @@ def write_report(study, out, storage_masked: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")  # Optuna's plots use pyplot: never a display
-    from models.config import ConfigError
+    from regsweep.models.config import ConfigError
 
     out = Path(out)
     if out.exists() and not out.is_dir():

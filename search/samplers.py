@@ -19,8 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from models.config import ConfigError
-from models.registry import Registry
+from regsweep.models.config import ConfigError
+from regsweep.models.registry import Registry
 
 SamplerFactory = Callable[[int | None, dict[str, Any], Any], Any]
 SAMPLERS: Registry[SamplerFactory] = Registry("sampler")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
+from regsweep.models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
 
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from models.config import ConfigError, TrainConfig, load_yaml_file
-from search.space import Space, build_space
+from regsweep.models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
+from regsweep.search.space import Space, build_space
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
                "storage", "ray")
@@ -51,6 +51,39 @@ class Objective:
         return 1.0 if self.direction == "minimize" else -1.0
 
 
+# TrainConfig's leaf fields in regsweep 0.1.0. A field added later is left out of the spec hash while it is at
+# its default, so a study made before the field existed resumes without --allow-spec-change (Compatibility
+# contract in docs/architecture.md; tests/test_golden.py). Never remove a name from this set.
+FIELDS_0_1 = frozenset({
+    "model.name", "model.widths", "model.hidden", "model.dropout", "model.bn", "model.init",
+    "model.activation", "data.name", "data.root", "data.val_fraction", "data.test_fraction", "data.split_seed",
+    "data.batch_size", "data.augment", "data.num_workers", "data.download", "data.n_samples", "data.shape",
+    "data.num_classes", "data.label_noise", "optim.name", "optim.lr", "optim.momentum", "optim.nesterov",
+    "optim.betas", "optim.weight_decay", "regularization.l1", "regularization.l2",
+    "regularization.label_smoothing", "regularization.mixup_alpha", "regularization.cutmix_alpha",
+    "regularization.mix_prob", "regularization.input_noise_std", "scheduler.name", "scheduler.step_size",
+    "scheduler.gamma", "scheduler.milestones", "scheduler.eta_min", "scheduler.warmup_epochs",
+    "scheduler.factor", "scheduler.patience", "scheduler.max_lr", "scheduler.pct_start", "train.epochs",
+    "train.seed", "train.num_threads", "train.deterministic", "train.early_stopping.monitor",
+    "train.early_stopping.patience", "train.early_stopping.min_delta", "train.early_stopping.restore_best",
+    "train.precision", "train.channels_last", "train.compile", "train.train_eval_size",
+})
+
+
+def hashable_config(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg.to_dict()`` without the fields added after 0.1.0 that are at their default."""
+    data, default = cfg.to_dict(), TrainConfig().to_dict()
+    for path in config_paths():
+        if path in FIELDS_0_1 or get_path(data, path) != get_path(default, path):
+            continue
+        *parents, leaf = path.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+    return data
+
+
 @dataclass
 class StudySpec:
     name: str
@@ -68,6 +101,7 @@ class StudySpec:
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the spec path as the user typed it (error messages)
     ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (search/backends/ray_backend.py)
+    builtin: bool = False  # run by bare name from regsweep.studies: default storage in the working directory
 
     @property
     def directory(self) -> Path:
@@ -75,7 +109,7 @@ class StudySpec:
 
     def canonical(self) -> dict[str, Any]:
         """What defines the search (not the budget, name or storage): hashed and stored in the study."""
-        canonical = {"base": self.base.to_dict(), "objective": vars(self.objective), "space": self.space.to_dict(),
+        canonical = {"base": hashable_config(self.base), "objective": vars(self.objective), "space": self.space.to_dict(),
                      "sampler": self.sampler, "pruner": self.pruner, "enqueue": self.enqueue}
         if self.ray:  # only when given: specs without it keep their hash
             canonical["ray"] = self.ray
@@ -86,13 +120,13 @@ class StudySpec:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def make_sampler(self):
-        from search.samplers import make_sampler
+        from regsweep.search.samplers import make_sampler
 
         return make_sampler(self.sampler["name"], self.sampler.get("seed"), self.sampler.get("args", {}),
                             self.space)
 
     def make_pruner(self):
-        from search.pruners.registry import PrunerContext, build_pruner
+        from regsweep.search.pruners.registry import PrunerContext, build_pruner
 
         return build_pruner(self.pruner, PrunerContext(self.base.train.epochs, self.source or str(self.path)))
 
@@ -112,9 +146,23 @@ def _mapping(source: str, fld: str, value: Any, allowed_keys: tuple[str, ...]) -
     return value
 
 
+BUILTIN_STUDIES = Path(__file__).resolve().parents[1] / "studies"  # regsweep.studies (the repo's studies/)
+
+
+def builtin_study(name: str) -> Optional[Path]:
+    """The built-in spec ``regsweep.studies/<name>.yaml`` for a bare study name (``digits_cnn``), else None."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        return None
+    path = BUILTIN_STUDIES / f"{name}.yaml"
+    return path if path.is_file() else None
+
+
 def load_spec(path: str | Path) -> StudySpec:
-    path = Path(path)
+    """Load and validate a spec file; a bare name that is no file (``digits_cnn``) is a built-in study, whose
+    default storage is ``./regsweep.db`` in the working directory (``StudySpec.builtin``)."""
     source = str(path)
+    builtin = None if Path(path).exists() else builtin_study(source)
+    path = builtin or Path(path)
     try:
         data = load_yaml_file(path)
     except ConfigError as exc:
@@ -124,7 +172,9 @@ def load_spec(path: str | Path) -> StudySpec:
     if not isinstance(data, Mapping):
         raise SpecError(f"{source}: the document is a {type(data).__name__}, not a mapping of spec fields "
                         f"({', '.join(SPEC_FIELDS)})")
-    return parse_spec(data, path.resolve(), source)
+    spec = parse_spec(data, path.resolve(), source)
+    spec.builtin = builtin is not None
+    return spec
 
 
 def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
@@ -158,7 +208,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     smp = _mapping(source, "sampler", data.get("sampler"), ("name", "seed", "args"))
     if not isinstance(smp.get("args") or {}, Mapping):
         raise _fail(source, "sampler.args", smp.get("args"), "must be a mapping of keyword arguments")
-    from search.samplers import SAMPLERS
+    from regsweep.search.samplers import SAMPLERS
 
     sampler = {"name": smp.get("name", "tpe"), "seed": smp.get("seed", 0), "args": dict(smp.get("args") or {})}
     if sampler["name"] not in SAMPLERS:
@@ -180,7 +230,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     if storage is not None and not isinstance(storage, str):
         raise _fail(source, "storage", storage, "must be a storage URL string")
 
-    from search.backends.ray_backend import parse_ray_section  # imports no Ray
+    from regsweep.search.backends.ray_backend import parse_ray_section  # imports no Ray
 
     ray = parse_ray_section(data.get("ray"), source, base.train.epochs)
     spec = StudySpec(name, path, base, Objective(metric, direction), space, sampler, data.get("pruner"),

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from models.config import ConfigError
+from regsweep.models.config import ConfigError
 
 SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_INTERVAL = 30  # seconds between a running trial's heartbeats ($REGSWEEP_HEARTBEAT_INTERVAL)

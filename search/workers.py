@@ -32,8 +32,8 @@ import threading
 import time
 from typing import Iterator, Optional, TextIO
 
-from models.config import ConfigError
-from search.storage import adopt_orphans, check_url, retry_transient, sqlite_file, transient_errors
+from regsweep.models.config import ConfigError
+from regsweep.search.storage import adopt_orphans, check_url, retry_transient, sqlite_file, transient_errors
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
 WORKER_ENV = "REGSWEEP_WORKER"  # worker label printed in front of its lines
@@ -205,7 +205,7 @@ def _requeue(study, trial_id: int) -> None:
 
     import optuna
 
-    from search.storage import MAX_RETRY
+    from regsweep.search.storage import MAX_RETRY
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -245,7 +245,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
     import optuna
     from optuna.trial import TrialState
 
-    from search.backends.optuna_backend import trial_line
+    from regsweep.search.backends.optuna_backend import trial_line
 
     out = out or sys.stdout
     TRANSIENT = transient_errors()
@@ -380,7 +380,7 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     """Start one ``regsweep worker`` process per env, forward SIGTERM/SIGINT, wait; the worst exit code wins
     (0 only when every worker finished the budget)."""
     out = out or sys.stdout
-    cmd = [sys.executable, "-m", "search.cli", "worker", spec_path, "--storage", url, "--study-name", study_name]
+    cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", "worker", spec_path, "--storage", url, "--study-name", study_name]
     if device:
         cmd += ["--device", device]
     if timeout is not None:
@@ -427,7 +427,7 @@ def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None
     The budget is the study's (set by the ``run`` that created or resumed it), else the spec's. Each worker
     reseeds its sampler: workers built from one seeded spec would otherwise all draw the same params.
     """
-    from search.backends.optuna_backend import budget, make_objective, open_study_locked
+    from regsweep.search.backends.optuna_backend import budget, make_objective, open_study_locked
 
     apply_thread_share()
     study = retry_transient(open_study_locked, spec, url, study_name)

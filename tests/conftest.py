@@ -21,7 +21,7 @@ def require(ok: bool, what: str) -> None:
 @pytest.fixture
 def tiny_cfg():
     """A seconds-fast digits config (tiny CNN, few epochs, one thread)."""
-    from models.config import TrainConfig
+    from regsweep.models.config import TrainConfig
 
     return TrainConfig.from_dict({
         "model": {"name": "cnn", "widths": [8, 16]},
@@ -37,8 +37,8 @@ MYSQL_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 
 
 def reachable(url: str) -> bool:
-    from models.config import ConfigError
-    from search.storage import check_reachable
+    from regsweep.models.config import ConfigError
+    from regsweep.search.storage import check_reachable
 
     try:
         check_reachable(url)
@@ -100,7 +100,7 @@ enqueue: [{}, {model.dropout: 0.0, regularization.l2: 1.0e-6}, {model.dropout: 0
 def swept_study(tmp_path_factory):
     """A 5-trial digits sweep run once through `regsweep run` on SQLite (artifacts on by default).
     Returns (spec path, storage url, artifact dir). Tests must not change it."""
-    from search.cli import main
+    from regsweep.search.cli import main
 
     root = tmp_path_factory.mktemp("swept")
     spec = root / "swept.yaml"

@@ -13,10 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional, TextIO
 
-from models.config import ConfigError
-from search.objective import BASE_ATTR, Objective
-from search.spec import StudySpec
-from search.storage import mask, open_storage
+from regsweep.models.config import ConfigError
+from regsweep.search.objective import BASE_ATTR, Objective
+from regsweep.search.spec import StudySpec
+from regsweep.search.storage import mask, open_storage
 
 SPEC_HASH_ATTR = "regsweep:spec_hash"
 SPEC_ATTR = "regsweep:spec"
@@ -58,7 +58,7 @@ def check_existing_study(spec: StudySpec, url: str, study_name: str) -> None:
     """Read-only version of open_study's checks (for `validate`): creates no file, table or study."""
     import optuna
 
-    from search.storage import open_existing
+    from regsweep.search.storage import open_existing
 
     storage = open_existing(url)
     if storage is None:
@@ -129,7 +129,7 @@ def open_study_locked(spec: StudySpec, url: str, study_name: str, *, allow_spec_
     """open_study + enqueue under the budget lock, so workers starting at the same instant on a new study
     make one study and enqueue its first trials once. ``n_trials`` (from ``run``) becomes the study's budget,
     which workers joining later read."""
-    from search.workers import budget_lock
+    from regsweep.search.workers import budget_lock
 
     with budget_lock(url, study_name):
         study, created = open_study(spec, url, study_name, allow_spec_change=allow_spec_change)
@@ -147,7 +147,7 @@ def budget(study, spec: StudySpec) -> int:
 def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = None, artifacts: Optional[str] = None,
                    coordinator: bool = True, out: Optional[TextIO] = None) -> Objective:
     """The worker's objective with the study's artifact store attached (search/artifacts.py)."""
-    from search.artifacts import open_store, resolve
+    from regsweep.search.artifacts import open_store, resolve
 
     objective = Objective(spec, device)
     objective.storage_label = mask(url)
@@ -164,7 +164,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     """One in-process worker: the same loop every worker runs (search/workers.py)."""
     import optuna
 
-    from search.workers import terminate_on_sigterm, worker_loop
+    from regsweep.search.workers import terminate_on_sigterm, worker_loop
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out or sys.stdout

@@ -1,6 +1,6 @@
 """Run a study spec on Ray Tune, recorded exactly like the Optuna backend.
 
-A Tuner runs a function trainable that calls ``models.train.fit`` and reports every epoch to Ray. Trials come
+A Tuner runs a function trainable that calls ``regsweep.models.train.fit`` and reports every epoch to Ray. Trials come
 from the study's own Optuna sampler through :class:`StudySearcher` (``study.ask`` + the spec's space sampled
 define-by-run, conditions included) on the SAME RDB study, under the same budget lock as the Optuna workers, so
 ``n_trials`` stays the study's total of COMPLETE + PRUNED trials across runs and backends. search/record.py
@@ -22,7 +22,7 @@ The spec's optional ``ray:`` section (read by this backend only)::
       overfit: {patience: 3, window: 3}    # the overfit rule as a Ray stopper (search/pruners/overfit.py)
 
 HyperBand pauses and resumes trials: under it the trainable reports every epoch with a Ray checkpoint holding
-``models.train``'s training state (``train(checkpoint=...)``) and a resumed trial continues from it
+``regsweep.models.train``'s training state (``train(checkpoint=...)``) and a resumed trial continues from it
 (``train(state=...)``, an exact replay) and continues the trial's recorded history (``resumed_at`` lists the epochs
 it resumed at). A paused trial stays RUNNING in the study with no process beating its heartbeat; while Ray runs,
 the driver beats the heartbeat of every trial it asked that Ray has not finished (:class:`_OpenTrialsHeartbeat`),
@@ -47,11 +47,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, TextIO
 
-from models.config import ConfigError
-from search.backends.optuna_backend import (BUDGET_ATTR, RunResult, budget, done_count, open_study_locked,
+from regsweep.models.config import ConfigError
+from regsweep.search.backends.optuna_backend import (BUDGET_ATTR, RunResult, budget, done_count, open_study_locked,
                                             trial_line)
-from search.spec import StudySpec
-from search.storage import mask
+from regsweep.search.spec import StudySpec
+from regsweep.search.storage import mask
 
 STORAGE_ENV = "REGSWEEP_RAY_STORAGE"  # the storage URL, in every Ray worker's environment
 RESULTS_ENV = "REGSWEEP_RAY_RESULTS"  # Ray's storage path (experiment dirs); default ~/ray_results
@@ -139,7 +139,7 @@ def parse_ray_section(value: Any, source: str, epochs: int) -> dict[str, Any]:
         if not isinstance(args, Mapping):
             raise _bad(source, "ray.overfit", args, "must be a mapping of overfit args (warmup, patience, "
                        "min_delta, window, on_fire)")
-        from search.pruners.overfit import OverfitPruner
+        from regsweep.search.pruners.overfit import OverfitPruner
 
         try:
             OverfitPruner(**args)
@@ -177,7 +177,7 @@ def _worker_study(spec: StudySpec, study_name: str, fingerprint: str):
     """The study in this worker process (one storage engine per process, reused by the trials it runs)."""
     import optuna
 
-    from search.storage import open_storage
+    from regsweep.search.storage import open_storage
 
     url = _worker_url(fingerprint)
     key = (url, study_name, spec.spec_hash())
@@ -232,12 +232,12 @@ def _trainable(config: dict[str, Any], spec: Optional[StudySpec] = None, device:
     import optuna
     from ray import tune
 
-    from models.build import build
-    from models.train import fit
-    from search.objective import DataCache, Objective
-    from search.record import Recorder, failure_reason
-    from search.storage import TrialWriter, retry_transient
-    from search.workers import Heartbeat
+    from regsweep.models.build import build
+    from regsweep.models.train import fit
+    from regsweep.search.objective import DataCache, Objective
+    from regsweep.search.record import Recorder, failure_reason
+    from regsweep.search.storage import TrialWriter, retry_transient
+    from regsweep.search.workers import Heartbeat
 
     study = _worker_study(spec, config["study"], config["storage"])
     trial = optuna.trial.Trial(study, config["trial_id"])
@@ -297,7 +297,7 @@ _RUN: dict[str, Any] = {}  # the driver's live context (study, out, deadline, op
 
 
 def _frozen(study, trial_id: int):
-    from search.storage import retry_transient
+    from regsweep.search.storage import retry_transient
 
     return retry_transient(study._storage.get_trial, trial_id)
 
@@ -306,8 +306,8 @@ def _end_from_driver(spec: StudySpec, study, trial_id: int, reason: str):
     """The end of a trial its trainable could not write (stopped from outside): through record.py."""
     import optuna
 
-    from search.record import Recorder
-    from search.storage import TrialWriter
+    from regsweep.search.record import Recorder
+    from regsweep.search.storage import TrialWriter
 
     trial = optuna.trial.Trial(study, trial_id)
     history = trial._cached_frozen_trial.user_attrs.get("history") or []
@@ -318,7 +318,7 @@ def _tell(study, trial_id: int, state: str, value: Optional[float]):
     """Finish the trial by id, ``state`` a record.py outcome name (search.workers.tell_trial)."""
     from optuna.trial import TrialState
 
-    from search.workers import tell_trial
+    from regsweep.search.workers import tell_trial
 
     return tell_trial(study, trial_id, TrialState[state], value)
 
@@ -326,7 +326,7 @@ def _tell(study, trial_id: int, state: str, value: Optional[float]):
 def finish_trial(spec: StudySpec, study, trial_id: int, *, error: bool, result: Optional[Mapping[str, Any]],
                  scheduler: str) -> Any:
     """Record and tell the end of a Ray trial; returns the finished FrozenTrial (None if finished elsewhere)."""
-    from search.record import FAIL, outcome
+    from regsweep.search.record import FAIL, outcome
 
     frozen = _frozen(study, trial_id)
     if frozen.state.is_finished():  # failed as stale by another worker meanwhile: leave it
@@ -353,7 +353,7 @@ def finish_trial(spec: StudySpec, study, trial_id: int, *, error: bool, result: 
     if store is not None and history:  # at the trial's end, while it is still RUNNING (search/artifacts.py)
         import optuna
 
-        from search.artifacts import upload_trial_end
+        from regsweep.search.artifacts import upload_trial_end
 
         upload_trial_end(store, optuna.trial.Trial(study, trial_id), history, state, value, _RUN["storage_label"])
     return _tell(study, trial_id, state, value)
@@ -361,9 +361,9 @@ def finish_trial(spec: StudySpec, study, trial_id: int, *, error: bool, result: 
 
 def _driver_ask(spec: StudySpec, run_name: str):
     """Under the budget lock: a new trial and its params, None to wait, or "FINISHED"."""
-    from search.backends.optuna_backend import BASE_ATTR
-    from search.storage import retry_transient
-    from search.workers import _ask, _beat_once, _counts, _fail_stale, budget_lock
+    from regsweep.search.backends.optuna_backend import BASE_ATTR
+    from regsweep.search.storage import retry_transient
+    from regsweep.search.workers import _ask, _beat_once, _counts, _fail_stale, budget_lock
 
     ctx = _context()
     study, url = ctx["study"], ctx["url"]
@@ -421,7 +421,7 @@ def _complete(spec: StudySpec, scheduler: str, trial_id: str, result: Optional[d
 
 
 def _overfit_verdict(args: dict[str, Any], trial_id: str) -> Optional[str]:
-    from search.pruners.overfit import OverfitPruner
+    from regsweep.search.pruners.overfit import OverfitPruner
 
     ctx = _context()
     tid = ctx["open"].get(trial_id)
@@ -560,8 +560,8 @@ def _fail_dead_driver(spec: StudySpec, study, run_name: str, out: TextIO) -> lis
     """RUNNING trials the dead driver of ``run_name`` asked: FAIL (``failed:driver died``) and re-queued."""
     from optuna.trial import TrialState
 
-    from search.storage import retry_transient
-    from search.workers import _requeue
+    from regsweep.search.storage import retry_transient
+    from regsweep.search.workers import _requeue
 
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -592,9 +592,9 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     """
     import optuna
 
-    from search.artifacts import open_store
-    from search.artifacts import resolve as resolve_artifacts
-    from search.storage import check_url, sqlite_file
+    from regsweep.search.artifacts import open_store
+    from regsweep.search.artifacts import resolve as resolve_artifacts
+    from regsweep.search.storage import check_url, sqlite_file
 
     out = out or sys.stdout
     cpus = 1 if cpus_per_trial is None else cpus_per_trial
@@ -705,7 +705,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     failures = list(_RUN["failures"])
     _RUN.clear()
     if len(failures) >= MAX_CONSECUTIVE_FAILURES:
-        from search.workers import SweepFailed
+        from regsweep.search.workers import SweepFailed
 
         raise SweepFailed(f"{len(failures)} trials in a row failed; last: {failures[-1]}")
     return RunResult(study, ran, False)

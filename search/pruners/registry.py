@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from models.config import ConfigError
-from models.registry import Registry
+from regsweep.models.config import ConfigError
+from regsweep.models.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ PRUNERS.add("patient", _optuna("PatientPruner"))  # wrapped_pruner is filled in 
 
 @PRUNERS.register("overfit")
 def _overfit(args: dict[str, Any], ctx: PrunerContext):
-    from search.pruners.overfit import OverfitPruner
+    from regsweep.search.pruners.overfit import OverfitPruner
 
     return OverfitPruner(**args)
 
@@ -83,7 +83,7 @@ def label(spec: Any) -> str:
 
 def build_pruner(spec: Any, ctx: PrunerContext, fld: str = "pruner"):
     """Build (and so validate) a pruner spec; errors name the field and the allowed values."""
-    from search.pruners.compose import AllOf, AnyOf
+    from regsweep.search.pruners.compose import AllOf, AnyOf
 
     if spec is None:
         spec = {"name": "none"}

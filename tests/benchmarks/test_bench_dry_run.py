@@ -23,7 +23,7 @@ def _numbers(node):
 def test_dry_run_measures_and_prints_every_figure(tmp_path, capsys, monkeypatch):
     import torch
 
-    from search import bench
+    from regsweep.search import bench
 
     monkeypatch.setattr(bench, "_cores", lambda: 1)  # one thread per process: no spinning on a shared CI box
     threads = torch.get_num_threads()
@@ -60,7 +60,7 @@ def test_dry_run_measures_and_prints_every_figure(tmp_path, capsys, monkeypatch)
 
 
 def test_cli_bench_rejects_an_unknown_workload(capsys):
-    from search.cli import main
+    from regsweep.search.cli import main
 
     assert main(["bench", "--device", "cpu", "--dry-run", "--only", "vgg"]) == 2
     err = capsys.readouterr().err
@@ -75,9 +75,9 @@ def test_bench_imports_neither_optuna_nor_ray():
             "        if name.split('.')[0] in ('optuna', 'ray'):\n"
             "            raise ImportError('blocked ' + name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import search.bench\n"
+            "import regsweep.search.bench\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('optuna', 'ray')))\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                         env={"PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"

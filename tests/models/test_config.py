@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from models.cnn import MODELS
-from models.config import BN_PLACEMENTS, ConfigError, TrainConfig, load_yaml_text
-from models.data import DATASETS
-from models.init import INITS
-from models.optim import OPTIMIZERS
-from models.resnet import ResNet  # noqa: F401  (registers resnet18/resnet20 in MODELS)
-from models.schedulers import SCHEDULERS
+from regsweep.models.cnn import MODELS
+from regsweep.models.config import BN_PLACEMENTS, ConfigError, TrainConfig, load_yaml_text
+from regsweep.models.data import DATASETS
+from regsweep.models.init import INITS
+from regsweep.models.optim import OPTIMIZERS
+from regsweep.models.resnet import ResNet  # noqa: F401  (registers resnet18/resnet20 in MODELS)
+from regsweep.models.schedulers import SCHEDULERS
 
 # Every field differs from its default, every type (list, Optional, nested section) is exercised.
 CUSTOM = {

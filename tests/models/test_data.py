@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import data as data_mod
-from models.config import ConfigError, DataConfig
+from regsweep.models import data as data_mod
+from regsweep.models.config import ConfigError, DataConfig
 
 
 def test_digits_split_sizes_and_normalisation():

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from models.build import build
-from models.config import TrainConfig
-from models.train import TensorRateDropout, compile_model, configure_torch, fit
+from regsweep.models.build import build
+from regsweep.models.config import TrainConfig
+from regsweep.models.train import TensorRateDropout, compile_model, configure_torch, fit
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -60,7 +60,7 @@ def test_configure_torch_on_cpu_leaves_fp32_matmuls_exact(tiny_cfg):
 
 def _cnn(p):
     cfg = TrainConfig.from_dict({"model": {"name": "cnn", "widths": [4, 8], "hidden": 8, "dropout": p}})
-    from models.build import make_model
+    from regsweep.models.build import make_model
 
     return make_model(cfg, (1, 8, 8), 10)
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.build import make_model
-from models.cnn import CNN
-from models.config import TrainConfig
-from models.init import INITS, initialize
+from regsweep.models.build import make_model
+from regsweep.models.cnn import CNN
+from regsweep.models.config import TrainConfig
+from regsweep.models.init import INITS, initialize
 
 SCHEMES = [s for s in INITS.names() if s != "default"]
 N = 512  # big square Linear: fan_in == fan_out, so fan mode does not matter

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from models.build import make_model
-from models.cnn import CNN, MODELS
-from models.config import BN_PLACEMENTS, TrainConfig
-from models.init import INITS
-from models.layers import ConvBlock, Head, flat_features
-from models.resnet import BasicBlock
+from regsweep.models.build import make_model
+from regsweep.models.cnn import CNN, MODELS
+from regsweep.models.config import BN_PLACEMENTS, TrainConfig
+from regsweep.models.init import INITS
+from regsweep.models.layers import ConvBlock, Head, flat_features
+from regsweep.models.resnet import BasicBlock
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 RESNETS = {"resnet18": [4, 4, 4, 4], "resnet20": []}  # resnet18 kept tiny; resnet20 at its own widths

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.build import build, make_model
-from models.config import ConfigError, OptimConfig, TrainConfig
-from models.optim import OPTIMIZERS, make_optimizer
+from regsweep.models.build import build, make_model
+from regsweep.models.config import ConfigError, OptimConfig, TrainConfig
+from regsweep.models.optim import OPTIMIZERS, make_optimizer
 
 SYNTHETIC = {"name": "synthetic", "n_samples": 40, "shape": [1, 8, 8], "num_classes": 3, "batch_size": 16}
 

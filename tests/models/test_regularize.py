@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from models.build import make_model
-from models.config import RegularizationConfig, TrainConfig
-from models.regularize import Penalty, decay_parameters, param_groups, penalty_and_batch
+from regsweep.models.build import make_model
+from regsweep.models.config import RegularizationConfig, TrainConfig
+from regsweep.models.regularize import Penalty, decay_parameters, param_groups, penalty_and_batch
 
 
 def _model() -> nn.Module:

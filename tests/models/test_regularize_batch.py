@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.config import RegularizationConfig
-from models.regularize import BatchRegularizer, loss_function, penalty_and_batch
-from models.train import evaluate, fit, train
+from regsweep.models.config import RegularizationConfig
+from regsweep.models.regularize import BatchRegularizer, loss_function, penalty_and_batch
+from regsweep.models.train import evaluate, fit, train
 
 N_CLASSES = 10
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.optim import lr_scheduler as tls
 
-from models.config import SchedulerConfig
-from models.schedulers import SCHEDULERS, make_schedule
-from models.train import fit
+from regsweep.models.config import SchedulerConfig
+from regsweep.models.schedulers import SCHEDULERS, make_schedule
+from regsweep.models.train import fit
 
 LR0 = 0.1
 EPOCHS, STEPS = 6, 4

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from models.build import build
-from models.config import TrainConfig
-from models.train import HISTORY_KEYS, evaluate, fit, load_checkpoint, main, save_checkpoint, train
+from regsweep.models.build import build
+from regsweep.models.config import TrainConfig
+from regsweep.models.train import HISTORY_KEYS, evaluate, fit, load_checkpoint, main, save_checkpoint, train
 
 BASE = "studies/base/digits_cnn.yaml"
 
@@ -152,7 +152,7 @@ def test_a_plain_pytorch_loop_trains_with_build(tiny_cfg):
 
 
 def test_cli_train_writes_history_config_and_checkpoint(tmp_path, tiny_cfg, capsys):
-    from search.cli import main as cli_main
+    from regsweep.search.cli import main as cli_main
 
     cfg_path = tmp_path / "tiny.yaml"
     tiny_cfg.save(cfg_path)
@@ -182,7 +182,7 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys, text, needle):
 
 
 def test_cli_trains_resnet20_on_synthetic_cifar_shaped_data(tmp_path, capsys):
-    from search.cli import main as cli_main
+    from regsweep.search.cli import main as cli_main
 
     cfg = TrainConfig.from_dict({
         "model": {"name": "resnet20", "bn": "before_act", "init": "kaiming_normal", "dropout": 0.1},

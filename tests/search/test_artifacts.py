@@ -7,8 +7,8 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from models.config import ConfigError, TrainConfig
-from search.artifacts import ARTIFACTS_ATTR, AnyStore, normalize, open_store, resolve, trial_artifacts, upload_trial
+from regsweep.models.config import ConfigError, TrainConfig
+from regsweep.search.artifacts import ARTIFACTS_ATTR, AnyStore, normalize, open_store, resolve, trial_artifacts, upload_trial
 
 
 def _png_ok(data: bytes) -> bool:

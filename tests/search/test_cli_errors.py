@@ -1,5 +1,5 @@
 """search/cli.py: every bad input exits 2 with ONE stderr line naming the file, the field and the value, and
-nothing is created or changed. Everything runs in-process through ``search.cli.main``."""
+nothing is created or changed. Everything runs in-process through ``regsweep.search.cli.main``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.cli import main
+from regsweep.search.cli import main
 
 GOOD = {
     "name": "tiny",

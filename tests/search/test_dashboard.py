@@ -14,16 +14,16 @@ from pathlib import Path
 import optuna
 import pytest
 
-from search.artifacts import trial_artifacts
-from search.cli import main
-from search.dashboard import is_loopback, note_body, read_note
+from regsweep.search.artifacts import trial_artifacts
+from regsweep.search.cli import main
+from regsweep.search.dashboard import is_loopback, note_body, read_note
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Dashboard:
     def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", *args], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", "dashboard", *args], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         m = re.search(r"http://(\S+?)/dashboard/", line)
@@ -115,8 +115,8 @@ def test_the_coordinator_writes_the_study_note(swept_study):
 
 
 def test_workers_never_write_the_note(swept_study, tmp_path):
-    from search.spec import load_spec
-    from search.workers import worker_main
+    from regsweep.search.spec import load_spec
+    from regsweep.search.workers import worker_main
 
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(swept_study[0].read_text().replace("epochs: 4", "epochs: 1").replace("n_trials: 5", "n_trials: 1")

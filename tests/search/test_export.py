@@ -11,10 +11,10 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-import models
-from search.cli import main
-from search.export import render
-from search.storage import mask
+import regsweep
+from regsweep.search.cli import main
+from regsweep.search.export import render
+from regsweep.search.storage import mask
 
 SPEC = """
 name: tiny
@@ -67,7 +67,7 @@ def test_json_export_is_config_and_provenance(study_env, capsys):
     prov = doc["provenance"]
     expected = {
         "study": "tiny", "trial": best.number, "value": best.value, "storage": url,
-        "torch_version": torch.__version__, "regsweep_version": models.__version__, "device_type": "cpu",
+        "torch_version": torch.__version__, "regsweep_version": regsweep.__version__, "device_type": "cpu",
         "num_threads": best.user_attrs["num_threads"], "split_fingerprint": best.user_attrs["split_fingerprint"],
         "params": best.params, "state": "COMPLETE", "best_epoch": best.user_attrs["best_epoch"],
         "stop_reason": "completed", "objective": "val_loss",
@@ -117,8 +117,8 @@ def test_a_plain_pytorch_loop_trains_the_exported_yaml(study_env, tmp_path):
     assert main(["export", "--storage", url, "--study-name", "tiny", "--out", str(out)]) == 0
 
     # --- what a user writes: nothing from search/, no regsweep trainer -------------------------------
-    from models.build import build
-    from models.config import TrainConfig
+    from regsweep.models.build import build
+    from regsweep.models.config import TrainConfig
 
     cfg = TrainConfig.from_dict(yaml.safe_load(out.read_text()))
     threads = torch.get_num_threads()

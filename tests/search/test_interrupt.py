@@ -35,7 +35,7 @@ def test_ctrl_c_fails_the_running_trial_and_the_next_run_resumes(tmp_path):
     spec = tmp_path / "intr.yaml"
     spec.write_text(SPEC)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    proc = subprocess.Popen([sys.executable, "-m", "search.cli", "run", str(spec), "--storage", url],
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", "run", str(spec), "--storage", url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -56,7 +56,7 @@ def test_ctrl_c_fails_the_running_trial_and_the_next_run_resumes(tmp_path):
     assert trials[0].user_attrs["history"]  # what it trained is kept
 
     spec.write_text(SPEC.replace("epochs: 40", "epochs: 3"))
-    from search.cli import main
+    from regsweep.search.cli import main
 
     assert main(["run", str(spec), "--storage", url, "--allow-spec-change"]) == 0
     states = [t.state for t in _trials(url)]

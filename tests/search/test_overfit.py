@@ -11,16 +11,16 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from models.config import ConfigError
-from models.train import History
-from search.cli import main
-from search.pruners.compose import stop_verdict
-from search.pruners.overfit import OverfitPruner, overfit_rule
-from search.pruners.registry import PrunerContext, build_pruner, label
-from search.record import PRUNED, Recorder
-from search.report import stop_reason_kind
-from search.spec import Objective
-from search.storage import TrialWriter, open_storage
+from regsweep.models.config import ConfigError
+from regsweep.models.train import History
+from regsweep.search.cli import main
+from regsweep.search.pruners.compose import stop_verdict
+from regsweep.search.pruners.overfit import OverfitPruner, overfit_rule
+from regsweep.search.pruners.registry import PrunerContext, build_pruner, label
+from regsweep.search.record import PRUNED, Recorder
+from regsweep.search.report import stop_reason_kind
+from regsweep.search.spec import Objective
+from regsweep.search.storage import TrialWriter, open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -5,7 +5,7 @@ import io
 import optuna
 from optuna.trial import TrialState
 
-from search.progress import Progress, render, snapshot
+from regsweep.search.progress import Progress, render, snapshot
 
 
 def _study(tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import optuna
 
-from search.pruners.overfit import OverfitPruner
+from regsweep.search.pruners.overfit import OverfitPruner
 import pytest
 
-from models.config import ConfigError
-from search.pruners.compose import AllOf, AnyOf
-from search.pruners.registry import PRUNERS, PrunerContext, build_pruner, label
+from regsweep.models.config import ConfigError
+from regsweep.search.pruners.compose import AllOf, AnyOf
+from regsweep.search.pruners.registry import PRUNERS, PrunerContext, build_pruner, label
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PatientPruner

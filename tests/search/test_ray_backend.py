@@ -19,8 +19,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from models.train import HISTORY_KEYS
-from search.cli import main
+from regsweep.models.train import HISTORY_KEYS
+from regsweep.search.cli import main
 
 
 def _conftest():
@@ -74,7 +74,7 @@ def ray_session(tmp_path_factory):
     require(reachable(POSTGRES_URL), f"postgresql at {POSTGRES_URL}")
     import ray
 
-    from search.backends import ray_backend
+    from regsweep.search.backends import ray_backend
 
     results = tmp_path_factory.mktemp("ray_results")
     saved = {k: os.environ.get(k) for k in (ray_backend.STORAGE_ENV, ray_backend.RESULTS_ENV)}
@@ -108,7 +108,7 @@ def sweep(ray_session, tmp_path_factory):
 
 def _study(name):
     """The study, its trials read at once (retried: other tests restart the shared PostgreSQL server)."""
-    from search.storage import retry_transient
+    from regsweep.search.storage import retry_transient
 
     def load():
         study = optuna.load_study(study_name=name, storage=POSTGRES_URL)
@@ -119,7 +119,7 @@ def _study(name):
 
 
 def test_the_driver_uploads_every_trial_artifacts(sweep):
-    from search.artifacts import ARTIFACTS_ATTR, open_store, trial_artifacts
+    from regsweep.search.artifacts import ARTIFACTS_ATTR, open_store, trial_artifacts
 
     spec, name, _ = sweep
     study = _study(name)
@@ -133,7 +133,7 @@ def test_the_driver_uploads_every_trial_artifacts(sweep):
 
 
 def test_the_driver_writes_the_study_note_and_progress(sweep):
-    from search.dashboard import read_note
+    from regsweep.search.dashboard import read_note
 
     spec, name, out = sweep
     study = _study(name)
@@ -175,8 +175,8 @@ def test_sweep_records_every_trial_as_the_optuna_backend_does(sweep, tmp_path):
     assert len(lines) == N_TRIALS and all("pruned:asha@" in line for line in lines if " PRUNED " in line)
 
     # the Optuna backend on the same spec writes the same attrs and history keys
-    from search.backends import optuna_backend
-    from search.spec import load_spec
+    from regsweep.search.backends import optuna_backend
+    from regsweep.search.spec import load_spec
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     ref = optuna_backend.run(load_spec(spec), url, "ref", n_trials=1, device="cpu", out=io.StringIO()).study
@@ -212,8 +212,8 @@ def test_nothing_under_rays_storage_path_holds_the_password(sweep, ray_session):
 
 
 def test_resume_fails_the_dead_drivers_running_trials_and_restores(sweep, ray_session):
-    from search.backends import ray_backend
-    from search.spec import load_spec
+    from regsweep.search.backends import ray_backend
+    from regsweep.search.spec import load_spec
 
     spec_path, name, _ = sweep
     study = _study(name)
@@ -242,10 +242,10 @@ def test_hyperband_pauses_resumes_and_records_every_epoch_once(ray_session, tmp_
     run 0..n-1 once, the ones it stopped are PRUNED at their last epoch, and a resumed trial's curve is exactly
     what the same config gives in one uninterrupted run. The driver's own stale check runs with a 3 s grace
     period: a paused trial survives it only through the driver's heartbeats."""
-    from models.config import TrainConfig
-    from models.train import fit
-    from search.backends import ray_backend
-    from search.spec import load_spec
+    from regsweep.models.config import TrainConfig
+    from regsweep.models.train import fit
+    from regsweep.search.backends import ray_backend
+    from regsweep.search.spec import load_spec
 
     monkeypatch.setenv("REGSWEEP_HEARTBEAT_INTERVAL", "1")  # the driver's storage (the trials' keep 30 s)
     monkeypatch.setenv("REGSWEEP_GRACE_PERIOD", "3")
@@ -316,9 +316,9 @@ def test_refused_schedulers_are_one_line_errors(tmp_path, capsys, name, says):
 
 
 def test_scheduler_override_is_checked(spec_file, tmp_path):
-    from models.config import ConfigError
-    from search.backends import ray_backend
-    from search.spec import load_spec
+    from regsweep.models.config import ConfigError
+    from regsweep.search.backends import ray_backend
+    from regsweep.search.spec import load_spec
 
     with pytest.raises(ConfigError, match="scheduler.name: 'pbt' is not allowed; PBT"):
         ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x", scheduler="pbt")
@@ -366,7 +366,7 @@ def test_in_memory_sqlite_is_refused(spec_file, capsys):
 
 
 def test_spec_without_a_ray_section_keeps_its_hash():
-    from search.spec import load_spec
+    from regsweep.search.spec import load_spec
 
     root = Path(__file__).resolve().parents[2]
     spec = load_spec(root / "studies" / "digits_cnn.yaml")
@@ -383,10 +383,10 @@ def test_the_driver_writes_the_end_of_a_trial_ray_stopped(spec_file, tmp_path):
     """What the driver does when Ray's overfit stopper or scheduler stopped a trial from outside: the overfit
     pruner's own verdict, the end written through record.py, then the state told (no Ray process needed)."""
     require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
-    from search.backends import ray_backend
-    from search.backends.optuna_backend import open_study_locked
-    from search.spec import load_spec
-    from search.workers import _ask
+    from regsweep.search.backends import ray_backend
+    from regsweep.search.backends.optuna_backend import open_study_locked
+    from regsweep.search.spec import load_spec
+    from regsweep.search.workers import _ask
 
     spec = load_spec(spec_file)
     study = open_study_locked(spec, f"sqlite:///{tmp_path / 'db'}", "s")

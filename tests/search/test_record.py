@@ -6,10 +6,10 @@ import math
 import optuna
 import pytest
 
-from models.train import History
-from search.record import COMPLETE, FAIL, PRUNED, Recorder, best_epoch, outcome
-from search.spec import Objective
-from search.storage import TrialWriter, open_storage
+from regsweep.models.train import History
+from regsweep.search.record import COMPLETE, FAIL, PRUNED, Recorder, best_epoch, outcome
+from regsweep.search.spec import Objective
+from regsweep.search.storage import TrialWriter, open_storage
 
 CURVE = [0.9, 0.5, 0.4, 0.45, 0.6]
 

@@ -7,8 +7,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.cli import main
-from search.report import _trial_kind
+from regsweep.search.cli import main
+from regsweep.search.report import _trial_kind
 
 
 class Refs(HTMLParser):

@@ -12,9 +12,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from models.config import TrainConfig
-from models.train import fit
-from search.cli import main
+from regsweep.models.config import TrainConfig
+from regsweep.models.train import fit
+from regsweep.search.cli import main
 
 SPEC = """
 name: tiny
@@ -61,7 +61,7 @@ def test_run_records_every_trial_by_the_contract(study_env, capsys):
     assert len(_done(study)) == 6 and not [t for t in study.trials if t.state == TrialState.RUNNING]
     base, forced = study.trials[0], study.trials[1]
     assert base.user_attrs["regsweep:base"] is True and base.params == {}
-    from search.spec import load_spec
+    from regsweep.search.spec import load_spec
 
     assert base.user_attrs["config"] == load_spec(spec).base.to_dict()
     assert forced.params["model.dropout"] == 0.25
@@ -90,7 +90,7 @@ def test_plain_optuna_reads_the_study_without_regsweep(study_env):
     code = textwrap.dedent(f"""
         import sys, optuna
         s = optuna.load_study(study_name="tiny", storage={url!r})
-        assert not any(m.startswith(("models", "search")) for m in sys.modules), "regsweep imported"
+        assert not any(m.split(".")[0] in ("regsweep", "models", "search") for m in sys.modules), "regsweep imported"
         print(len(s.trials), s.best_trial.number, len(s.best_trial.user_attrs["history"]))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

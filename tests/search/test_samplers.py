@@ -11,12 +11,12 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from models.config import ConfigError
-from search.backends import optuna_backend
-from search.cli import main
-from search.samplers import SAMPLERS, grid_values, limitation_warning, make_sampler
-from search.space import build_space
-from search.spec import load_spec
+from regsweep.models.config import ConfigError
+from regsweep.search.backends import optuna_backend
+from regsweep.search.cli import main
+from regsweep.search.samplers import SAMPLERS, grid_values, limitation_warning, make_sampler
+from regsweep.search.space import build_space
+from regsweep.search.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -117,7 +117,7 @@ def test_the_seed_reaches_the_sampler(name):
 
 
 def load_spec_dict(sampler: str):
-    from search.spec import parse_spec
+    from regsweep.search.spec import parse_spec
 
     data = copy.deepcopy(TINY)
     data["sampler"] = {"name": sampler, "seed": 0}

@@ -7,8 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from models.config import TrainConfig
-from search.space import Param, SpaceError, build_space, load_space, order_params
+from regsweep.models.config import TrainConfig
+from regsweep.search.space import Param, SpaceError, build_space, load_space, order_params
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

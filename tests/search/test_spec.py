@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import ConfigError, TrainConfig
-from search.spec import SpecError, load_spec
+from regsweep.models.config import ConfigError, TrainConfig
+from regsweep.search.spec import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 

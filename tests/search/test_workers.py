@@ -14,8 +14,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from models.config import ConfigError
-from search.workers import THREADS_ENV, assignments, parse_gpus
+from regsweep.models.config import ConfigError
+from regsweep.search.workers import THREADS_ENV, assignments, parse_gpus
 
 FAST = """
 name: {name}
@@ -41,7 +41,7 @@ def write_spec(tmp_path, name, n, epochs=1):
 
 
 def cli(*args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], env={**ENV, **(env or {})},
+    return subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", *args], env={**ENV, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
@@ -181,7 +181,7 @@ def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
     assert trials[victim.number].user_attrs["stop_reason"] == "failed:terminated"
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].system_attrs["failed_trial"] == victim.number
-    from search.cli import main
+    from regsweep.search.cli import main
 
     assert main(["worker", str(spec), "--storage", url]) == 0  # a later worker finishes the budget
     trials = assert_exact(url, name, 3)
@@ -208,13 +208,13 @@ def test_gpu_assignment_packs_workers_and_splits_cpu_threads(monkeypatch):
 
 def test_an_orphaned_trial_without_heartbeat_is_adopted_failed_and_retried(tmp_path, monkeypatch):
     """A trial asked by a worker that died before its first heartbeat would stay RUNNING forever in Optuna."""
-    from search.storage import adopt_orphans, open_storage
-    from search.workers import _fail_stale
+    from regsweep.search.storage import adopt_orphans, open_storage
+    from regsweep.search.workers import _fail_stale
 
     monkeypatch.setenv("REGSWEEP_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("REGSWEEP_GRACE_PERIOD", "1")
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), study_name="o")
-    from search.workers import _ask
+    from regsweep.search.workers import _ask
 
     orphan = _ask(study)
     orphan.suggest_float("x", 0, 1)
@@ -245,7 +245,7 @@ def test_run_n_trials_reaches_the_workers_and_workers_draw_different_params(stor
 def test_a_swallowed_signal_still_takes_effect_at_the_next_check():
     """A handler's exception raised inside a destructor is lost ("Exception ignored in ..."): the trial loop's
     check_signals() raises it again, so SIGTERM/Ctrl-C always stop the worker."""
-    from search.workers import Terminated, check_signals, terminate_on_sigterm
+    from regsweep.search.workers import Terminated, check_signals, terminate_on_sigterm
 
     with terminate_on_sigterm():
         check_signals()  # nothing pending
