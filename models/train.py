@@ -85,7 +85,8 @@ def set_tf32(on: bool) -> None:
     torch.set_float32_matmul_precision("high" if on else "highest")
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``train.precision`` on ``device`` (none for fp32); also used by search/bench.py."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -102,7 +103,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, precision: str = "fp32",
     for x, y in loader:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(loader.device, precision):
+        with autocast(loader.device, precision):
             logits = model(x)
         loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
         correct += (logits.argmax(1) == y).sum()
@@ -173,7 +174,7 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
                 x, y = parts.regularize_batch(x, y)
             if tcfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(dev, tcfg.precision):
+            with autocast(dev, tcfg.precision):
                 loss = parts.loss_fn(net(x), y)
             if parts.penalty_fn:
                 loss = loss + parts.penalty_fn()

@@ -217,7 +217,7 @@ def count_flops(cfg: TrainConfig, bundle: DataBundle, dev: torch.device, n: int 
     """(training FLOPs per image: forward + backward as counted, forward FLOPs per image) of cfg's model."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from regsweep.models.train import _autocast
+    from regsweep.models.train import autocast
 
     parts = build(cfg, dev, data=bundle)
     x, y = bundle.train.x[:n], bundle.train.y[:n]
@@ -225,11 +225,11 @@ def count_flops(cfg: TrainConfig, bundle: DataBundle, dev: torch.device, n: int 
         x = x.contiguous(memory_format=torch.channels_last)
     model = parts.model.train()
     with FlopCounterMode(display=False) as train_count:
-        with _autocast(dev, cfg.train.precision):
+        with autocast(dev, cfg.train.precision):
             loss = parts.loss_fn(model(x), y)
         loss.backward()
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fwd_count, _autocast(dev, cfg.train.precision):
+    with torch.no_grad(), FlopCounterMode(display=False) as fwd_count, autocast(dev, cfg.train.precision):
         model(x)
     return train_count.get_total_flops() / len(y), fwd_count.get_total_flops() / len(y)
 
