@@ -155,17 +155,19 @@ def upload_trial_end(store, trial, history: list[dict[str, Any]], state: str, va
     value (the trial is told right after). Both backends call this; the Ray driver for every Ray trial."""
     from regsweep.search.export import config_yaml, provenance, trial_config
 
-    view = trial._cached_frozen_trial if hasattr(trial, "_cached_frozen_trial") else \
-        trial.study._storage.get_trial(trial._trial_id)
+    # the live Trial's public user_attrs/params/number are what the export reads (state and value are given)
+    attrs = trial.user_attrs
     text = None
-    if view.user_attrs.get("config") is not None:
-        text = config_yaml(trial_config(view), provenance(trial.study, view, storage_label, state, value))
-    title = f"{trial.study.study_name} trial {trial.number}: {state} {view.user_attrs.get('stop_reason', '')}"
-    return upload_trial(store, trial, history, view.user_attrs.get("best_epoch"), title, text)
+    if attrs.get("config") is not None:
+        text = config_yaml(trial_config(trial), provenance(trial.study, trial, storage_label, state, value))
+    title = f"{trial.study.study_name} trial {trial.number}: {state} {attrs.get('stop_reason', '')}"
+    return upload_trial(store, trial, history, attrs.get("best_epoch"), title, text)
 
 
 def trial_artifacts(study, trial) -> list[dict[str, Any]]:
     """The artifact metadata of a trial (id, filename, mimetype)."""
     from optuna.artifacts import get_all_artifact_meta
 
-    return [vars(m) for m in get_all_artifact_meta(trial, storage=study._storage)]
+    from regsweep.search.optuna_internals import study_storage
+
+    return [vars(m) for m in get_all_artifact_meta(trial, storage=study_storage(study))]

@@ -155,6 +155,7 @@ def write_note(study, spec) -> None:
 
 
 def read_note(study) -> str:
-    from optuna_dashboard._note import get_note_from_system_attrs
+    """The study note's Markdown body ("" when none was saved)."""
+    from optuna_dashboard import get_note
 
-    return get_note_from_system_attrs(study._storage.get_study_system_attrs(study._study_id), None)["body"]
+    return get_note(study)

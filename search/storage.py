@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from regsweep.models.config import ConfigError
+from regsweep.search import optuna_internals as internals
 
 SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_INTERVAL = 30  # seconds between a running trial's heartbeats ($REGSWEEP_HEARTBEAT_INTERVAL)
@@ -219,25 +220,16 @@ def adopt_orphans(study, older_than: float) -> list[int]:
 
     from optuna.trial import TrialState
 
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    try:
-        from optuna.storages import RDBStorage
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-    except ImportError:
-        return []
-    if not isinstance(backend, RDBStorage) or not backend.get_heartbeat_interval():
+    backend = internals.rdb_backend(internals.study_storage(study))
+    if backend is None or not backend.get_heartbeat_interval():
         return []
     now = dt.datetime.now()
-    old = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    old = [internals.trial_id(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
            if t.datetime_start is not None and (now - t.datetime_start).total_seconds() > older_than]
     if not old:
         return []
-    with _create_scoped_session(backend.scoped_session) as session:
-        beating = {row.trial_id for row in session.query(models.TrialHeartbeatModel.trial_id).filter(
-            models.TrialHeartbeatModel.trial_id.in_([t._trial_id for t in old]))}
-    orphans = [t._trial_id for t in old if t._trial_id not in beating]
+    beating = internals.beating_trial_ids(backend, old)
+    orphans = [tid for tid in old if tid not in beating]
     for trial_id in orphans:
         backend.record_heartbeat(trial_id)
     return orphans
@@ -248,30 +240,17 @@ class TrialWriter:
 
     Optuna's public API commits every ``set_user_attr`` and ``report`` separately; a regsweep epoch (history +
     report) and a trial's end (a dozen attrs) would cost one commit each. On an RDB storage this writer uses
-    RDBStorage's own ``_without_commit`` helpers inside one session, and keeps the Trial's cached view in step
-    exactly as ``Trial.set_user_attr``/``Trial.report`` do (pruners read that view). On any other storage, or an
-    Optuna without those helpers, it falls back to the public calls.
+    RDBStorage's own ``_without_commit`` helpers inside one session (through search/optuna_internals.py), and
+    keeps the Trial's cached view in step exactly as ``Trial.set_user_attr``/``Trial.report`` do (pruners read
+    that view). On any other storage, or an Optuna without those helpers, it falls back to the public calls.
     """
 
     def __init__(self, trial):
         self.trial = trial
-        self._rdb = self._find_rdb(trial)
-
-    @staticmethod
-    def _find_rdb(trial):
-        try:
-            from optuna.storages import RDBStorage
-            from optuna.storages._rdb import models  # noqa: F401
-            from optuna.storages._rdb.storage import _create_scoped_session  # noqa: F401
-        except ImportError:
-            return None
-        storage = trial.storage
-        backend = getattr(storage, "_backend", storage)  # Optuna wraps RDBStorage in _CachedStorage
-        needed = ("_set_trial_attr_without_commit", "_set_trial_intermediate_value_without_commit", "scoped_session")
-        if isinstance(backend, RDBStorage) and all(hasattr(backend, n) for n in needed) \
-                and hasattr(trial, "_cached_frozen_trial"):
-            return backend
-        return None
+        backend = internals.rdb_backend(trial.storage)
+        usable = internals.batched_writes_supported(backend) and internals.cached_view(trial) is not None
+        self._rdb = backend if usable else None
+        self._trial_id = internals.trial_id(trial) if usable else None
 
     def set_user_attr(self, key: str, value) -> None:
         self.write({key: value})
@@ -280,7 +259,7 @@ class TrialWriter:
         self.write({}, (value, step))
 
     def write(self, attrs: dict, report: tuple[float, int] | None = None) -> None:
-        cached = getattr(self.trial, "_cached_frozen_trial", None)
+        cached = internals.cached_view(self.trial)
         if report is not None and cached is not None and report[1] in cached.intermediate_values:
             report = None  # Optuna ignores a step reported twice; so do we
         if self._rdb is None:
@@ -289,20 +268,8 @@ class TrialWriter:
             if report is not None:
                 self.trial.report(*report)
             return
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        tid = self.trial._trial_id
-
-        def transaction() -> None:
-            with _create_scoped_session(self._rdb.scoped_session, True) as session:
-                for key, value in attrs.items():
-                    self._rdb._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, tid, key, value)
-                if report is not None:
-                    self._rdb._set_trial_intermediate_value_without_commit(session, tid, int(report[1]),
-                                                                           float(report[0]))
-
-        retry_transient(transaction)  # one transaction, retried when the connection was dropped
+        # one transaction, retried when the connection was dropped
+        retry_transient(internals.write_trial, self._rdb, self._trial_id, attrs, report)
         cached.user_attrs.update(attrs)
         if report is not None:
             cached.intermediate_values[int(report[1])] = float(report[0])
