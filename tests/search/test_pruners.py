@@ -3,14 +3,19 @@ real in-memory study and credit the child that fired."""
 
 from __future__ import annotations
 
-import optuna
+import re
+from pathlib import Path
 
-from regsweep.search.pruners.overfit import OverfitPruner
+import optuna
 import pytest
 
+import regsweep
 from regsweep.models.config import ConfigError
 from regsweep.search.pruners.compose import AllOf, AnyOf
+from regsweep.search.pruners.overfit import OverfitPruner
 from regsweep.search.pruners.registry import PRUNERS, PrunerContext, build_pruner, label
+
+ROOT = Path(regsweep.__file__).parent
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # PatientPruner
@@ -19,7 +24,8 @@ CTX = PrunerContext(epochs=12, source="/specs/study.yaml")
 
 
 # ------------------------------------------------------------------------------------------ registry
-@pytest.mark.parametrize("spec, cls", [
+# one buildable spec per registered name (args a name requires included)
+BUILD_CASES = [
     ({"name": "none"}, optuna.pruners.NopPruner),
     ("median", optuna.pruners.MedianPruner),
     ({"name": "median", "args": {"n_warmup_steps": 3}}, optuna.pruners.MedianPruner),
@@ -31,14 +37,53 @@ CTX = PrunerContext(epochs=12, source="/specs/study.yaml")
     ({"name": "patient", "args": {"patience": 2}, "wrapped": {"name": "median"}}, optuna.pruners.PatientPruner),
     ({"name": "overfit", "args": {"patience": 2, "window": 3}}, OverfitPruner),
     (None, optuna.pruners.NopPruner),
-])
+]
+COMPOSITES = {"any_of", "all_of"}
+
+
+@pytest.mark.parametrize("spec, cls", BUILD_CASES)
 def test_build_each_registered_name(spec, cls):
     assert type(build_pruner(spec, CTX)) is cls
 
 
-def test_every_registered_name_is_covered():
-    assert set(PRUNERS.names()) == {"none", "median", "percentile", "successive_halving", "hyperband", "threshold",
-                                    "patient", "overfit"}
+def _readme_pruners() -> set[str]:
+    """The names the README's spec example lists after ``pruner:`` (``# none | median | ... | {all_of: [...]}``)."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("pruner:"))
+    comment = [lines[start].split("#", 1)[1]]
+    for line in lines[start + 1:]:
+        if not line.lstrip().startswith("#"):
+            break
+        comment.append(line.split("#", 1)[1])
+    names = {chunk.strip().split()[0].strip("{:") for chunk in " ".join(comment).split("|") if chunk.strip()}
+    return names - COMPOSITES
+
+
+def _backends_doc_pruners() -> set[str]:
+    """The names in docs/backends.md's support table row ``| pruners `none`, `median`, ... |``."""
+    row = next(line for line in (ROOT / "docs" / "backends.md").read_text(encoding="utf-8").splitlines()
+               if line.startswith("| pruners "))
+    return set(re.findall(r"`([a-z_]+)`", row.split("|")[1])) - COMPOSITES
+
+
+def _accepted_by_the_validator() -> set[str]:
+    """The names build_pruner (what spec loading calls) offers when refusing an unknown one."""
+    with pytest.raises(ConfigError) as err:
+        build_pruner({"name": "no_such_pruner"}, CTX)
+    listed = str(err.value).split("choose one of: ", 1)[1].split(";")[0]
+    return {name.strip() for name in listed.split(",")} - COMPOSITES
+
+
+def test_every_registered_name_is_documented_accepted_and_built():
+    """Removing, renaming or adding a pruner fails here until the README, docs/backends.md and the build cases
+    above agree with the registry."""
+    registered = set(PRUNERS.names())
+    built = {label(spec) for spec, _ in BUILD_CASES if spec is not None}
+    assert registered == _readme_pruners(), "README spec example vs registry"
+    assert registered == _backends_doc_pruners(), "docs/backends.md vs registry"
+    assert registered == _accepted_by_the_validator(), "validator's list vs registry"
+    assert registered == built, "BUILD_CASES vs registry"
+    assert "overfit" in registered and "median" in registered  # the ones the README's examples use
 
 
 def test_args_reach_the_pruner():
