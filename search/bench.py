@@ -301,7 +301,8 @@ def measure_packing(sizes: Sizes, dev: torch.device, ks: tuple[int, ...] = PACK_
         try:
             for log in logs:
                 with open(log, "w") as err:
-                    procs.append(subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.bench", "--pack-worker"], cwd=tmp,
+                    cmd = [sys.executable, "-P", "-m", "regsweep.search.bench", "--pack-worker"]
+                    procs.append(subprocess.Popen(cmd, cwd=tmp,
                                                   env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                   stderr=err, text=True))
             for proc in procs:
@@ -368,7 +369,8 @@ def plan(mode: str, dev: torch.device, only: tuple[str, ...]) -> str:
     lines = [f"plan ({mode}, {dev}):"]
     if "mnist_cnn" in only:
         lines.append(f"  mnist_cnn: studies/mnist_cnn.yaml's base on synthetic 1x28x28, {s.mnist[0]} train / "
-                     f"{s.mnist[1]} val, widths {s.mnist_widths or 'the study'}'s; seeds' way {1 + s.seeds_epochs} epochs, fit {1 + s.fit_epochs} epochs "
+                     f"{s.mnist[1]} val, widths {s.mnist_widths or 'the study'}'s; seeds' way {1 + s.seeds_epochs} "
+                     f"epochs, fit {1 + s.fit_epochs} epochs "
                      "(first dropped)")
     if "resnet18" in only:
         lines.append(f"  resnet18: studies/cifar10_resnet18.yaml's base on synthetic 3x32x32, {s.cifar[0]} train / "

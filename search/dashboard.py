@@ -114,7 +114,8 @@ def note_body(study, spec) -> str:
     lines += ["## Spec", "",
               f"- objective: {spec.objective.direction} `{spec.objective.metric}`",
               f"- sampler: `{spec.sampler['name']}`, pruner: `{_compact(pruner)}`",
-              f"- budget: {s['budget']} COMPLETE+PRUNED trials" + (f", timeout {spec.timeout}s" if spec.timeout else ""),
+              f"- budget: {s['budget']} COMPLETE+PRUNED trials"
+              + (f", timeout {spec.timeout}s" if spec.timeout else ""),
               f"- spec file: `{spec.source or spec.path}` (hash `{spec.spec_hash()[:12]}`)", "",
               "| param | distribution |", "|---|---|"]
     for p in spec.space:
@@ -136,8 +137,8 @@ def note_body(study, spec) -> str:
         lines += [""] + [f"- `{k}`: {value_text(v)}" for k, v in sorted(b["params"].items())]
         if not b["params"]:
             lines.append("- (the base config itself)")
-        lines += ["", f"Reproduce: `regsweep export --study-name {study.study_name} --trial {b['number']} --out best.yaml`"
-                  " then `regsweep train best.yaml`."]
+        lines += ["", f"Reproduce: `regsweep export --study-name {study.study_name} --trial {b['number']} "
+                  "--out best.yaml` then `regsweep train best.yaml`."]
     return "\n".join(lines) + "\n"
 
 

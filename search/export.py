@@ -82,4 +82,5 @@ def render(study, trial, fmt: str, storage_masked: str) -> str:
 def config_yaml(cfg: TrainConfig, prov: dict[str, Any]) -> str:
     """The YAML export: provenance as a comment header, then the plain TrainConfig."""
     header = "".join(f"# {line}\n" for line in dump_yaml({"provenance": prov}).splitlines())
-    return f"# regsweep export: a complete TrainConfig. Train it with: regsweep train THIS_FILE\n{header}" + cfg.to_yaml()
+    title = "# regsweep export: a complete TrainConfig. Train it with: regsweep train THIS_FILE\n"
+    return title + header + cfg.to_yaml()

@@ -190,7 +190,8 @@ def _html(study, s, complete, sections, storage_masked, esc) -> str:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(t.params.items()))
         test = t.user_attrs.get("test_acc")
         rows.append(f"<tr><td>{t.number}</td><td>{t.value:.5g}</td><td>{t.user_attrs.get('best_epoch')}</td>"
-                    f"<td>{'' if test is None else f'{test:.4f}'}</td><td>{esc(str(t.user_attrs.get('stop_reason', '')))}"
+                    f"<td>{'' if test is None else f'{test:.4f}'}</td>"
+                    f"<td>{esc(str(t.user_attrs.get('stop_reason', '')))}"
                     f"</td><td>{esc(params or '(base config)')}</td></tr>")
     body = [f"<h1>Study {esc(s['name'])}</h1>",
             f"<p>{esc(storage_masked)} &middot; {s['n_trials']} trials &middot; {s['direction']} "

@@ -4,7 +4,7 @@
 |---|---|---|
 | tpe | TPESampler, default ``multivariate: true, group: true`` | - |
 | random | RandomSampler | - |
-| grid | GridSampler over every value of every param | needs ``step`` (float) or choices; conditional params are enumerated even when inactive |
+| grid | GridSampler, every value of every param | needs float ``step`` or choices; enumerates inactive conditionals |
 | qmc | QMCSampler (Sobol, scrambled) | categorical and conditional params |
 | gp | GPSampler | conditional params |
 | cmaes | CmaEsSampler | categorical and conditional params |
