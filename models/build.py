@@ -50,8 +50,8 @@ def check_names(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
     """
     try:
         data = cfg.to_dict()
-        for path, registry in REGISTRIES.items():
-            check_choice(path, get_path(data, path), registry.names())
+        for path in NAMED_FIELDS:  # the schema says which fields are names; this layer knows the registries
+            check_choice(path, get_path(data, path), REGISTRIES[path].names())
         m = cfg.model
         stages = getattr(MODELS.get(m.name), "STAGES", 0)
         check(not m.widths or not stages or len(m.widths) == stages, "model.widths", m.widths,
