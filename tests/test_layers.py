@@ -62,7 +62,7 @@ def parse_table(markdown: str, source: str = "docs/architecture.md") -> list[Ent
     block = markdown.split(BEGIN, 1)[1].split(END, 1)[0]
     rows = [line.strip() for line in block.splitlines() if line.strip().startswith("|")]
     entries: list[Entry] = []
-    for layer, row in enumerate(r for r in rows[2:]):  # rows[0] is the header, rows[1] the |---| rule
+    for layer, row in enumerate(rows[2:]):  # rows[0] is the header, rows[1] the |---| rule
         cells = [c.strip() for c in row.strip("|").split("|")]
         if len(cells) != 2:
             raise ValueError(f"{source}: layer row {row!r} must have two cells: | layer | modules |")
