@@ -2,7 +2,7 @@
 
 The public API for users' own loops::
 
-    parts = build(TrainConfig.load("best.yaml"))
+    parts = build(load_config("best.yaml"))
     for epoch in range(cfg.train.epochs):
         parts.model.train()
         for x, y in parts.train_loader():
@@ -11,11 +11,17 @@ The public API for users' own loops::
             parts.optimizer.zero_grad(); loss.backward(); parts.optimizer.step()
             parts.scheduler.after_batch()
         parts.scheduler.after_epoch(val_loss)
+
+Registry names are checked here, not in models/config.py (the schema layer imports nothing of ours):
+:func:`check_names` checks every field of ``config.NAMED_FIELDS`` against its registry and the stage count
+of ``model.widths``; :func:`load_config` (a file), :func:`build` and :func:`make_model` call it, and so do
+the spec parser and the search-space check (search/spec.py, search/space.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -23,12 +29,43 @@ from torch import nn
 
 from regsweep.models import data as data_mod
 from regsweep.models.cnn import MODELS
-from regsweep.models.config import ConfigError, TrainConfig
-from regsweep.models.init import initialize
-from regsweep.models.optim import make_optimizer
+from regsweep.models.config import NAMED_FIELDS, ConfigError, TrainConfig, check, check_choice, get_path
+from regsweep.models.init import INITS, initialize
+from regsweep.models.layers import ACTIVATIONS
+from regsweep.models.optim import OPTIMIZERS, make_optimizer
 from regsweep.models.regularize import BatchRegularizer, Penalty, loss_function, penalty_and_batch
 from regsweep.models.resnet import ResNet  # noqa: F401  (registers resnet18/resnet20 in MODELS)
-from regsweep.models.schedulers import LRSchedule, make_schedule
+from regsweep.models.schedulers import SCHEDULERS, LRSchedule, make_schedule
+
+# config.NAMED_FIELDS -> the registry its value must name
+REGISTRIES = {"model.name": MODELS, "model.init": INITS, "model.activation": ACTIVATIONS,
+              "data.name": data_mod.DATASETS, "optim.name": OPTIMIZERS, "scheduler.name": SCHEDULERS}
+
+
+def check_names(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
+    """Every registry name of ``cfg`` is registered and ``model.widths`` fits the model's stage count.
+
+    Raises one ConfigError line (``source: path: value is not allowed; choose one of: ...``, ``source`` when
+    given); returns ``cfg``. TrainConfig itself checks structure and ranges only (see models/config.py).
+    """
+    try:
+        data = cfg.to_dict()
+        for path in NAMED_FIELDS:  # the schema says which fields are names; this layer knows the registries
+            check_choice(path, get_path(data, path), REGISTRIES[path].names())
+        m = cfg.model
+        stages = getattr(MODELS.get(m.name), "STAGES", 0)
+        check(not m.widths or not stages or len(m.widths) == stages, "model.widths", m.widths,
+              f"{m.name} has {stages} stages: give {stages} widths or [] for its default")
+    except ConfigError as exc:
+        if source:
+            raise ConfigError(f"{source}: {exc}") from None
+        raise
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """``TrainConfig.load`` plus :func:`check_names`: every error is one line naming the file."""
+    return check_names(TrainConfig.load(path), str(path))
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -42,6 +79,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def make_model(cfg: TrainConfig, in_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    check_names(cfg)
     m = cfg.model
     kwargs = dict(hidden=m.hidden, dropout=m.dropout, bn=m.bn, activation=m.activation)
     if m.widths:
@@ -98,6 +136,7 @@ def build(cfg: TrainConfig, device: str | torch.device | None = None,
 
     ``data`` may be passed in to reuse an already loaded (device-resident) bundle of the same data config.
     """
+    check_names(cfg)
     dev = resolve_device(device)
     bundle = data if data is not None else data_mod.load(cfg.data, dev)
     torch.manual_seed(cfg.train.seed)

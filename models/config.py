@@ -1,9 +1,18 @@
-"""TrainConfig: the ONE configuration format of regsweep.
+"""TrainConfig: the ONE configuration format of regsweep (the bottom layer: it imports nothing of ours).
 
 Nested typed dataclasses, one per section (model, data, optim, regularization, scheduler, train). A config
 round-trips exactly through a plain dict and YAML; the plain dict (``to_dict()``) is what checkpoints,
-studies and exports store. ``from_dict`` rejects unknown keys, wrong types and values the trainer would
-refuse with one :class:`ConfigError` that names the dotted path, the value and what is allowed.
+studies and exports store. ``from_dict`` rejects unknown keys, wrong types and out-of-range values with one
+:class:`ConfigError` that names the dotted path, the value and what is allowed.
+
+Where names are checked: this module checks structure, types and ranges only. The fields that name a
+registry entry (:data:`NAMED_FIELDS`: model.name, model.init, model.activation, data.name, optim.name,
+scheduler.name) and the stage count of ``model.widths`` are checked against the registries by
+``regsweep.models.build.check_names``, which every loader path calls: ``load_config`` (``regsweep train``,
+``python -m regsweep.models.train``), ``build``/``make_model`` (every trial, a user's own loop,
+``load_checkpoint``), the spec parser's ``base:`` (``regsweep validate``/``run``, search/spec.py) and the
+search-space check of every bound and choice (search/space.py). The messages have the same shape either way:
+``path: value is not allowed; choose one of: ...``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ BN_PLACEMENTS = ("none", "before_act", "after_act")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # monitor -> +1 when lower is better, -1 when higher is better (one sign, applied at the edge)
 MONITORS = {"val_loss": 1.0, "val_acc": -1.0, "train_loss": 1.0, "train_eval_loss": 1.0, "train_acc": -1.0}
+# The fields whose value names a registry entry: checked by regsweep.models.build.check_names, not here.
+NAMED_FIELDS = ("model.name", "model.init", "model.activation", "data.name", "optim.name", "scheduler.name")
 
 
 class ConfigError(ValueError):
@@ -215,6 +226,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Structure and ranges (registry names: ``regsweep.models.build.check_names``)."""
         _validate(self)
 
 
@@ -319,97 +331,88 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------ value checks
-def _check(ok: bool, path: str, value: Any, allowed: str) -> None:
+def check(ok: bool, path: str, value: Any, allowed: str) -> None:
+    """Raise the one-line ConfigError ``path: value is not allowed; allowed`` unless ``ok``."""
     if not ok:
         raise ConfigError(f"{path}: {value!r} is not allowed; {allowed}")
+
+
+def check_choice(path: str, value: Any, names: list[str]) -> None:
+    """``value`` must be one of ``names`` (the message lists every choice)."""
+    check(value in names, path, value, f"choose one of: {', '.join(names)}")
 
 
 def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _in_registry(path: str, value: str, names: list[str]) -> None:
-    _check(value in names, path, value, f"choose one of: {', '.join(names)}")
-
-
 def _validate(cfg: TrainConfig) -> None:
-    from regsweep.models import cnn, data, init, layers, optim, resnet, schedulers  # noqa: F401 (registries)
-
     m = cfg.model
-    _in_registry("model.name", m.name, cnn.MODELS.names())
-    _check(all(w >= 1 for w in m.widths), "model.widths", m.widths, "must be positive integers ([] = default)")
-    stages = getattr(cnn.MODELS.get(m.name), "STAGES", 0)
-    _check(not m.widths or not stages or len(m.widths) == stages, "model.widths", m.widths,
-           f"{m.name} has {stages} stages: give {stages} widths or [] for its default")
-    _check(m.hidden >= 0, "model.hidden", m.hidden, "must be >= 0")
-    _check(_finite(m.dropout) and 0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
-    _check(m.bn in BN_PLACEMENTS, "model.bn", m.bn, f"choose one of: {', '.join(BN_PLACEMENTS)}")
-    _in_registry("model.init", m.init, init.INITS.names())
-    _in_registry("model.activation", m.activation, layers.ACTIVATIONS.names())
+    check(all(w >= 1 for w in m.widths), "model.widths", m.widths, "must be positive integers ([] = default)")
+    check(m.hidden >= 0, "model.hidden", m.hidden, "must be >= 0")
+    check(_finite(m.dropout) and 0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "must be in [0, 1)")
+    check(m.bn in BN_PLACEMENTS, "model.bn", m.bn, f"choose one of: {', '.join(BN_PLACEMENTS)}")
 
     d = cfg.data
-    _in_registry("data.name", d.name, data.DATASETS.names())
-    _check(_finite(d.val_fraction) and 0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
+    check(_finite(d.val_fraction) and 0.0 < d.val_fraction < 1.0, "data.val_fraction", d.val_fraction,
            "must be in (0, 1)")
-    _check(_finite(d.test_fraction) and 0.0 <= d.test_fraction < 1.0, "data.test_fraction",
+    check(_finite(d.test_fraction) and 0.0 <= d.test_fraction < 1.0, "data.test_fraction",
            d.test_fraction, "must be in [0, 1)")
-    _check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction", d.test_fraction,
+    check(d.val_fraction + d.test_fraction < 1.0, "data.test_fraction", d.test_fraction,
            f"val_fraction + test_fraction must be < 1 (val_fraction is {d.val_fraction})")
-    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
-    _check(d.n_samples >= 10, "data.n_samples", d.n_samples, "must be >= 10")
-    _check(len(d.shape) == 3 and all(s >= 1 for s in d.shape), "data.shape", d.shape,
+    check(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+    check(d.n_samples >= 10, "data.n_samples", d.n_samples, "must be >= 10")
+    check(len(d.shape) == 3 and all(s >= 1 for s in d.shape), "data.shape", d.shape,
            "must be [channels, height, width] of positive integers")
-    _check(d.num_classes >= 2, "data.num_classes", d.num_classes, "must be >= 2")
-    _check(_finite(d.label_noise) and 0.0 <= d.label_noise <= 1.0, "data.label_noise", d.label_noise,
+    check(d.num_classes >= 2, "data.num_classes", d.num_classes, "must be >= 2")
+    check(_finite(d.label_noise) and 0.0 <= d.label_noise <= 1.0, "data.label_noise", d.label_noise,
            "must be in [0, 1]")
 
     o = cfg.optim
-    _in_registry("optim.name", o.name, optim.OPTIMIZERS.names())
-    _check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be > 0")
-    _check(_finite(o.momentum) and 0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must be in [0, 1)")
-    _check(len(o.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in o.betas), "optim.betas",
+    check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    check(_finite(o.momentum) and 0.0 <= o.momentum < 1.0, "optim.momentum", o.momentum, "must be in [0, 1)")
+    check(len(o.betas) == 2 and all(_finite(b) and 0.0 <= b < 1.0 for b in o.betas), "optim.betas",
            o.betas, "must be two numbers in [0, 1)")
-    _check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
+    check(_finite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
            "must be >= 0")
-    _check(not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optim.nesterov", o.nesterov,
+    check(not (o.nesterov and o.name == "sgd" and o.momentum == 0), "optim.nesterov", o.nesterov,
            "nesterov needs optim.momentum > 0")
 
     r = cfg.regularization
     for key in ("l1", "l2", "mixup_alpha", "cutmix_alpha", "input_noise_std"):
         v = getattr(r, key)
-        _check(_finite(v) and v >= 0, f"regularization.{key}", v, "must be >= 0")
-    _check(_finite(r.label_smoothing) and 0.0 <= r.label_smoothing < 1.0, "regularization.label_smoothing",
+        check(_finite(v) and v >= 0, f"regularization.{key}", v, "must be >= 0")
+    check(_finite(r.label_smoothing) and 0.0 <= r.label_smoothing < 1.0, "regularization.label_smoothing",
            r.label_smoothing, "must be in [0, 1)")
-    _check(_finite(r.mix_prob) and 0.0 <= r.mix_prob <= 1.0, "regularization.mix_prob", r.mix_prob,
+    check(_finite(r.mix_prob) and 0.0 <= r.mix_prob <= 1.0, "regularization.mix_prob", r.mix_prob,
            "must be in [0, 1]")
 
     s = cfg.scheduler
-    _in_registry("scheduler.name", s.name, schedulers.SCHEDULERS.names())
-    _check(s.step_size >= 1, "scheduler.step_size", s.step_size, "must be >= 1")
-    _check(_finite(s.gamma) and 0.0 < s.gamma <= 1.0, "scheduler.gamma", s.gamma, "must be in (0, 1]")
-    _check(all(b > a for a, b in zip(s.milestones, s.milestones[1:])) and all(x >= 1 for x in s.milestones),
+    check(s.step_size >= 1, "scheduler.step_size", s.step_size, "must be >= 1")
+    check(_finite(s.gamma) and 0.0 < s.gamma <= 1.0, "scheduler.gamma", s.gamma, "must be in (0, 1]")
+    check(all(b > a for a, b in zip(s.milestones, s.milestones[1:])) and all(x >= 1 for x in s.milestones),
            "scheduler.milestones", s.milestones, "must be increasing positive integers")
-    _check(_finite(s.eta_min) and 0 <= s.eta_min < o.lr, "scheduler.eta_min", s.eta_min,
+    check(_finite(s.eta_min) and 0 <= s.eta_min < o.lr, "scheduler.eta_min", s.eta_min,
            f"must be >= 0 and < optim.lr ({o.lr})")
-    _check(s.warmup_epochs >= 0, "scheduler.warmup_epochs", s.warmup_epochs, "must be >= 0")
-    _check(_finite(s.factor) and 0.0 < s.factor < 1.0, "scheduler.factor", s.factor, "must be in (0, 1)")
-    _check(s.patience >= 0, "scheduler.patience", s.patience, "must be >= 0")
-    _check(s.max_lr is None or (_finite(s.max_lr) and s.max_lr > 0), "scheduler.max_lr", s.max_lr,
+    check(s.warmup_epochs >= 0, "scheduler.warmup_epochs", s.warmup_epochs, "must be >= 0")
+    check(_finite(s.factor) and 0.0 < s.factor < 1.0, "scheduler.factor", s.factor, "must be in (0, 1)")
+    check(s.patience >= 0, "scheduler.patience", s.patience, "must be >= 0")
+    check(s.max_lr is None or (_finite(s.max_lr) and s.max_lr > 0), "scheduler.max_lr", s.max_lr,
            "must be > 0 or null (10 x optim.lr)")
-    _check(_finite(s.pct_start) and 0.0 < s.pct_start < 1.0, "scheduler.pct_start", s.pct_start,
+    check(_finite(s.pct_start) and 0.0 < s.pct_start < 1.0, "scheduler.pct_start", s.pct_start,
            "must be in (0, 1)")
 
     t = cfg.train
-    _check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
-    _check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
+    check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
            "must be >= 1 or null")
-    _check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")
-    _check(t.train_eval_size >= 1, "train.train_eval_size", t.train_eval_size, "must be >= 1")
+    check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")
+    check(t.train_eval_size >= 1, "train.train_eval_size", t.train_eval_size, "must be >= 1")
     es = t.early_stopping
-    _check(es.monitor in MONITORS, "train.early_stopping.monitor", es.monitor,
+    check(es.monitor in MONITORS, "train.early_stopping.monitor", es.monitor,
            f"choose one of: {', '.join(MONITORS)}")
-    _check(es.patience is None or es.patience >= 1, "train.early_stopping.patience", es.patience,
+    check(es.patience is None or es.patience >= 1, "train.early_stopping.patience", es.patience,
            "must be >= 1 or null (off)")
-    _check(_finite(es.min_delta) and es.min_delta >= 0, "train.early_stopping.min_delta", es.min_delta,
+    check(_finite(es.min_delta) and es.min_delta >= 0, "train.early_stopping.min_delta", es.min_delta,
            "must be >= 0")

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from regsweep.models.build import Parts, build, resolve_device
+from regsweep.models.build import Parts, build, load_config, make_model, resolve_device
 from regsweep.models.config import MONITORS, ConfigError, TrainConfig
 from regsweep.models.data import BatchLoader
 
@@ -322,8 +322,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, cfg: TrainConfig, histor
 
 def load_checkpoint(path: str | Path, device: str | torch.device | None = "cpu") -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model from the checkpoint's own config and load its weights (no pickled objects)."""
-    from regsweep.models.build import make_model
-
     payload = torch.load(path, map_location=device, weights_only=True)
     cfg = TrainConfig.from_dict(payload["config"])
     model = make_model(cfg, tuple(payload["in_shape"]), int(payload["num_classes"]))
@@ -349,7 +347,7 @@ def format_row(record: dict[str, Any]) -> str:
 
 def run_training(config_path: str, device: str | None = None, out: str | None = None) -> int:
     """Load, train with a per-epoch table, write config.yaml, history.json and checkpoint.pt to ``out``."""
-    cfg = TrainConfig.load(config_path)
+    cfg = load_config(config_path)
     dev = resolve_device(device)
     out_dir = Path(out) if out else Path("runs") / Path(config_path).stem
     print(f"training {cfg.model.name} on {cfg.data.name} ({dev}); output: {out_dir.resolve()}", flush=True)

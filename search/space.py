@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from regsweep.models.build import check_names
 from regsweep.models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
 
 PARAM_TYPES = ("float", "int", "categorical")
@@ -254,7 +255,7 @@ def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
         probes = list(p.choices) if p.type == "categorical" else [p.low, p.high]
         for value in probes:
             try:
-                base.with_overrides({p.path: value})
+                check_names(base.with_overrides({p.path: value}))  # ranges, then registry names
             except ConfigError as exc:
                 what = "choices" if p.type == "categorical" else ("low" if value == p.low else "high")
                 raise SpaceError(f"{source}: {fld}.{what}: {value!r} would be rejected by the config ({exc})") from None

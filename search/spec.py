@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from regsweep.models.build import check_names, load_config
 from regsweep.models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
 from regsweep.search.space import Space, build_space
 
@@ -254,12 +255,12 @@ def _load_base(base: Any, spec_path: Path, source: str) -> TrainConfig:
         if not target.is_file():
             raise SpecError(f"{source}: base: {base!r} not found (looked for {target})")
         try:
-            return TrainConfig.load(target)
+            return load_config(target)  # structure, ranges and registry names
         except ConfigError as exc:
             raise SpecError(str(exc)) from None
     if isinstance(base, Mapping):
         try:
-            return TrainConfig.from_dict(base)
+            return check_names(TrainConfig.from_dict(base))
         except ConfigError as exc:
             raise SpecError(f"{source}: base.{exc}") from None
     raise _fail(source, "base", base, "must be a TrainConfig file path or an inline mapping")

@@ -1,11 +1,16 @@
-"""models/config.py: TrainConfig round-trips (plain dict, YAML, file), overrides and one-line errors."""
+"""models/config.py: TrainConfig round-trips (plain dict, YAML, file), overrides and one-line errors.
+
+Registry names (model/init/activation/data/optim/scheduler) are checked by models/build.py's check_names, which
+every loader path calls; their cases below go through it, with the same one-line messages as before.
+"""
 
 from __future__ import annotations
 
 import pytest
 
+from regsweep.models.build import REGISTRIES, check_names, load_config
 from regsweep.models.cnn import MODELS
-from regsweep.models.config import BN_PLACEMENTS, ConfigError, TrainConfig, load_yaml_text
+from regsweep.models.config import BN_PLACEMENTS, NAMED_FIELDS, ConfigError, TrainConfig, load_yaml_text
 from regsweep.models.data import DATASETS
 from regsweep.models.init import INITS
 from regsweep.models.optim import OPTIMIZERS
@@ -198,8 +203,9 @@ BAD = [
 
 @pytest.mark.parametrize("data,path,value,allowed", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_value_names_path_value_and_allowed(data, path, value, allowed):
+    """Structure and ranges fail in TrainConfig.from_dict; registry names and stage counts in check_names."""
     with pytest.raises(ConfigError) as err:
-        TrainConfig.from_dict(data)
+        check_names(TrainConfig.from_dict(data))
     msg = str(err.value)
     assert "\n" not in msg, msg
     assert msg.startswith(f"{path}:"), msg
@@ -212,22 +218,36 @@ def test_registry_error_lists_every_choice():
     names = MODELS.names()
     assert {"cnn", "resnet18", "resnet20"} <= set(names)
     with pytest.raises(ConfigError) as err:
-        TrainConfig.from_dict({"model": {"name": "vgg99"}})
+        check_names(TrainConfig.from_dict({"model": {"name": "vgg99"}}))
     assert f"choose one of: {', '.join(names)}" in str(err.value)
 
 
-def test_bad_value_in_yaml_names_the_source():
+NAME_CASES = [b for b in BAD if b[2] in NAMED_FIELDS or b[0] == "resnet18_three_widths"]
+
+
+@pytest.mark.parametrize("data,path,value,allowed", [b[1:] for b in NAME_CASES], ids=[b[0] for b in NAME_CASES])
+def test_the_schema_leaves_registry_names_to_check_names(data, path, value, allowed):
+    cfg = TrainConfig.from_dict(data)  # the schema layer knows no registry
+    with pytest.raises(ConfigError, match=rf"^{path}: "):
+        check_names(cfg)
+
+
+def test_every_named_field_has_a_registry():
+    assert set(REGISTRIES) == set(NAMED_FIELDS)
+
+
+@pytest.mark.parametrize("text,path,value", [
+    ("model:\n  name: vgg99\n", "model.name", "'vgg99'"),
+    ("model:\n  activation: swish9\n", "model.activation", "'swish9'"),
+    ("data:\n  name: imagenet99\n", "data.name", "'imagenet99'"),
+])
+def test_load_config_names_the_file_path_value_and_choices(tmp_path, text, path, value):
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(text, encoding="utf-8")
     with pytest.raises(ConfigError) as err:
-        TrainConfig.from_yaml("model:\n  dropout: 1.0\n", source="cfg.yaml")
+        load_config(cfg_file)
     msg = str(err.value)
-    assert msg.startswith("cfg.yaml: model.dropout:") and "\n" not in msg
-
-
-def test_validate_catches_edits_after_construction():
-    cfg = TrainConfig()
-    cfg.model.dropout = 2.0
-    with pytest.raises(ConfigError, match=r"^model\.dropout: 2\.0"):
-        cfg.validate()
+    assert msg.startswith(f"{cfg_file}: {path}: {value} is not allowed; choose one of: ") and "\n" not in msg
 
 
 # ----------------------------------------------------------------------------------- YAML / files

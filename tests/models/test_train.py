@@ -170,6 +170,9 @@ def test_cli_train_writes_history_config_and_checkpoint(tmp_path, tiny_cfg, caps
     ("model: {dropout: 1.5}\n", "model.dropout: 1.5"),
     ("model: [1, 2\n", "malformed YAML"),
     ("train: {epochs: 0}\n", "train.epochs: 0"),
+    ("model: {name: vgg99}\n", "model.name: 'vgg99' is not allowed; choose one of: cnn, "),
+    ("model: {activation: swish9}\n", "model.activation: 'swish9' is not allowed; choose one of: relu"),
+    ("optim: {name: lion}\n", "optim.name: 'lion' is not allowed; choose one of: sgd, adam, adamw"),
 ])
 def test_bad_config_exits_2_with_one_line(tmp_path, capsys, text, needle):
     p = tmp_path / "bad.yaml"
