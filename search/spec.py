@@ -161,9 +161,9 @@ def builtin_study(name: str) -> Optional[Path]:
 def load_spec(path: str | Path) -> StudySpec:
     """Load and validate a spec file; a bare name that is no file (``digits_cnn``) is a built-in study, whose
     default storage is ``./regsweep.db`` in the working directory (``StudySpec.builtin``)."""
-    source = str(path)
-    builtin = None if Path(path).exists() else builtin_study(source)
+    builtin = None if Path(path).exists() else builtin_study(str(path))
     path = builtin or Path(path)
+    source = str(path)  # a built-in study by its file: its include/base paths resolve beside it
     try:
         data = load_yaml_file(path)
     except ConfigError as exc:
