@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from regsweep.models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
+from regsweep.search.optuna_internals import distribution_contains
+from regsweep.search.record import Objective
 from regsweep.search.space import Space, build_space
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
@@ -38,17 +40,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 class SpecError(ConfigError):
     """A bad study spec (one line: file, field, value, what is allowed)."""
-
-
-@dataclass
-class Objective:
-    metric: str = "val_loss"
-    direction: str = "minimize"
-
-    @property
-    def sign(self) -> float:
-        """+1 when lower is better: multiply once at the edge, compare one way inside."""
-        return 1.0 if self.direction == "minimize" else -1.0
 
 
 # TrainConfig's leaf fields in regsweep 0.1.0. A field added later is left out of the spec hash while it is at
@@ -100,7 +91,7 @@ class StudySpec:
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the spec path as the user typed it (error messages)
-    ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (search/backends/ray_backend.py)
+    ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (parse_ray_section)
     builtin: bool = False  # run by bare name from regsweep.studies: default storage in the working directory
 
     @property
@@ -119,6 +110,17 @@ class StudySpec:
         text = json.dumps(self.canonical(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def stored(self) -> dict[str, Any]:
+        """:meth:`canonical` as JSON stores it (the study's ``regsweep:spec`` attr)."""
+        return json.loads(json.dumps(self.canonical(), default=str))
+
+    def change_error(self, study_name: str, old: dict[str, Any]) -> SpecError:
+        """Resuming study ``study_name``, made with the stored spec ``old``, with this different spec."""
+        diff = spec_difference(old, self.stored())
+        shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+        return SpecError(f"{self.source or self.path}: the spec differs from the one study '{study_name}' was "
+                         f"started with ({shown}); use a new --study-name or pass --allow-spec-change")
+
     def make_sampler(self):
         from regsweep.search.samplers import make_sampler
 
@@ -129,6 +131,18 @@ class StudySpec:
         from regsweep.search.pruners.registry import PrunerContext, build_pruner
 
         return build_pruner(self.pruner, PrunerContext(self.base.train.epochs, self.source or str(self.path)))
+
+
+def spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two canonical specs."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += spec_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
 
 
 def _fail(source: str, fld: str, value: Any, allowed: str) -> SpecError:
@@ -230,8 +244,6 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     if storage is not None and not isinstance(storage, str):
         raise _fail(source, "storage", storage, "must be a storage URL string")
 
-    from regsweep.search.backends.ray_backend import parse_ray_section  # imports no Ray
-
     ray = parse_ray_section(data.get("ray"), source, base.train.epochs)
     spec = StudySpec(name, path, base, Objective(metric, direction), space, sampler, data.get("pruner"),
                      n_trials, timeout, enqueue, storage, description, dict(data), source, ray)
@@ -278,12 +290,103 @@ def _parse_enqueue(enqueue: Any, space: Space, source: str) -> list[dict[str, An
         for key, value in entry.items():
             if key not in params:
                 raise _fail(source, f"enqueue[{i}].{key}", value, f"not a space param; params: {', '.join(params)}")
-            dist = params[key].distribution()
             try:
-                inside = dist._contains(dist.to_internal_repr(value))
+                inside = distribution_contains(params[key].distribution(), value)
             except (TypeError, ValueError):
                 inside = False
             if not inside:
                 raise _fail(source, f"enqueue[{i}].{key}", value, f"outside the param's range {params[key].to_dict()}")
         out.append(dict(entry))
     return out
+
+
+# ------------------------------------------------------------------------------------ the ray: section
+# read by the Ray backend only (search/backends/ray/); parsed here so a bad section fails `validate` and Ray is
+# never imported to check it
+SCHEDULERS = ("fifo", "asha", "median", "hyperband")
+REFUSED = {
+    "pbt": "PBT changes a trial's params mid-run (no single Optuna record) and Ray refuses search algorithms "
+           "with it; use asha, median or fifo",
+    "pb2": "PB2 changes a trial's params mid-run (no single Optuna record) and Ray refuses search algorithms "
+           "with it; use asha, median or fifo",
+}
+# scheduler -> {arg: (kind, check, what is allowed)}; time is counted in epochs (Ray's training_iteration)
+SCHEDULER_ARGS: dict[str, dict[str, tuple[str, str]]] = {
+    "fifo": {},
+    "asha": {"grace_period": ("int", "an integer in [1, train.epochs]"),
+             "reduction_factor": ("float", "a number > 1"),
+             "brackets": ("int", "an integer >= 1")},
+    "median": {"grace_period": ("int", "an integer in [1, train.epochs]"),
+               "min_samples_required": ("int", "an integer >= 1")},
+    "hyperband": {"reduction_factor": ("float", "a number > 1")},
+}
+SCHEDULER_DEFAULTS = {"asha": {"grace_period": 1, "reduction_factor": 2, "brackets": 1},
+                      "median": {"grace_period": 1, "min_samples_required": 3},
+                      "hyperband": {"reduction_factor": 3}}
+RAY_KEYS = ("scheduler", "overfit")
+
+
+def parse_scheduler(value: Any, source: str, epochs: int, fld: str = "ray.scheduler") -> dict[str, Any]:
+    """``NAME`` or ``{name, args}`` -> ``{name, args}`` (args checked; Ray is not imported)."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping):
+        raise _fail(source, fld, value, f"must be a scheduler name or {{name, args}}; names: {', '.join(SCHEDULERS)}")
+    unknown = sorted(set(value) - {"name", "args"})
+    if unknown:
+        raise _fail(source, f"{fld}.{unknown[0]}", value[unknown[0]], "allowed keys: name, args")
+    name = value.get("name")
+    if name in REFUSED:
+        raise _fail(source, f"{fld}.name", name, REFUSED[name])
+    if name not in SCHEDULERS:
+        raise _fail(source, f"{fld}.name", name, f"choose one of: {', '.join(SCHEDULERS)}")
+    args = value.get("args") or {}
+    if not isinstance(args, Mapping):
+        raise _fail(source, f"{fld}.args", args, "must be a mapping of keyword arguments")
+    allowed = SCHEDULER_ARGS[name]
+    for key, v in args.items():
+        if key not in allowed:
+            raise _fail(source, f"{fld}.args.{key}", v, f"{name} takes: {', '.join(allowed) or 'no args'}")
+        kind, what = allowed[key]
+        number = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        ok = number and (kind == "float" or float(v) == int(v))
+        if ok and key == "grace_period":
+            ok = 1 <= v <= epochs
+        elif ok and key == "reduction_factor":
+            ok = v > 1
+        elif ok:
+            ok = v >= 1
+        if not ok:
+            raise _fail(source, f"{fld}.args.{key}", v, f"must be {what}" + (f" ({epochs})" if "epochs" in what else ""))
+    return {"name": name, "args": {k: (int(v) if allowed[k][0] == "int" else float(v)) for k, v in args.items()}}
+
+
+def parse_ray_section(value: Any, source: str, epochs: int) -> dict[str, Any]:
+    """The spec's ``ray:`` section, checked; {} when absent (then the spec hash is unchanged)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(source, "ray", value, f"must be a mapping with keys: {', '.join(RAY_KEYS)}")
+    unknown = [k for k in value if k not in RAY_KEYS]
+    if unknown:
+        raise _fail(source, f"ray.{unknown[0]}", value[unknown[0]], f"allowed keys: {', '.join(RAY_KEYS)}")
+    out: dict[str, Any] = {}
+    if value.get("scheduler") is not None:
+        out["scheduler"] = parse_scheduler(value["scheduler"], source, epochs)
+    if "overfit" in value:
+        args = value["overfit"] or {}
+        if not isinstance(args, Mapping):
+            raise _fail(source, "ray.overfit", args, "must be a mapping of overfit args (warmup, patience, "
+                       "min_delta, window, on_fire)")
+        from regsweep.search.pruners.overfit import OverfitPruner
+
+        try:
+            OverfitPruner(**args)
+        except (TypeError, ValueError) as exc:
+            raise _fail(source, "ray.overfit", dict(args), str(exc).splitlines()[0]) from None
+        out["overfit"] = dict(args)
+    return out
+
+
+def scheduler_label(sched: Mapping[str, Any]) -> str:
+    return str(sched["name"])
