@@ -207,8 +207,8 @@ def timed_loop(url: str, name: str, n_trials: int, epochs: int) -> tuple[list[fl
     import optuna
     from optuna.trial import TrialState
 
-    from regsweep.search.storage import open_storage
     from regsweep.search.loop import worker_loop
+    from regsweep.search.storage import open_storage
 
     study = optuna.create_study(storage=open_storage(url), study_name=name,
                                 sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.MedianPruner())

@@ -285,6 +285,7 @@ def _storage_flags(p: argparse.ArgumentParser, study: bool = True) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The CLI table: one ``add_argument`` line per flag (long: a flat table reads better than pieces)."""
     p = argparse.ArgumentParser(prog="regsweep", description="Hyperparameter search for the regularisation "
                                 "of image classifiers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -1,26 +1,19 @@
 """The worker loop every backend builds on: study open, exact budget, ask/tell, liveness, failure streak.
 
-Every worker — the in-process one of ``regsweep run``, the N children of ``run --workers N``, any
-``regsweep worker`` started on another machine, and the Ray driver's searcher — asks trials of one RDB study
-through :func:`ask_within_budget`:
+Every worker (``regsweep run``, the N children of ``run --workers N``, ``regsweep worker`` on any machine, the
+Ray driver's searcher) asks trials of one RDB study through :func:`ask_within_budget`:
 
 1. Under the study's *budget lock* (PostgreSQL advisory lock, MySQL ``GET_LOCK``, or an ``flock`` beside a
-   SQLite file) count COMPLETE + PRUNED + live RUNNING trials; ask a new trial only while that is below
-   ``n_trials``. Optuna's ``ask`` pops WAITING trials (enqueued ones, retries) first. So COMPLETE + PRUNED
-   ends exactly at ``n_trials``: a trial that fails frees its place for another.
-2. Run the trial with a :class:`Heartbeat` thread (Optuna's RDB heartbeat). A worker that finds live-looking
-   RUNNING trials filling the budget waits and calls ``fail_stale_trials``: a killed worker's trial is failed
-   after the grace period and retried (same params, ``failed_trial`` system attr) by
-   ``RetryHeartbeatStaleTrialCallback``. A worker exits 0 only when the budget is done.
-3. SIGTERM/SIGINT (search/signals.py): the running trial ends FAIL; after SIGTERM it is also re-queued, and the
+   SQLite file) count COMPLETE + PRUNED + live RUNNING trials; ask only while that is below ``n_trials``
+   (``ask`` pops WAITING trials first). So COMPLETE + PRUNED ends exactly at ``n_trials``: a failed trial
+   frees its place. ``n_trials`` is the study's total across runs (its ``regsweep:n_trials`` attr).
+2. Run the trial under a :class:`Heartbeat`. A worker that finds live-looking RUNNING trials filling the budget
+   waits and calls ``fail_stale_trials``: a killed worker's trial is failed after the grace period and retried
+   (same params) by ``RetryHeartbeatStaleTrialCallback``. A worker exits 0 only when the budget is done.
+3. SIGTERM/SIGINT (search/signals.py): the running trial ends FAIL; after SIGTERM it is re-queued and the
    worker exits 143 (130 for Ctrl-C), so a preempted pod is simply replaced.
 
-Budget contract: ``n_trials`` is the study's TOTAL of COMPLETE + PRUNED trials across all runs (the study attr
-``regsweep:n_trials``, set by the ``run`` that created or resumed it). The spec's hash is a study attr: resuming
-with a different spec is refused unless ``allow_spec_change``.
-
-``run --workers N`` starts its worker processes through search/backends/optuna_backend.py; each runs
-:func:`worker_main`.
+The spec's hash is a study attr: resuming with a different spec is refused unless ``allow_spec_change``.
 """
 
 from __future__ import annotations
@@ -38,8 +31,16 @@ from regsweep.models.config import ConfigError
 from regsweep.search.optuna_internals import frozen_trial, study_storage, trial_id, trial_number
 from regsweep.search.signals import Terminated, check_signals, terminate_on_sigterm
 from regsweep.search.spec import StudySpec
-from regsweep.search.storage import (MAX_RETRY, adopt_orphans, check_url, open_existing, open_storage, retry_transient,
-                                     sqlite_file, transient_errors)
+from regsweep.search.storage import (
+    MAX_RETRY,
+    adopt_orphans,
+    check_url,
+    open_existing,
+    open_storage,
+    retry_transient,
+    sqlite_file,
+    transient_errors,
+)
 from regsweep.search.trial import BASE_ATTR, make_objective
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset

@@ -1,7 +1,8 @@
 """The ONE recording path of a trial, shared by every backend.
 
 Per epoch exactly one history write (the ``history`` user attr: the list of per-epoch dicts so far, read back
-only through :func:`history`) plus ``report(objective, epoch)`` with epochs counted from 0. At the end: ``best_epoch``, ``stop_reason``
+only through :func:`history`) plus ``report(objective, epoch)`` with epochs counted from 0. At the end:
+``best_epoch``, ``stop_reason``
 (completed | early_stopped | stopped:overfit:<rule>@<epoch> | pruned:<pruner>@<epoch> | failed:<error>),
 ``n_params``, ``device``, ``seed``, ``num_threads``, ``split_fingerprint`` and the test metrics (recorded for
 reading, never used to choose). The trial's value is the best epoch's objective.

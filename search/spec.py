@@ -100,7 +100,8 @@ class StudySpec:
 
     def canonical(self) -> dict[str, Any]:
         """What defines the search (not the budget, name or storage): hashed and stored in the study."""
-        canonical = {"base": hashable_config(self.base), "objective": vars(self.objective), "space": self.space.to_dict(),
+        canonical = {"base": hashable_config(self.base), "objective": vars(self.objective),
+                     "space": self.space.to_dict(),
                      "sampler": self.sampler, "pruner": self.pruner, "enqueue": self.enqueue}
         if self.ray:  # only when given: specs without it keep their hash
             canonical["ray"] = self.ray
@@ -204,14 +205,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
 
     base = _load_base(data.get("base"), path, source)
 
-    obj = _mapping(source, "objective", data.get("objective"), ("metric", "direction"))
-    metric = obj.get("metric", "val_loss")
-    if metric not in OBJECTIVES:
-        raise _fail(source, "objective.metric", metric, f"choose one of: {', '.join(OBJECTIVES)} (the test set "
-                    "never chooses anything)")
-    direction = obj.get("direction", OBJECTIVES[metric])
-    if direction != OBJECTIVES[metric]:
-        raise _fail(source, "objective.direction", direction, f"{metric} is optimised with {OBJECTIVES[metric]}")
+    objective = _parse_objective(data.get("objective"), source)
 
     if "space" not in data:
         raise SpecError(f"{source}: space: missing; give params or include: a file from spaces/")
@@ -219,16 +213,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     if len(space) == 0:
         raise _fail(source, "space", data["space"], "must define at least one param")
 
-    smp = _mapping(source, "sampler", data.get("sampler"), ("name", "seed", "args"))
-    if not isinstance(smp.get("args") or {}, Mapping):
-        raise _fail(source, "sampler.args", smp.get("args"), "must be a mapping of keyword arguments")
-    from regsweep.search.samplers import SAMPLERS
-
-    sampler = {"name": smp.get("name", "tpe"), "seed": smp.get("seed", 0), "args": dict(smp.get("args") or {})}
-    if sampler["name"] not in SAMPLERS:
-        raise _fail(source, "sampler.name", sampler["name"], f"choose one of: {', '.join(SAMPLERS.names())}")
-    if sampler["seed"] is not None and (isinstance(sampler["seed"], bool) or not isinstance(sampler["seed"], int)):
-        raise _fail(source, "sampler.seed", sampler["seed"], "must be an integer or null")
+    sampler = _parse_sampler(data.get("sampler"), source)
 
     budget = _mapping(source, "budget", data.get("budget"), ("n_trials", "timeout"))
     n_trials = budget.get("n_trials", 20)
@@ -245,7 +230,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
         raise _fail(source, "storage", storage, "must be a storage URL string")
 
     ray = parse_ray_section(data.get("ray"), source, base.train.epochs)
-    spec = StudySpec(name, path, base, Objective(metric, direction), space, sampler, data.get("pruner"),
+    spec = StudySpec(name, path, base, objective, space, sampler, data.get("pruner"),
                      n_trials, timeout, enqueue, storage, description, dict(data), source, ray)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
@@ -256,6 +241,32 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     except (TypeError, ValueError) as exc:
         raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {str(exc).splitlines()[0]}") from None
     return spec
+
+
+def _parse_objective(value: Any, source: str) -> Objective:
+    obj = _mapping(source, "objective", value, ("metric", "direction"))
+    metric = obj.get("metric", "val_loss")
+    if metric not in OBJECTIVES:
+        raise _fail(source, "objective.metric", metric, f"choose one of: {', '.join(OBJECTIVES)} (the test set "
+                    "never chooses anything)")
+    direction = obj.get("direction", OBJECTIVES[metric])
+    if direction != OBJECTIVES[metric]:
+        raise _fail(source, "objective.direction", direction, f"{metric} is optimised with {OBJECTIVES[metric]}")
+    return Objective(metric, direction)
+
+
+def _parse_sampler(value: Any, source: str) -> dict[str, Any]:
+    from regsweep.search.samplers import SAMPLERS
+
+    smp = _mapping(source, "sampler", value, ("name", "seed", "args"))
+    if not isinstance(smp.get("args") or {}, Mapping):
+        raise _fail(source, "sampler.args", smp.get("args"), "must be a mapping of keyword arguments")
+    sampler = {"name": smp.get("name", "tpe"), "seed": smp.get("seed", 0), "args": dict(smp.get("args") or {})}
+    if sampler["name"] not in SAMPLERS:
+        raise _fail(source, "sampler.name", sampler["name"], f"choose one of: {', '.join(SAMPLERS.names())}")
+    if sampler["seed"] is not None and (isinstance(sampler["seed"], bool) or not isinstance(sampler["seed"], int)):
+        raise _fail(source, "sampler.seed", sampler["seed"], "must be an integer or null")
+    return sampler
 
 
 def _load_base(base: Any, spec_path: Path, source: str) -> TrainConfig:
@@ -357,7 +368,8 @@ def parse_scheduler(value: Any, source: str, epochs: int, fld: str = "ray.schedu
         elif ok:
             ok = v >= 1
         if not ok:
-            raise _fail(source, f"{fld}.args.{key}", v, f"must be {what}" + (f" ({epochs})" if "epochs" in what else ""))
+            raise _fail(source, f"{fld}.args.{key}", v,
+                        f"must be {what}" + (f" ({epochs})" if "epochs" in what else ""))
     return {"name": name, "args": {k: (int(v) if allowed[k][0] == "int" else float(v)) for k, v in args.items()}}
 
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, TextIO
 
 from regsweep.models.config import ConfigError
-from regsweep.search.loop import (THREADS_ENV, WORKER_ENV, budget, done_count, open_study_locked,
-                                  worker_loop)
+from regsweep.search.loop import THREADS_ENV, WORKER_ENV, budget, done_count, open_study_locked, worker_loop
 from regsweep.search.signals import terminate_on_sigterm
 from regsweep.search.spec import StudySpec
 from regsweep.search.storage import mask

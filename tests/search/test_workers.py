@@ -209,8 +209,8 @@ def test_gpu_assignment_packs_workers_and_splits_cpu_threads(monkeypatch):
 
 def test_an_orphaned_trial_without_heartbeat_is_adopted_failed_and_retried(tmp_path, monkeypatch):
     """A trial asked by a worker that died before its first heartbeat would stay RUNNING forever in Optuna."""
-    from regsweep.search.storage import adopt_orphans, open_storage
     from regsweep.search.loop import fail_stale as _fail_stale
+    from regsweep.search.storage import adopt_orphans, open_storage
 
     monkeypatch.setenv("REGSWEEP_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("REGSWEEP_GRACE_PERIOD", "1")

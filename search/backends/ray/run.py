@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, TextIO
 
 from regsweep.models.config import ConfigError
 from regsweep.search.backends.optuna_backend import RunResult
-from regsweep.search.backends.ray import FORMAT_ATTR, RAY_FORMAT, RESULTS_ENV, RUN_ATTR, STORAGE_ENV
+from regsweep.search.backends.ray import FORMAT_ATTR, RAY_FORMAT, RESULTS_ENV, STORAGE_ENV
 from regsweep.search.backends.ray.driver import RayDriver, fail_dead_driver
 from regsweep.search.backends.ray.trainable import storage_fingerprint, train_trial
 from regsweep.search.loop import budget, done_count, open_study_locked
