@@ -28,10 +28,12 @@ MODES = {"full": (None, None), "quick": (10, 5), "tiny": (4, 2)}  # (n_trials, e
 def _arm_result(study, seconds: float) -> dict:
     from optuna.trial import TrialState
 
+    from regsweep.search.record import history
+
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     return {"seconds": seconds, "trials": len(done), "pruned": sum(t.state == TrialState.PRUNED for t in done),
-            "epochs": sum(len(t.user_attrs.get("history", [])) for t in trials),
+            "epochs": sum(len(history(t)) for t in trials),
             "best": min((t.value for t in done if t.state == TrialState.COMPLETE), default=float("nan"))}
 
 
@@ -44,7 +46,7 @@ def optuna_arm(spec, url: str, n_trials: int) -> dict:
 
 
 def ray_arm(spec, url: str, n_trials: int, scheduler, results: str) -> tuple[dict, float]:
-    from regsweep.search.backends import ray_backend
+    from regsweep.search.backends.ray import run as ray_backend
 
     t0 = time.perf_counter()
     ray_backend.init_ray(url, num_cpus=os.cpu_count() or 1)

@@ -11,7 +11,7 @@ Two measurements, each on fresh, uniquely named studies that are deleted at the 
    on 2 cores.
 2. ``storage``: per-trial time of the recording path (``regsweep.search.record.Recorder`` over
    ``regsweep.search.storage.TrialWriter``, a trivial objective of 3 epochs; random sampler, median pruner) driven by
-   ``regsweep.search.workers.worker_loop`` in this process — the real stale-trial check, budget lock, count, ask,
+   ``regsweep.search.loop.worker_loop`` in this process — the real stale-trial check, budget lock, count, ask,
    heartbeat and tell — for the first 100 and the last 100 trials of a 1,000-trial study. Goal: last / first
    close to 1 (no cost that grows with the study).
 
@@ -207,8 +207,8 @@ def timed_loop(url: str, name: str, n_trials: int, epochs: int) -> tuple[list[fl
     import optuna
     from optuna.trial import TrialState
 
+    from regsweep.search.loop import worker_loop
     from regsweep.search.storage import open_storage
-    from regsweep.search.workers import worker_loop
 
     study = optuna.create_study(storage=open_storage(url), study_name=name,
                                 sampler=optuna.samplers.RandomSampler(seed=0), pruner=optuna.pruners.MedianPruner())

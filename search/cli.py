@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from regsweep.models.config import ConfigError
+from regsweep.search.loop import SweepFailed
+from regsweep.search.signals import Terminated
 from regsweep.search.storage import sqlite_file
-from regsweep.search.workers import SweepFailed, Terminated
 
 DEFAULT_STUDIES_DIR = Path("studies")
 
@@ -81,10 +82,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from regsweep.search.loop import check_existing_study
     from regsweep.search.spec import load_spec
     from regsweep.search.storage import mask
-
-    from regsweep.search.backends.optuna_backend import check_existing_study
 
     spec = load_spec(args.spec)
     url = _storage_url(args, spec)
@@ -134,9 +134,7 @@ def _print_outcome(study, url: str, name: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from regsweep.search import workers
     from regsweep.search.backends import optuna_backend
-    from regsweep.search.storage import mask
 
     if args.backend == "ray":
         return _run_on_ray(args)
@@ -147,27 +145,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     if ray_only:
         raise ConfigError(f"{ray_only[0]}: not allowed with --backend optuna; it is a Ray flag (add --backend ray)")
     spec, url, name = _run_setup(args)
-    envs = workers.assignments(args.workers, workers.parse_gpus(args.gpus) if args.workers > 1 or args.gpus else [],
-                               args.trials_per_gpu)
+    gpus = optuna_backend.parse_gpus(args.gpus) if args.workers > 1 or args.gpus else []
+    envs = optuna_backend.assignments(args.workers, gpus, args.trials_per_gpu)
     _print_sqlite_file(url)
+    common = dict(n_trials=args.n_trials, timeout=args.timeout, device=args.device,
+                  allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
     with _progress(spec, url, name):
         if args.workers == 1:
             if args.gpus:
                 os.environ["CUDA_VISIBLE_DEVICES"] = envs[0]["CUDA_VISIBLE_DEVICES"]
-            result = optuna_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout,
-                                        device=args.device, allow_spec_change=args.allow_spec_change,
-                                        artifacts=args.artifacts)
-            study = result.study
+            study = optuna_backend.run(spec, url, name, **common).study
         else:
-            from regsweep.search.artifacts import resolve
-
-            study = optuna_backend.open_study_locked(spec, url, name, allow_spec_change=args.allow_spec_change,
-                                                     n_trials=args.n_trials)
-            total = optuna_backend.budget(study, spec)
-            location = resolve(study, url, args.artifacts, coordinator=True)  # the workers read it from the study
-            print(f"study '{name}' in {mask(url)}: {optuna_backend.done_count(study)}/{total} trials done"
-                  + (f"; artifacts: {location}" if location else ""), flush=True)
-            code = workers.launch(str(spec.path), url, name, envs, device=args.device, timeout=args.timeout)
+            study, code = optuna_backend.run_workers(spec, url, name, envs, **common)
             if code != 0:
                 return code
     return _print_outcome(study, url, name)
@@ -191,7 +180,7 @@ def _progress(spec, url: str, name: str):
 
 
 def _run_on_ray(args: argparse.Namespace) -> int:
-    """`run --backend ray`: the study on Ray Tune (search/backends/ray_backend.py)."""
+    """`run --backend ray`: the study on Ray Tune (search/backends/ray/)."""
     for flag, refused in (("--workers", args.workers != 1), ("--gpus", args.gpus is not None),
                           ("--trials-per-gpu", args.trials_per_gpu != 1)):
         if refused:
@@ -201,23 +190,23 @@ def _run_on_ray(args: argparse.Namespace) -> int:
 
     if importlib.util.find_spec("ray") is None:  # the [ray] extra
         raise ConfigError("--backend: 'ray' is not allowed here; Ray is not installed (pip install 'regsweep[ray]')")
-    from regsweep.search.backends import ray_backend
+    from regsweep.search.backends.ray import run as ray_run
 
     spec, url, name = _run_setup(args)
     _print_sqlite_file(url)
     with _progress(spec, url, name):  # the driver is the coordinator: progress and the study note
-        result = ray_backend.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
-                                 address=args.address, gpus_per_trial=args.gpus_per_trial,
-                                 cpus_per_trial=args.cpus_per_trial, resume=args.resume,
-                                 allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
+        result = ray_run.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
+                             address=args.address, gpus_per_trial=args.gpus_per_trial,
+                             cpus_per_trial=args.cpus_per_trial, resume=args.resume,
+                             allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
     return _print_outcome(result.study, url, name)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from regsweep.search import workers
+    from regsweep.search import loop
 
     spec, url = _load_spec_and_storage(args)
-    return workers.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout,
+    return loop.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout,
                                artifacts=args.artifacts)
 
 
@@ -296,6 +285,7 @@ def _storage_flags(p: argparse.ArgumentParser, study: bool = True) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The CLI table: one ``add_argument`` line per flag (long: a flat table reads better than pieces)."""
     p = argparse.ArgumentParser(prog="regsweep", description="Hyperparameter search for the regularisation "
                                 "of image classifiers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

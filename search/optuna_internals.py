@@ -104,8 +104,7 @@ def _session(backend, *, ignore_integrity_error: bool):
 def distribution_contains(distribution, value) -> bool:
     """Whether ``value`` (external form) lies inside an Optuna distribution: range, step and choices.
 
-    For search/spec.py's ``enqueue`` check (it still calls ``dist._contains`` itself until the lead routes it
-    here)."""
+    For search/spec.py's ``enqueue`` check."""
     try:
         internal = distribution.to_internal_repr(value)
         # BaseDistribution has no public containment check; re-deriving it per class (int/float, step, log,
@@ -113,3 +112,24 @@ def distribution_contains(distribution, value) -> bool:
         return bool(distribution._contains(internal))
     except (TypeError, ValueError):
         return False
+
+
+# ---- used by the trial/loop/backends layers (trial_id, study_storage and distribution_contains above too)
+def frozen_trial(study, tid: int):
+    """One trial by storage id, fresh from the storage (public storage method; see study_storage)."""
+    return study_storage(study).get_trial(tid)
+
+
+def trial_number(study, tid: int) -> int:
+    """The study-local number of a trial given its storage id (what ``study.tell`` takes)."""
+    return study_storage(study).get_trial_number_from_id(tid)
+
+
+def latest_trial(trial):
+    """A live trial as Optuna's own pruners see it inside ``Trial.should_prune`` (its reports and attrs so far)."""
+    if hasattr(trial, "_get_latest_trial"):
+        # should_prune() hands pruners ``trial._get_latest_trial()`` (the cached FrozenTrial, no database read);
+        # a pruner with a richer verdict than a bool (search/pruners/compose.py) needs that same object, and
+        # Trial has no public method returning it.
+        return trial._get_latest_trial()
+    return frozen_trial(trial.study, trial_id(trial))

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, TextIO
 
+from regsweep.search.record import history
+
 
 @dataclass
 class Snapshot:
@@ -57,7 +59,7 @@ def snapshot(study) -> Snapshot:
         elif t.state == TrialState.FAIL:
             s.failed += 1
         elif t.state == TrialState.RUNNING:
-            s.running.append((t.number, len(t.user_attrs.get("history", ()))))
+            s.running.append((t.number, len(history(t))))
     return s
 
 

@@ -1,7 +1,8 @@
 """The ONE recording path of a trial, shared by every backend.
 
-Per epoch exactly one history write (the ``history`` user attr: the list of per-epoch dicts so far) plus
-``report(objective, epoch)`` with epochs counted from 0. At the end: ``best_epoch``, ``stop_reason``
+Per epoch exactly one history write (the ``history`` user attr: the list of per-epoch dicts so far, read back
+only through :func:`history`) plus ``report(objective, epoch)`` with epochs counted from 0. At the end:
+``best_epoch``, ``stop_reason``
 (completed | early_stopped | stopped:overfit:<rule>@<epoch> | pruned:<pruner>@<epoch> | failed:<error>),
 ``n_params``, ``device``, ``seed``, ``num_threads``, ``split_fingerprint`` and the test metrics (recorded for
 reading, never used to choose). The trial's value is the best epoch's objective.
@@ -15,11 +16,28 @@ the end.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
-from regsweep.search.spec import Objective
-
 ATTR_PREFIX = "regsweep:"
+HISTORY_ATTR = "history"  # the per-epoch records; read only through history()
+
+
+@dataclass
+class Objective:
+    metric: str = "val_loss"
+    direction: str = "minimize"
+
+    @property
+    def sign(self) -> float:
+        """+1 when lower is better: multiply once at the edge, compare one way inside."""
+        return 1.0 if self.direction == "minimize" else -1.0
+
+
+def history(trial: Any) -> list[dict[str, Any]]:
+    """The per-epoch records of a trial (a FrozenTrial, a live Trial or anything with ``user_attrs``), oldest
+    first; [] when it has none. The ONE reader of the stored format: every other module calls this."""
+    return list(trial.user_attrs.get(HISTORY_ATTR) or [])
 
 
 class Sink(Protocol):
@@ -65,6 +83,7 @@ class Recorder:
         self.objective = objective
         self.verdict = verdict
         self.history: list[dict[str, Any]] = list(history or [])  # epochs already recorded (a driver's end write)
+        self.stop_reason: Optional[str] = None  # as written by end() or fail()
         self._pending: dict[str, Any] = {}
 
     def start(self, config: dict[str, Any], extra: Optional[dict[str, Any]] = None) -> None:
@@ -78,7 +97,7 @@ class Recorder:
     def on_epoch(self, epoch: int, record: dict[str, Any]) -> Optional[str]:
         self.history.append(record)
         value = record[self.objective.metric]
-        self._flush({"history": self.history}, (value, epoch) if math.isfinite(value) else None)
+        self._flush({HISTORY_ATTR: self.history}, (value, epoch) if math.isfinite(value) else None)
         return self.verdict(epoch) if self.verdict is not None else None
 
     def finish(self, hist) -> tuple[str, Optional[float]]:
@@ -98,8 +117,10 @@ class Recorder:
         if state != FAIL and best is None:
             state, attrs["stop_reason"] = FAIL, "failed:no finite objective value"
         self._flush(attrs)
+        self.stop_reason = attrs["stop_reason"]
         value = None if best is None else self.history[best][self.objective.metric]
         return state, value
 
     def fail(self, reason: str) -> None:
-        self._flush({"stop_reason": reason[:2000]})
+        self.stop_reason = reason[:2000]
+        self._flush({"stop_reason": self.stop_reason})

@@ -7,6 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from regsweep.search.record import history
+
 
 def stop_reason_kind(reason: str | None) -> str:
     """'pruned:median@3' -> 'pruned:median'; 'failed:RuntimeError: x' -> 'failed:RuntimeError'."""
@@ -109,7 +111,7 @@ def _curves_plot(trials, objective: str, path) -> None:
     fig = new_figure(10, 2.6 * len(trials))
     axes = fig.subplots(len(trials), 2, squeeze=False)
     for i, (row, t) in enumerate(zip(axes, trials)):
-        draw_curves(row[0], row[1], t.user_attrs.get("history", []), t.user_attrs.get("best_epoch"), legend=i == 0)
+        draw_curves(row[0], row[1], history(t), t.user_attrs.get("best_epoch"), legend=i == 0)
         row[0].set_title(f"trial {t.number}: {objective}={t.value:.4g} ({t.user_attrs.get('stop_reason', '')})",
                          fontsize=9, loc="left")
     fig.tight_layout()

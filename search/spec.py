@@ -28,6 +28,8 @@ from typing import Any, Mapping, Optional
 
 from regsweep.models.build import check_names, load_config
 from regsweep.models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
+from regsweep.search.optuna_internals import distribution_contains
+from regsweep.search.record import Objective
 from regsweep.search.space import Space, build_space
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
@@ -39,17 +41,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 class SpecError(ConfigError):
     """A bad study spec (one line: file, field, value, what is allowed)."""
-
-
-@dataclass
-class Objective:
-    metric: str = "val_loss"
-    direction: str = "minimize"
-
-    @property
-    def sign(self) -> float:
-        """+1 when lower is better: multiply once at the edge, compare one way inside."""
-        return 1.0 if self.direction == "minimize" else -1.0
 
 
 # TrainConfig's leaf fields in regsweep 0.1.0. A field added later is left out of the spec hash while it is at
@@ -101,7 +92,7 @@ class StudySpec:
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the spec path as the user typed it (error messages)
-    ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (search/backends/ray_backend.py)
+    ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (parse_ray_section)
     builtin: bool = False  # run by bare name from regsweep.studies: default storage in the working directory
 
     @property
@@ -110,7 +101,8 @@ class StudySpec:
 
     def canonical(self) -> dict[str, Any]:
         """What defines the search (not the budget, name or storage): hashed and stored in the study."""
-        canonical = {"base": hashable_config(self.base), "objective": vars(self.objective), "space": self.space.to_dict(),
+        canonical = {"base": hashable_config(self.base), "objective": vars(self.objective),
+                     "space": self.space.to_dict(),
                      "sampler": self.sampler, "pruner": self.pruner, "enqueue": self.enqueue}
         if self.ray:  # only when given: specs without it keep their hash
             canonical["ray"] = self.ray
@@ -119,6 +111,17 @@ class StudySpec:
     def spec_hash(self) -> str:
         text = json.dumps(self.canonical(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def stored(self) -> dict[str, Any]:
+        """:meth:`canonical` as JSON stores it (the study's ``regsweep:spec`` attr)."""
+        return json.loads(json.dumps(self.canonical(), default=str))
+
+    def change_error(self, study_name: str, old: dict[str, Any]) -> SpecError:
+        """Resuming study ``study_name``, made with the stored spec ``old``, with this different spec."""
+        diff = spec_difference(old, self.stored())
+        shown = "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+        return SpecError(f"{self.source or self.path}: the spec differs from the one study '{study_name}' was "
+                         f"started with ({shown}); use a new --study-name or pass --allow-spec-change")
 
     def make_sampler(self):
         from regsweep.search.samplers import make_sampler
@@ -130,6 +133,18 @@ class StudySpec:
         from regsweep.search.pruners.registry import PrunerContext, build_pruner
 
         return build_pruner(self.pruner, PrunerContext(self.base.train.epochs, self.source or str(self.path)))
+
+
+def spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two canonical specs."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += spec_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
 
 
 def _fail(source: str, fld: str, value: Any, allowed: str) -> SpecError:
@@ -191,14 +206,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
 
     base = _load_base(data.get("base"), path, source)
 
-    obj = _mapping(source, "objective", data.get("objective"), ("metric", "direction"))
-    metric = obj.get("metric", "val_loss")
-    if metric not in OBJECTIVES:
-        raise _fail(source, "objective.metric", metric, f"choose one of: {', '.join(OBJECTIVES)} (the test set "
-                    "never chooses anything)")
-    direction = obj.get("direction", OBJECTIVES[metric])
-    if direction != OBJECTIVES[metric]:
-        raise _fail(source, "objective.direction", direction, f"{metric} is optimised with {OBJECTIVES[metric]}")
+    objective = _parse_objective(data.get("objective"), source)
 
     if "space" not in data:
         raise SpecError(f"{source}: space: missing; give params or include: a file from spaces/")
@@ -206,16 +214,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     if len(space) == 0:
         raise _fail(source, "space", data["space"], "must define at least one param")
 
-    smp = _mapping(source, "sampler", data.get("sampler"), ("name", "seed", "args"))
-    if not isinstance(smp.get("args") or {}, Mapping):
-        raise _fail(source, "sampler.args", smp.get("args"), "must be a mapping of keyword arguments")
-    from regsweep.search.samplers import SAMPLERS
-
-    sampler = {"name": smp.get("name", "tpe"), "seed": smp.get("seed", 0), "args": dict(smp.get("args") or {})}
-    if sampler["name"] not in SAMPLERS:
-        raise _fail(source, "sampler.name", sampler["name"], f"choose one of: {', '.join(SAMPLERS.names())}")
-    if sampler["seed"] is not None and (isinstance(sampler["seed"], bool) or not isinstance(sampler["seed"], int)):
-        raise _fail(source, "sampler.seed", sampler["seed"], "must be an integer or null")
+    sampler = _parse_sampler(data.get("sampler"), source)
 
     budget = _mapping(source, "budget", data.get("budget"), ("n_trials", "timeout"))
     n_trials = budget.get("n_trials", 20)
@@ -231,10 +230,8 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     if storage is not None and not isinstance(storage, str):
         raise _fail(source, "storage", storage, "must be a storage URL string")
 
-    from regsweep.search.backends.ray_backend import parse_ray_section  # imports no Ray
-
     ray = parse_ray_section(data.get("ray"), source, base.train.epochs)
-    spec = StudySpec(name, path, base, Objective(metric, direction), space, sampler, data.get("pruner"),
+    spec = StudySpec(name, path, base, objective, space, sampler, data.get("pruner"),
                      n_trials, timeout, enqueue, storage, description, dict(data), source, ray)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
@@ -245,6 +242,32 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     except (TypeError, ValueError) as exc:
         raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {str(exc).splitlines()[0]}") from None
     return spec
+
+
+def _parse_objective(value: Any, source: str) -> Objective:
+    obj = _mapping(source, "objective", value, ("metric", "direction"))
+    metric = obj.get("metric", "val_loss")
+    if metric not in OBJECTIVES:
+        raise _fail(source, "objective.metric", metric, f"choose one of: {', '.join(OBJECTIVES)} (the test set "
+                    "never chooses anything)")
+    direction = obj.get("direction", OBJECTIVES[metric])
+    if direction != OBJECTIVES[metric]:
+        raise _fail(source, "objective.direction", direction, f"{metric} is optimised with {OBJECTIVES[metric]}")
+    return Objective(metric, direction)
+
+
+def _parse_sampler(value: Any, source: str) -> dict[str, Any]:
+    from regsweep.search.samplers import SAMPLERS
+
+    smp = _mapping(source, "sampler", value, ("name", "seed", "args"))
+    if not isinstance(smp.get("args") or {}, Mapping):
+        raise _fail(source, "sampler.args", smp.get("args"), "must be a mapping of keyword arguments")
+    sampler = {"name": smp.get("name", "tpe"), "seed": smp.get("seed", 0), "args": dict(smp.get("args") or {})}
+    if sampler["name"] not in SAMPLERS:
+        raise _fail(source, "sampler.name", sampler["name"], f"choose one of: {', '.join(SAMPLERS.names())}")
+    if sampler["seed"] is not None and (isinstance(sampler["seed"], bool) or not isinstance(sampler["seed"], int)):
+        raise _fail(source, "sampler.seed", sampler["seed"], "must be an integer or null")
+    return sampler
 
 
 def _load_base(base: Any, spec_path: Path, source: str) -> TrainConfig:
@@ -279,12 +302,104 @@ def _parse_enqueue(enqueue: Any, space: Space, source: str) -> list[dict[str, An
         for key, value in entry.items():
             if key not in params:
                 raise _fail(source, f"enqueue[{i}].{key}", value, f"not a space param; params: {', '.join(params)}")
-            dist = params[key].distribution()
             try:
-                inside = dist._contains(dist.to_internal_repr(value))
+                inside = distribution_contains(params[key].distribution(), value)
             except (TypeError, ValueError):
                 inside = False
             if not inside:
                 raise _fail(source, f"enqueue[{i}].{key}", value, f"outside the param's range {params[key].to_dict()}")
         out.append(dict(entry))
     return out
+
+
+# ------------------------------------------------------------------------------------ the ray: section
+# read by the Ray backend only (search/backends/ray/); parsed here so a bad section fails `validate` and Ray is
+# never imported to check it
+SCHEDULERS = ("fifo", "asha", "median", "hyperband")
+REFUSED = {
+    "pbt": "PBT changes a trial's params mid-run (no single Optuna record) and Ray refuses search algorithms "
+           "with it; use asha, median or fifo",
+    "pb2": "PB2 changes a trial's params mid-run (no single Optuna record) and Ray refuses search algorithms "
+           "with it; use asha, median or fifo",
+}
+# scheduler -> {arg: (kind, check, what is allowed)}; time is counted in epochs (Ray's training_iteration)
+SCHEDULER_ARGS: dict[str, dict[str, tuple[str, str]]] = {
+    "fifo": {},
+    "asha": {"grace_period": ("int", "an integer in [1, train.epochs]"),
+             "reduction_factor": ("float", "a number > 1"),
+             "brackets": ("int", "an integer >= 1")},
+    "median": {"grace_period": ("int", "an integer in [1, train.epochs]"),
+               "min_samples_required": ("int", "an integer >= 1")},
+    "hyperband": {"reduction_factor": ("float", "a number > 1")},
+}
+SCHEDULER_DEFAULTS = {"asha": {"grace_period": 1, "reduction_factor": 2, "brackets": 1},
+                      "median": {"grace_period": 1, "min_samples_required": 3},
+                      "hyperband": {"reduction_factor": 3}}
+RAY_KEYS = ("scheduler", "overfit")
+
+
+def parse_scheduler(value: Any, source: str, epochs: int, fld: str = "ray.scheduler") -> dict[str, Any]:
+    """``NAME`` or ``{name, args}`` -> ``{name, args}`` (args checked; Ray is not imported)."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, Mapping):
+        raise _fail(source, fld, value, f"must be a scheduler name or {{name, args}}; names: {', '.join(SCHEDULERS)}")
+    unknown = sorted(set(value) - {"name", "args"})
+    if unknown:
+        raise _fail(source, f"{fld}.{unknown[0]}", value[unknown[0]], "allowed keys: name, args")
+    name = value.get("name")
+    if name in REFUSED:
+        raise _fail(source, f"{fld}.name", name, REFUSED[name])
+    if name not in SCHEDULERS:
+        raise _fail(source, f"{fld}.name", name, f"choose one of: {', '.join(SCHEDULERS)}")
+    args = value.get("args") or {}
+    if not isinstance(args, Mapping):
+        raise _fail(source, f"{fld}.args", args, "must be a mapping of keyword arguments")
+    allowed = SCHEDULER_ARGS[name]
+    for key, v in args.items():
+        if key not in allowed:
+            raise _fail(source, f"{fld}.args.{key}", v, f"{name} takes: {', '.join(allowed) or 'no args'}")
+        kind, what = allowed[key]
+        number = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+        ok = number and (kind == "float" or float(v) == int(v))
+        if ok and key == "grace_period":
+            ok = 1 <= v <= epochs
+        elif ok and key == "reduction_factor":
+            ok = v > 1
+        elif ok:
+            ok = v >= 1
+        if not ok:
+            raise _fail(source, f"{fld}.args.{key}", v,
+                        f"must be {what}" + (f" ({epochs})" if "epochs" in what else ""))
+    return {"name": name, "args": {k: (int(v) if allowed[k][0] == "int" else float(v)) for k, v in args.items()}}
+
+
+def parse_ray_section(value: Any, source: str, epochs: int) -> dict[str, Any]:
+    """The spec's ``ray:`` section, checked; {} when absent (then the spec hash is unchanged)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _fail(source, "ray", value, f"must be a mapping with keys: {', '.join(RAY_KEYS)}")
+    unknown = [k for k in value if k not in RAY_KEYS]
+    if unknown:
+        raise _fail(source, f"ray.{unknown[0]}", value[unknown[0]], f"allowed keys: {', '.join(RAY_KEYS)}")
+    out: dict[str, Any] = {}
+    if value.get("scheduler") is not None:
+        out["scheduler"] = parse_scheduler(value["scheduler"], source, epochs)
+    if "overfit" in value:
+        args = value["overfit"] or {}
+        if not isinstance(args, Mapping):
+            raise _fail(source, "ray.overfit", args, "must be a mapping of overfit args (warmup, patience, "
+                       "min_delta, window, on_fire)")
+        from regsweep.search.pruners.overfit import OverfitPruner
+
+        try:
+            OverfitPruner(**args)
+        except (TypeError, ValueError) as exc:
+            raise _fail(source, "ray.overfit", dict(args), str(exc).splitlines()[0]) from None
+        out["overfit"] = dict(args)
+    return out
+
+
+def scheduler_label(sched: Mapping[str, Any]) -> str:
+    return str(sched["name"])

@@ -1,1 +1,2 @@
-"""Sweep backends: ``optuna_backend`` (local/cluster workers on an RDB study) and ``ray_backend`` (lazy Ray)."""
+"""Sweep backends: ``optuna_backend`` (local/cluster workers on an RDB study) and ``ray`` (Ray Tune; imports Ray
+only inside functions)."""

@@ -33,6 +33,8 @@ from typing import Any, Optional, Sequence
 
 from optuna.pruners import BasePruner
 
+from regsweep.search import record
+
 ON_FIRE = ("complete", "prune")
 
 
@@ -77,8 +79,7 @@ class OverfitPruner(BasePruner):
             warmup, patience, float(min_delta), window, on_fire)
 
     def rule(self, trial) -> Optional[str]:
-        history = trial.user_attrs.get("history") or []
-        return overfit_rule(history, warmup=self.warmup, patience=self.patience, min_delta=self.min_delta,
+        return overfit_rule(record.history(trial), warmup=self.warmup, patience=self.patience, min_delta=self.min_delta,
                             window=self.window)
 
     def verdict(self, study, trial) -> Optional[str]:
@@ -86,7 +87,7 @@ class OverfitPruner(BasePruner):
         rule = self.rule(trial)
         if rule is None:
             return None
-        epoch = len(trial.user_attrs["history"]) - 1
+        epoch = len(record.history(trial)) - 1
         prune = self.on_fire == "prune" or _behind_median(study, trial, epoch)
         return f"{'pruned' if prune else 'stopped'}:overfit:{rule}@{epoch}"
 

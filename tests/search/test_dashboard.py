@@ -115,8 +115,8 @@ def test_the_coordinator_writes_the_study_note(swept_study):
 
 
 def test_workers_never_write_the_note(swept_study, tmp_path):
+    from regsweep.search.loop import worker_main
     from regsweep.search.spec import load_spec
-    from regsweep.search.workers import worker_main
 
     spec_file = tmp_path / "s.yaml"
     spec_file.write_text(swept_study[0].read_text().replace("epochs: 4", "epochs: 1").replace("n_trials: 5", "n_trials: 1")

@@ -17,9 +17,8 @@ from regsweep.search.cli import main
 from regsweep.search.pruners.compose import stop_verdict
 from regsweep.search.pruners.overfit import OverfitPruner, overfit_rule
 from regsweep.search.pruners.registry import PrunerContext, build_pruner, label
-from regsweep.search.record import PRUNED, Recorder
+from regsweep.search.record import PRUNED, Objective, Recorder
 from regsweep.search.report import stop_reason_kind
-from regsweep.search.spec import Objective
 from regsweep.search.storage import TrialWriter, open_storage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -1,15 +1,14 @@
 """The Ray Tune backend: a local Ray (num_cpus=2) ASHA sweep on digits, recorded exactly like the Optuna backend,
 on PostgreSQL through a password-bearing URL (trust auth accepts any password) that must never reach Ray's files.
 
-One Ray session and one sweep are shared by the module's tests. Ray missing under CI is a failure (conftest's
-``require``), never a skip.
+One Ray session per pytest run (tests/search/conftest.py's ``ray_session``) and one sweep are shared by the
+module's tests. Ray missing under CI is a failure (conftest's ``require``), never a skip.
 """
 
 import contextlib
 import importlib.util
 import io
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -65,28 +64,6 @@ END_ATTRS = {"config", "history", "best_epoch", "stop_reason", "n_params", "devi
 
 def _ray_installed() -> bool:
     return importlib.util.find_spec("ray") is not None
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    """One local Ray for the module, started the way `run --backend ray` starts it (the URL in the environment)."""
-    require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
-    require(reachable(POSTGRES_URL), f"postgresql at {POSTGRES_URL}")
-    import ray
-
-    from regsweep.search.backends import ray_backend
-
-    results = tmp_path_factory.mktemp("ray_results")
-    saved = {k: os.environ.get(k) for k in (ray_backend.STORAGE_ENV, ray_backend.RESULTS_ENV)}
-    os.environ[ray_backend.RESULTS_ENV] = str(results)
-    ray_backend.init_ray(PW_URL, num_cpus=2)
-    yield results
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +189,7 @@ def test_nothing_under_rays_storage_path_holds_the_password(sweep, ray_session):
 
 
 def test_resume_fails_the_dead_drivers_running_trials_and_restores(sweep, ray_session):
-    from regsweep.search.backends import ray_backend
+    from regsweep.search.backends.ray.run import run
     from regsweep.search.spec import load_spec
 
     spec_path, name, _ = sweep
@@ -221,7 +198,7 @@ def test_resume_fails_the_dead_drivers_running_trials_and_restores(sweep, ray_se
     orphan = study.ask({"model.dropout": optuna.distributions.FloatDistribution(0.0, 0.5)})  # left RUNNING
     orphan.set_user_attr("regsweep:ray_run", run_name)  # ... by the dead driver of that experiment
     out = io.StringIO()
-    result = ray_backend.run(load_spec(spec_path), PW_URL, name, n_trials=N_TRIALS + 1, resume=True, out=out)
+    result = run(load_spec(spec_path), PW_URL, name, n_trials=N_TRIALS + 1, resume=True, out=out)
     study = _study(name)
     dead = study.trials[orphan.number]
     assert dead.state == TrialState.FAIL and dead.user_attrs["stop_reason"] == "failed:driver died (resumed)"
@@ -244,7 +221,7 @@ def test_hyperband_pauses_resumes_and_records_every_epoch_once(ray_session, tmp_
     period: a paused trial survives it only through the driver's heartbeats."""
     from regsweep.models.config import TrainConfig
     from regsweep.models.train import fit
-    from regsweep.search.backends import ray_backend
+    from regsweep.search.backends.ray.run import run
     from regsweep.search.spec import load_spec
 
     monkeypatch.setenv("REGSWEEP_HEARTBEAT_INTERVAL", "1")  # the driver's storage (the trials' keep 30 s)
@@ -257,7 +234,7 @@ def test_hyperband_pauses_resumes_and_records_every_epoch_once(ray_session, tmp_
     name = f"t-ray-hb-{uuid.uuid4().hex[:10]}"
     out = io.StringIO()
     try:
-        result = ray_backend.run(load_spec(spec_path), PW_URL, name, out=out)
+        result = run(load_spec(spec_path), PW_URL, name, out=out)
         study = _study(name)
         trials = study.get_trials()
         done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -317,20 +294,20 @@ def test_refused_schedulers_are_one_line_errors(tmp_path, capsys, name, says):
 
 def test_scheduler_override_is_checked(spec_file, tmp_path):
     from regsweep.models.config import ConfigError
-    from regsweep.search.backends import ray_backend
+    from regsweep.search.backends.ray.run import run
     from regsweep.search.spec import load_spec
 
     with pytest.raises(ConfigError, match="scheduler.name: 'pbt' is not allowed; PBT"):
-        ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x", scheduler="pbt")
+        run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x", scheduler="pbt")
     with pytest.raises(ConfigError, match=r"grace_period: 0 is not allowed; must be an integer in \[1, train"):
-        ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
+        run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
                         scheduler={"name": "asha", "args": {"grace_period": 0}})
     with pytest.raises(ConfigError, match=r"scheduler.args.reduction_factor: 1 is not allowed; must be a number > 1"):
-        ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
+        run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
                         scheduler={"name": "hyperband", "args": {"reduction_factor": 1}})
     with pytest.raises(ConfigError, match=r"scheduler.args.grace_period: 1 is not allowed; hyperband takes: "
                                           r"reduction_factor"):
-        ray_backend.run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
+        run(load_spec(spec_file), f"sqlite:///{tmp_path / 'db'}", "x",
                         scheduler={"name": "hyperband", "args": {"grace_period": 1}})
     assert not (tmp_path / "db").exists()
 
@@ -373,45 +350,107 @@ def test_spec_without_a_ray_section_keeps_its_hash():
     assert spec.ray == {} and "ray" not in spec.canonical()
 
 
+# every module of the Ray sub-package, and what imports it, imported in a fresh interpreter whose meta-path
+# finder refuses Ray (and records each attempt); then the finder is shown to work: `import ray` fails there
+NO_RAY_PROBE = """
+import sys
+
+class RefuseRay:
+    attempts = []
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray" or name.startswith("ray."):
+            RefuseRay.attempts.append(name)
+            raise ImportError(f"{name}: refused by the test's meta-path finder")
+        return None
+
+sys.meta_path.insert(0, RefuseRay())
+import regsweep.search.backends.ray
+import regsweep.search.backends.ray.driver
+import regsweep.search.backends.ray.run
+import regsweep.search.backends.ray.searcher
+import regsweep.search.backends.ray.trainable
+import regsweep.search.cli
+import regsweep.search.spec
+imported = [m for m in sys.modules if m == "ray" or m.startswith("ray.")]
+try:
+    import ray
+    refused = False
+except ImportError:
+    refused = True
+print(RefuseRay.attempts[:-1] if refused else "the finder did not refuse ray", imported)
+"""
+
+
 def test_importing_the_backend_imports_no_ray():
-    code = ("import sys, search.backends.ray_backend, search.spec, search.cli; "
-            "sys.exit(1 if 'ray' in sys.modules else 0)")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    """Fails if any module of the Ray sub-package (or spec, cli) imports Ray when imported. Ray must be
+    importable here (it is under CI), or the block below would prove nothing."""
+    require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
+    proc = subprocess.run([sys.executable, "-P", "-c", NO_RAY_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[] []", proc.stdout  # no attempt to import Ray, none imported
 
 
 def test_the_driver_writes_the_end_of_a_trial_ray_stopped(spec_file, tmp_path):
     """What the driver does when Ray's overfit stopper or scheduler stopped a trial from outside: the overfit
     pruner's own verdict, the end written through record.py, then the state told (no Ray process needed)."""
     require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
-    from regsweep.search.backends import ray_backend
-    from regsweep.search.backends.optuna_backend import open_study_locked
+    from regsweep.search.backends.ray import STOP_KEY
+    from regsweep.search.backends.ray.driver import RayDriver
+    from regsweep.search.backends.ray.searcher import overfit_stopper_class
+    from regsweep.search.loop import ask, open_study_locked
+    from regsweep.search.optuna_internals import trial_id
     from regsweep.search.spec import load_spec
-    from regsweep.search.workers import _ask
 
     spec = load_spec(spec_file)
-    study = open_study_locked(spec, f"sqlite:///{tmp_path / 'db'}", "s")
+    url = f"sqlite:///{tmp_path / 'db'}"
+    study = open_study_locked(spec, url, "s")
     flat, falling = [0.9, 0.5, 0.6, 0.7, 0.8], [0.9, 0.8, 0.7]
     trials = []
     for losses in (flat, falling):
-        trial = _ask(study)
+        trial = ask(study)
         hist = [{k: 0.0 for k in HISTORY_KEYS} | {"epoch": i, "val_loss": v, "train_eval_loss": v}
                 for i, v in enumerate(losses)]
         trial.set_user_attr("history", hist)
         for i, v in enumerate(losses):
             trial.report(v, i)
         trials.append(trial)
-    ray_backend._RUN.update(study=study, open={"r0": trials[0]._trial_id, "r1": trials[1]._trial_id})
-    try:
-        stopper = ray_backend._overfit_stopper_class()({"warmup": 1, "patience": 3, "window": 0})
+    driver = RayDriver(spec, study, url, run_name="s-ray-x", scheduler="asha", out=io.StringIO())
+    driver.open.update({"r0": trial_id(trials[0]), "r1": trial_id(trials[1])})
+    with driver.attached():
+        stopper = overfit_stopper_class()({"warmup": 1, "patience": 3, "window": 0})
         result = {"epoch": 4}
-        assert stopper("r0", result) is True and result[ray_backend.STOP_KEY] == "stopped:overfit:plateau@4"
+        assert stopper("r0", result) is True and result[STOP_KEY] == "stopped:overfit:plateau@4"
         assert stopper("r1", {"epoch": 2}) is False
-    finally:
-        ray_backend._RUN.clear()
-    stopped = ray_backend.finish_trial(spec, study, trials[0]._trial_id, error=False, result=result, scheduler="asha")
+    with pytest.raises(RuntimeError, match="no regsweep Ray driver is attached"):
+        stopper("r0", {"epoch": 4})  # the driver's state lives in the driver, reached only while attached
+    stopped = driver.finish_trial(trial_id(trials[0]), error=False, result=result)
     assert stopped.state == TrialState.COMPLETE and stopped.value == 0.5  # the best epoch's, not the last
     assert stopped.user_attrs["best_epoch"] == 1 and stopped.user_attrs["stop_reason"] == "stopped:overfit:plateau@4"
-    pruned = ray_backend.finish_trial(spec, study, trials[1]._trial_id, error=False, result={"epoch": 2},
-                                      scheduler="asha")
+    pruned = driver.finish_trial(trial_id(trials[1]), error=False, result={"epoch": 2})
     assert pruned.state == TrialState.PRUNED and pruned.user_attrs["stop_reason"] == "pruned:asha@2"
     assert pruned.user_attrs["best_epoch"] == 2 and sorted(pruned.intermediate_values) == [0, 1, 2]
+
+
+def test_resume_of_a_ray_run_made_before_0_2_is_refused(spec_file, tmp_path, capsys, monkeypatch):
+    """A study whose Ray experiment was made by regsweep < 0.2 (no ``regsweep:ray_format`` study attr; its
+    tuner.pkl names the old module paths) cannot be resumed: one line, exit 2, its trials left as they were."""
+    require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
+    from regsweep.search.backends.ray import FORMAT_ATTR, RESULTS_ENV, RUN_ATTR
+    from regsweep.search.backends.ray.run import resumable_experiment
+    from regsweep.search.loop import ask, open_study_locked
+    from regsweep.search.spec import load_spec
+
+    url, results = f"sqlite:///{tmp_path / 'db'}", tmp_path / "results"
+    study = open_study_locked(load_spec(spec_file), url, "old")
+    orphan = ask(study)  # left RUNNING by the 0.1 driver
+    orphan.set_user_attr(RUN_ATTR, "old-ray-20250101-000000")
+    (results / "old-ray-20250101-000000").mkdir(parents=True)
+    monkeypatch.setenv(RESULTS_ENV, str(results))
+    err = _one_line_error(capsys, ["run", str(spec_file), "--backend", "ray", "--storage", url, "--study-name", "old",
+                                   "--resume"])
+    assert err == ("error: --resume: the Ray experiment old-ray-20250101-000000 of study 'old' was made by regsweep "
+                   "< 0.2 and cannot be resumed; run without --resume (the study's finished trials are kept)")
+    assert optuna.load_study(study_name="old", storage=url).trials[orphan.number].state == TrialState.RUNNING
+    study.set_user_attr(FORMAT_ATTR, 2)  # what a driver of this version records: the same experiment is resumable
+    assert resumable_experiment(study, "old", results) == results / "old-ray-20250101-000000"

@@ -7,8 +7,7 @@ import optuna
 import pytest
 
 from regsweep.models.train import History
-from regsweep.search.record import COMPLETE, FAIL, PRUNED, Recorder, best_epoch, outcome
-from regsweep.search.spec import Objective
+from regsweep.search.record import COMPLETE, FAIL, PRUNED, Objective, Recorder, best_epoch, outcome
 from regsweep.search.storage import TrialWriter, open_storage
 
 CURVE = [0.9, 0.5, 0.4, 0.45, 0.6]

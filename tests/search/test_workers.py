@@ -15,7 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 from regsweep.models.config import ConfigError
-from regsweep.search.workers import THREADS_ENV, assignments, parse_gpus
+from regsweep.search.backends.optuna_backend import assignments, parse_gpus
+from regsweep.search.loop import THREADS_ENV
 
 FAST = """
 name: {name}
@@ -208,13 +209,13 @@ def test_gpu_assignment_packs_workers_and_splits_cpu_threads(monkeypatch):
 
 def test_an_orphaned_trial_without_heartbeat_is_adopted_failed_and_retried(tmp_path, monkeypatch):
     """A trial asked by a worker that died before its first heartbeat would stay RUNNING forever in Optuna."""
+    from regsweep.search.loop import fail_stale as _fail_stale
     from regsweep.search.storage import adopt_orphans, open_storage
-    from regsweep.search.workers import _fail_stale
 
     monkeypatch.setenv("REGSWEEP_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("REGSWEEP_GRACE_PERIOD", "1")
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"), study_name="o")
-    from regsweep.search.workers import _ask
+    from regsweep.search.loop import ask as _ask
 
     orphan = _ask(study)
     orphan.suggest_float("x", 0, 1)
@@ -245,7 +246,7 @@ def test_run_n_trials_reaches_the_workers_and_workers_draw_different_params(stor
 def test_a_swallowed_signal_still_takes_effect_at_the_next_check():
     """A handler's exception raised inside a destructor is lost ("Exception ignored in ..."): the trial loop's
     check_signals() raises it again, so SIGTERM/Ctrl-C always stop the worker."""
-    from regsweep.search.workers import Terminated, check_signals, terminate_on_sigterm
+    from regsweep.search.signals import Terminated, check_signals, terminate_on_sigterm
 
     with terminate_on_sigterm():
         check_signals()  # nothing pending

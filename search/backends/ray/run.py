@@ -1,0 +1,272 @@
+"""``run --backend ray``: Ray itself (start or join), the Tuner (scheduler, overfit stopper, resources,
+checkpoints), ``--resume`` of the study's latest experiment, and the driver around ``tuner.fit()``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, TextIO
+
+from regsweep.models.config import ConfigError
+from regsweep.search.backends.optuna_backend import RunResult
+from regsweep.search.backends.ray import FORMAT_ATTR, RAY_FORMAT, RESULTS_ENV, STORAGE_ENV
+from regsweep.search.backends.ray.driver import RayDriver, fail_dead_driver
+from regsweep.search.backends.ray.trainable import storage_fingerprint, train_trial
+from regsweep.search.loop import budget, done_count, open_study_locked
+from regsweep.search.spec import SCHEDULER_DEFAULTS, StudySpec, parse_scheduler
+from regsweep.search.storage import check_url, mask, sqlite_file
+
+PAUSING = ("hyperband",)  # schedulers that pause and resume trials: every epoch is checkpointed (models.train)
+
+
+# ------------------------------------------------------------------------------------ Ray itself
+def init_ray(url: str, address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Start a local Ray (``address`` None) with the storage URL in the workers' inherited environment, or
+    join a cluster passing it as the job's ``runtime_env`` env var. Quiet: Ray's own logging at ERROR."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if address is None:
+        os.environ[STORAGE_ENV] = url  # local workers inherit the driver's environment
+        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, logging_level=logging.ERROR,
+                 log_to_driver=False, configure_logging=True)
+    else:
+        ray.init(address=address, runtime_env={"env_vars": {STORAGE_ENV: url}}, logging_level=logging.ERROR,
+                 log_to_driver=False)
+
+
+def _check_workers_env(url: str) -> None:
+    """The running Ray's workers must see this storage in $REGSWEEP_RAY_STORAGE (a Ray started elsewhere)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def fingerprint() -> Optional[str]:
+        value = os.environ.get(STORAGE_ENV)
+        return storage_fingerprint(value) if value else None
+
+    got = ray.get(fingerprint.remote())
+    if got != storage_fingerprint(url):
+        raise ConfigError(f"storage: the running Ray's workers {'lack' if got is None else 'have another'} "
+                          f"${STORAGE_ENV}; start Ray with it exported (or let regsweep start Ray)")
+
+
+def _quiet_ray_loggers() -> None:
+    import logging
+
+    for name in ("ray", "ray.tune", "ray.train", "ray.air", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# ------------------------------------------------------------------------------------ checks
+def check_run_args(url: str, *, n_trials: Optional[int], device: Optional[str], address: Optional[str],
+                   gpus_per_trial: Optional[float], cpus_per_trial: Optional[int]) -> dict[str, float]:
+    """The Ray flags, checked before anything is written; returns the per-trial resources."""
+    cpus = 1 if cpus_per_trial is None else cpus_per_trial
+    gpus = 0.0 if gpus_per_trial is None else gpus_per_trial
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise ConfigError(f"--cpus-per-trial: {cpus!r} is not allowed; must be an integer >= 1")
+    if isinstance(gpus, bool) or not isinstance(gpus, (int, float)) or not math.isfinite(gpus) or gpus < 0 \
+            or (gpus > 1 and gpus != int(gpus)):
+        raise ConfigError(f"--gpus-per-trial: {gpus!r} is not allowed; must be a fraction in [0, 1] or a whole "
+                          "number of GPUs")
+    if device is not None and device.startswith("cuda") and not gpus:
+        raise ConfigError(f"--device: {device!r} is not allowed with --gpus-per-trial 0 on the Ray backend; "
+                          "give --gpus-per-trial (Ray assigns each trial its GPUs)")
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"--n-trials: {n_trials} is not allowed; must be >= 1")
+    if address is not None and (not isinstance(address, str) or not address or
+                                (address != "auto" and ":" not in address and not address.startswith("ray://"))):
+        raise ConfigError(f"--address: {address!r} is not allowed; use auto or HOST:PORT of the Ray head")
+    if check_url(url) == "sqlite" and sqlite_file(url) is None:
+        raise ConfigError(f"storage: {url!r} is not allowed with --backend ray; an in-memory SQLite database "
+                          "is not shared with Ray's worker processes; use sqlite:///PATH")
+    if address is not None and sqlite_file(url) is not None:
+        print(f"warning: storage is a SQLite file ({sqlite_file(url)}); every Ray node must see that path",
+              file=sys.stderr)
+    return {"cpu": cpus, "gpu": gpus}
+
+
+def experiment_dirs(root: Path, study_name: str) -> list[Path]:
+    """The study's Ray experiments under Ray's storage path, oldest first."""
+    return sorted((p for p in root.glob(f"{study_name}-ray-*") if p.is_dir()), key=lambda p: p.name)
+
+
+def resumable_experiment(study, study_name: str, root: Path) -> Path:
+    """The experiment ``--resume`` restores: the study's latest, made by regsweep >= 0.2 (one-line refusals)."""
+    previous = experiment_dirs(root, study_name)
+    if not previous:
+        raise ConfigError(f"--resume: no Ray experiment of study '{study_name}' under {root}; run without --resume")
+    if study.user_attrs.get(FORMAT_ATTR) != RAY_FORMAT:
+        raise ConfigError(f"--resume: the Ray experiment {previous[-1].name} of study '{study_name}' was made by "
+                          "regsweep < 0.2 and cannot be resumed; run without --resume (the study's finished "
+                          "trials are kept)")
+    return previous[-1]
+
+
+# ------------------------------------------------------------------------------------ the Tuner
+def scheduler_label(sched: Mapping[str, Any]) -> str:
+    return str(sched["name"])
+
+
+def make_scheduler(sched: Mapping[str, Any], spec: StudySpec):
+    """Ray's scheduler; time is counted in epochs (training_iteration), ASHA's and HyperBand's max_t is
+    train.epochs."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+
+    if sched["name"] == "fifo":
+        return FIFOScheduler()
+    args = {**SCHEDULER_DEFAULTS[sched["name"]], **sched.get("args", {})}
+    if sched["name"] == "asha":
+        return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=spec.base.train.epochs, **args)
+    if sched["name"] == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=spec.base.train.epochs, **args)
+    return MedianStoppingRule(time_attr="training_iteration", **args)
+
+
+def scrubbed(spec: StudySpec) -> StudySpec:
+    """The spec as Ray may pickle it: without the spec's own storage URL."""
+    raw = {k: v for k, v in spec.raw.items() if k != "storage"}
+    return replace(spec, storage=None, raw=raw)
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial-{trial.config.get('number', trial.trial_id)}-{trial.trial_id}"
+
+
+def new_tuner(spec: StudySpec, trainable, sched: Mapping[str, Any], run_name: str, root: Path, max_failures: int):
+    """A Tuner for a new experiment: the study searcher, Ray's scheduler, the overfit stopper (``ray.overfit``)."""
+    from ray import tune
+
+    from regsweep.search.backends.ray.searcher import overfit_stopper_class, study_searcher_class
+
+    metric, mode = spec.objective.metric, spec.objective.direction[:3]
+    stopper = overfit_stopper_class()(spec.ray["overfit"]) if "overfit" in spec.ray else None
+    return tune.Tuner(
+        trainable, param_space={},
+        tune_config=tune.TuneConfig(search_alg=study_searcher_class()(metric, mode),
+                                    scheduler=make_scheduler(sched, spec), metric=metric, mode=mode, num_samples=-1,
+                                    reuse_actors=True, trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=run_name, storage_path=str(root), stop=stopper, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      checkpoint_at_end=False, num_to_keep=2 if sched["name"] in PAUSING else None)))
+
+
+def _fit_quietly(tuner) -> None:
+    """``tuner.fit()`` with Ray's progress tables and banners kept off the terminal (trial lines are ours)."""
+    import warnings
+
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        # HyperBand forces the result buffer to 1, which run() sets for every scheduler anyway
+        warnings.filterwarnings("ignore", message=".*TUNE_RESULT_BUFFER_LENGTH is set")
+        tuner.fit()
+
+
+def fit_driver(driver: RayDriver, tuner, pausing: bool) -> None:
+    """``tuner.fit()`` with the driver attached; this driver's trials never stay RUNNING (a Tune error, or
+    Ctrl-C, after which Tune returns with trials it never finished: FAIL them, exit 130)."""
+    try:
+        with driver.attached(), driver.heartbeat() if pausing else contextlib.nullcontext():
+            _fit_quietly(tuner)
+    except BaseException as exc:
+        driver.fail_open_trials(f"failed:ray: {exc.__class__.__name__}")
+        raise
+    if driver.open:
+        driver.fail_open_trials("failed:interrupted")
+        raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------------------ run
+def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] = None, timeout: Optional[float] = None,
+        device: Optional[str] = None, address: Optional[str] = None, gpus_per_trial: Optional[float] = None,
+        cpus_per_trial: Optional[int] = None, resume: bool = False, allow_spec_change: bool = False,
+        scheduler: Any = None, out: Optional[TextIO] = None, storage_path: Optional[str] = None,
+        num_cpus: Optional[int] = None, max_failures: int = 2, artifacts: Optional[str] = None) -> RunResult:
+    """Run the study on Ray Tune until its budget of COMPLETE + PRUNED trials is met (see the package docstring).
+
+    ``scheduler`` (a name or ``{name, args}``) overrides the spec's ``ray.scheduler``; ``storage_path`` is Ray's
+    (default ``$REGSWEEP_RAY_RESULTS``, else ``~/ray_results``); ``resume`` restores this study's latest Ray
+    experiment there (``Tuner.restore``) after failing and re-queuing the trials its dead driver left RUNNING;
+    ``max_failures`` is Ray's FailureConfig: retries of a trial whose process died.
+    """
+    import optuna
+
+    from regsweep.search.artifacts import open_store
+    from regsweep.search.artifacts import resolve as resolve_artifacts
+
+    out = out or sys.stdout
+    resources = check_run_args(url, n_trials=n_trials, device=device, address=address,
+                               gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
+    sched = parse_scheduler(scheduler, "scheduler", spec.base.train.epochs, "scheduler") if scheduler is not None \
+        else spec.ray.get("scheduler", {"name": "fifo", "args": {}})
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study_locked(spec, url, study_name, allow_spec_change=allow_spec_change, n_trials=n_trials)
+    total, already = budget(study, spec), done_count(study)
+    print(f"study '{study_name}' in {mask(url)}: {already}/{total} trials done (Ray Tune, scheduler "
+          f"{scheduler_label(sched)})", file=out, flush=True)
+    root = Path(storage_path or os.environ.get(RESULTS_ENV) or Path.home() / "ray_results").expanduser().resolve()
+    previous = resumable_experiment(study, study_name, root) if resume else None
+    if previous is not None:
+        fail_dead_driver(spec, study, previous.name, out)
+        already = done_count(study)
+    if already >= total:
+        print(f"budget met: {already} COMPLETE+PRUNED trials >= n_trials {total}; nothing to run", file=out)
+        return RunResult(study, 0, True)
+
+    os.environ["TUNE_RESULT_BUFFER_LENGTH"] = "1"  # a scheduler's STOP must reach a trial before its next epoch
+    init_ray(url, address, num_cpus)
+    _quiet_ray_loggers()
+    _check_workers_env(url)
+    deadline_s = timeout if timeout is not None else spec.timeout
+    location = resolve_artifacts(study, url, artifacts, coordinator=True)
+    if location is not None:
+        print(f"artifacts: {location}", file=out, flush=True)
+    driver = RayDriver(scrubbed(spec), study, url, run_name=previous.name if previous else "", out=out,
+                       scheduler=scheduler_label(sched), artifact_store=open_store(location) if location else None,
+                       deadline=None if deadline_s is None else time.monotonic() + deadline_s)
+    start = time.monotonic()
+    root_run = run_experiments(driver, spec, sched, root, previous, resources, device or (
+        "cuda" if resources["gpu"] else "cpu"), max_failures)
+    print(f"ran {driver.ran} trials in {time.monotonic() - start:.1f}s on Ray (experiment {root_run})",
+          file=out, flush=True)
+    if driver.streak.broken:
+        raise driver.streak.error()
+    return RunResult(study, driver.ran, False)
+
+
+def run_experiments(driver: RayDriver, spec: StudySpec, sched: Mapping[str, Any], root: Path,
+                    previous: Optional[Path], resources: dict[str, float], trial_device: str,
+                    max_failures: int) -> Path:
+    """Restore ``previous`` (when resuming) and fit it; when it had already finished its search, or without
+    one, fit a new experiment for the rest of the budget (under ``previous``'s name when Ray cannot restore
+    it). Returns the last experiment's directory."""
+    from ray import tune
+
+    pausing = sched["name"] in PAUSING
+    trainable = tune.with_resources(tune.with_parameters(train_trial, spec=driver.spec, device=trial_device,
+                                                         checkpoints=pausing), resources)
+    new_name = f"{driver.study.study_name}-ray-{time.strftime('%Y%m%d-%H%M%S')}"
+    if previous is not None and tune.Tuner.can_restore(str(previous)):
+        print(f"resume: restoring Ray experiment {previous}", file=driver.out, flush=True)
+        fit_driver(driver, tune.Tuner.restore(str(previous), trainable=trainable, resume_unfinished=False,
+                                              resume_errored=False, restart_errored=False), pausing)
+        if driver.done() or done_count(driver.study) >= budget(driver.study, spec):
+            return root / previous.name
+        new_name = f"{driver.study.study_name}-ray-{time.strftime('%Y%m%d-%H%M%S')}"  # the rest of the budget
+    elif previous is not None:  # its driver died before Ray saved it: a new Tuner under the same name
+        new_name = previous.name
+    driver.run_name = new_name
+    driver.study.set_user_attr(FORMAT_ATTR, RAY_FORMAT)  # --resume of this experiment is allowed
+    fit_driver(driver, new_tuner(spec, trainable, sched, driver.run_name, root, max_failures), pausing)
+    return root / driver.run_name

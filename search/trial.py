@@ -1,0 +1,192 @@
+"""ONE trial body, :func:`run_trial`: an asked Optuna trial -> TrainConfig -> ``fit``, recorded through
+search/record.py. Both backends call it through thin adapters that differ only in how the outcome is signalled:
+:class:`OptunaObjective` (the worker loop's objective: raises ``TrialPruned``/:class:`TrialFailed`, returns the
+value) and the Ray trainable (search/backends/ray/trainable.py: reports epochs to Ray, checkpoints).
+
+The enqueued base trial (user attr ``regsweep:base``) trains the base config itself and suggests nothing.
+A bad combination of sampled values, an exception or a NaN ends the trial FAIL with its reason; the sweep
+goes on. SIGTERM/SIGINT end it FAIL (``failed:terminated`` / ``failed:interrupted``) and propagate. Datasets are
+loaded once per worker process (:class:`DataCache`) and reused by every trial with the same data config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, TextIO
+
+import torch
+
+from regsweep.models.build import build, resolve_device
+from regsweep.models.config import ConfigError, DataConfig, TrainConfig
+from regsweep.models.data import DataBundle, load
+from regsweep.models.train import fit
+from regsweep.search.optuna_internals import latest_trial
+from regsweep.search.record import FAIL, PRUNED, Recorder, failure_reason
+from regsweep.search.signals import Terminated, check_signals
+from regsweep.search.spec import StudySpec
+from regsweep.search.storage import TrialWriter, mask, retry_transient
+
+BASE_ATTR = "regsweep:base"
+# data fields that do not change the loaded tensors
+LOADER_ONLY = ("batch_size", "augment", "num_workers")
+
+
+class TrialFailed(RuntimeError):
+    """Raised to end a trial FAIL; its message is the stop reason."""
+
+
+class DataCache:
+    """Loaded (device-resident) datasets by data config, most recent first."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._items: OrderedDict[str, DataBundle] = OrderedDict()
+
+    def get(self, cfg: DataConfig, device: torch.device) -> DataBundle:
+        key = json.dumps({k: v for k, v in vars(cfg).items() if k not in LOADER_ONLY}, sort_keys=True) + str(device)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        bundle = load(cfg, device)
+        self._items[key] = bundle
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return bundle
+
+
+def config_for(spec: StudySpec, trial) -> TrainConfig:
+    """The trial's TrainConfig: the base config for the enqueued base trial, else the space sampled on it."""
+    if trial.user_attrs.get(BASE_ATTR):
+        return spec.base
+    return spec.base.with_overrides(spec.space.sample(trial, spec.base.to_dict()))
+
+
+def pruner_verdict(spec: StudySpec, trial, epoch: int) -> Optional[str]:
+    """The study's pruner on this trial after ``epoch``, as a stop reason (or None)."""
+    from regsweep.search.pruners.compose import stop_verdict
+    from regsweep.search.pruners.registry import label
+
+    pruner = trial.study.pruner
+    if not hasattr(pruner, "verdict"):  # Optuna's own pruners: through the public API
+        return f"pruned:{label(spec.pruner)}@{epoch}" if trial.should_prune() else None
+    return stop_verdict(pruner, trial.study, latest_trial(trial), label(spec.pruner))
+
+
+@dataclass
+class Outcome:
+    """How a trial ended, in record.py's words: state COMPLETE | PRUNED | FAIL, the best epoch's value, the
+    recorded stop reason and the recorded history."""
+
+    state: str
+    value: Optional[float]
+    reason: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# called after each recorded epoch with (config, epoch, record, the stop reason the recorder returned)
+EpochHook = Callable[[TrainConfig, int, dict[str, Any], Optional[str]], None]
+# called at the trial's end with (trial, history, state, value) while it is still RUNNING
+EndHook = Callable[[Any, list[dict[str, Any]], str, Optional[float]], None]
+
+
+def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, extra: dict[str, Any],
+              history: Optional[list[dict[str, Any]]] = None, after_epoch: Optional[EpochHook] = None,
+              on_end: Optional[EndHook] = None, state: Optional[dict[str, Any]] = None,
+              checkpoint: Optional[Callable[[dict[str, Any]], None]] = None) -> Outcome:
+    """Run one asked trial to its end and record it; returns its :class:`Outcome` (FAIL included).
+
+    ``extra`` joins the config in the first write (``worker``, ``resumed_at``); ``history`` is what an
+    earlier run of the trial recorded (a Ray trial resumed from ``state``, ``fit``'s training state);
+    ``checkpoint`` is ``fit``'s per-epoch checkpoint callback. ``on_end`` (artifacts) runs when epochs were
+    recorded. KeyboardInterrupt and :class:`Terminated` end the trial FAIL and propagate.
+    """
+    def verdict(epoch: int) -> Optional[str]:
+        check_signals()  # a SIGTERM/SIGINT swallowed somewhere during the epoch takes effect here
+        return retry_transient(pruner_verdict, spec, trial, epoch)
+
+    recorder = Recorder(TrialWriter(trial), spec.objective, verdict=verdict, history=history)
+    try:
+        cfg = config_for(spec, trial)
+    except ConfigError as exc:
+        recorder.fail(f"failed:config: {exc}")
+        return Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
+
+    def report(epoch: int, record: dict[str, Any]) -> Optional[str]:
+        reason = recorder.on_epoch(epoch, record)
+        if after_epoch is not None:
+            after_epoch(cfg, epoch, record, reason)
+        return reason
+
+    recorder.start(cfg.to_dict(), extra)
+    try:
+        parts = build(cfg, device, data=data.get(cfg.data, device))
+        hist = fit(cfg, device, report=report, parts=parts, state=state, checkpoint=checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C: the trial ends FAIL, never RUNNING
+        recorder.fail("failed:interrupted")
+        raise
+    except Terminated:  # SIGTERM: FAIL here, re-queued by the worker loop
+        recorder.fail("failed:terminated")
+        raise
+    except Exception as exc:  # any error of this trial: FAIL with the reason, the sweep goes on
+        recorder.fail(failure_reason(exc))
+        outcome = Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
+    else:
+        end_state, value = recorder.finish(hist)
+        outcome = Outcome(end_state, value, recorder.stop_reason or "", recorder.history)
+    if on_end is not None and outcome.history:
+        on_end(trial, outcome.history, outcome.state, outcome.value)
+    return outcome
+
+
+def worker_label() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class OptunaObjective:
+    """The worker loop's objective: :func:`run_trial` on the asked trial; returns the value, or raises
+    ``optuna.TrialPruned`` / :class:`TrialFailed` with the recorded stop reason."""
+
+    def __init__(self, spec: StudySpec, device: Optional[str] = None, data_cache: Optional[DataCache] = None):
+        self.spec = spec
+        self.metric = spec.objective.metric
+        self.device = resolve_device(device)
+        self.data = data_cache or DataCache()
+        self.artifact_store = None  # set by make_objective: search.artifacts.open_store(location)
+        self.storage_label = ""  # the masked storage URL, for the exported config's provenance
+
+    def upload_artifacts(self, trial, history: list[dict[str, Any]], state: str, value: Optional[float]) -> None:
+        """The trial's curves and exported config, at its end, before it is told (search/artifacts.py)."""
+        if self.artifact_store is not None:
+            from regsweep.search.artifacts import upload_trial_end
+
+            upload_trial_end(self.artifact_store, trial, history, state, value, self.storage_label)
+
+    def __call__(self, trial) -> float:
+        from optuna import TrialPruned
+
+        got = run_trial(self.spec, trial, device=self.device, data=self.data, extra={"worker": worker_label()},
+                        on_end=self.upload_artifacts)
+        if got.state == PRUNED:
+            raise TrialPruned(got.reason)
+        if got.state == FAIL:
+            raise TrialFailed(got.reason)
+        return got.value
+
+
+def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = None, artifacts: Optional[str] = None,
+                   coordinator: bool = True, out: Optional[TextIO] = None) -> OptunaObjective:
+    """The worker's objective with the study's artifact store attached (search/artifacts.py)."""
+    from regsweep.search.artifacts import open_store, resolve
+
+    objective = OptunaObjective(spec, device)
+    objective.storage_label = mask(url)
+    location = resolve(study, url, artifacts, coordinator=coordinator)
+    if location is not None:
+        objective.artifact_store = open_store(location)
+        print(f"artifacts: {location}", file=out or sys.stdout, flush=True)
+    return objective
