@@ -24,8 +24,7 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 ROOT = Path(regsweep.__file__).parent
 INTERNALS = "search/optuna_internals.py"
 
-# until the core branch merges (it rewrites these three into trial.py, loop.py and backends/ray/)
-SKIP = {"search/objective.py", "search/workers.py", "search/backends/ray_backend.py"}
+SKIP: set[str] = set()  # paths left out of the scan (none)
 
 # Private names of libraries other than Optuna, each with the reason no public one serves. Keyed by
 # (path, expression); an entry the scan no longer finds fails the test, so none outlives its use.
@@ -34,9 +33,7 @@ THIRD_PARTY = {
         "torch's multi-tensor kernel (torch.optim's own AdamW/SGD call it); torch has no public name for it",
 }
 # Lead-owned files this branch may not edit: the fix is named; remove the entry when it lands.
-PENDING = {
-    ("search/spec.py", "dist._contains"): "call optuna_internals.distribution_contains(dist, value) instead",
-}
+PENDING: dict[tuple[str, str], str] = {}  # known uses still to route through optuna_internals (none)
 
 ACCESSORS = {"getattr", "hasattr", "setattr", "delattr"}
 
@@ -122,7 +119,7 @@ def test_no_module_imports_a_private_name_of_another():
 
 
 def test_the_skipped_paths_exist():
-    """The skip covers exactly the core branch's three files; once they are gone, delete SKIP."""
+    """Every skipped path exists (a stale skip fails)."""
     assert SKIP <= set(package_files()), sorted(SKIP - set(package_files()))
 
 
