@@ -48,23 +48,17 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-
 from regsweep.models.build import build, make_model, resolve_device
 from regsweep.models.config import ConfigError, TrainConfig, load_yaml_file
 from regsweep.models.data import DataBundle, load
 from regsweep.models.train import configure_torch, fit, set_tf32
-from regsweep.search.record import Recorder
-from regsweep.search.spec import Objective
+from regsweep.search.bench_report import PACK_K, device_name, format_report, plan
+from regsweep.search.record import Objective, Recorder
 
 ROOT = Path(__file__).resolve().parents[1]  # the regsweep package (its folder holds studies/)
 STUDIES = ROOT / "studies"
 WORKLOADS = ("mnist_cnn", "resnet18", "packing")
 SEEDS_BATCH = 64
-PACK_K = (1, 2, 4)
-# (label, figure key, comparison, bound): issue 11's goals on an H100-class GPU, full sizes
-TARGETS = (("mnist_cnn fit epoch (s)", "mnist_cnn.fit.epoch_s", "<=", 0.12),
-           ("resnet18 fit epoch (s)", "resnet18.fit.epoch_s", "<=", 0.6),
-           ("4 packed / 1: trials/hour", "packing.ratio.4", ">=", 2.5))
 
 
 @dataclass(frozen=True)
@@ -215,9 +209,8 @@ def epoch_seconds(stamps: list[float]) -> float:
 
 def count_flops(cfg: TrainConfig, bundle: DataBundle, dev: torch.device, n: int = 8) -> tuple[float, float]:
     """(training FLOPs per image: forward + backward as counted, forward FLOPs per image) of cfg's model."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from regsweep.models.train import autocast
+    from torch.utils.flop_counter import FlopCounterMode
 
     parts = build(cfg, dev, data=bundle)
     x, y = bundle.train.x[:n], bundle.train.y[:n]
@@ -357,91 +350,12 @@ def pack_worker() -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------ report
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def plan(mode: str, dev: torch.device, only: tuple[str, ...]) -> str:
-    s = MODES[mode]
-    lines = [f"plan ({mode}, {dev}):"]
-    if "mnist_cnn" in only:
-        lines.append(f"  mnist_cnn: studies/mnist_cnn.yaml's base on synthetic 1x28x28, {s.mnist[0]} train / "
-                     f"{s.mnist[1]} val, widths {s.mnist_widths or 'the study'}'s; seeds' way {1 + s.seeds_epochs} "
-                     f"epochs, fit {1 + s.fit_epochs} epochs "
-                     "(first dropped)")
-    if "resnet18" in only:
-        lines.append(f"  resnet18: studies/cifar10_resnet18.yaml's base on synthetic 3x32x32, {s.cifar[0]} train / "
-                     f"{s.cifar[1]} val, widths {s.resnet_widths or 'default'}, batch {s.resnet_batch or 'the study'}"
-                     f"'s; {1 + s.seeds_epochs} / {1 + s.fit_epochs} epochs; FLOPs of one step counted")
-    if "packing" in only:
-        t, e, n = s.pack
-        lines.append(f"  packing: {'/'.join(map(str, PACK_K))} processes x {t} mnist_cnn trial(s) of {e} epoch(s) "
-                     f"on {n} images" + (f", cores // K threads each ({_cores()} cores)" if dev.type == "cpu" else ""))
-    return "\n".join(lines)
-
-
-def _lookup(figures: dict[str, Any], key: str) -> Optional[float]:
-    node: Any = figures
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def format_report(figures: dict[str, Any]) -> str:
-    lines = [f"regsweep bench: {figures['device_name']} ({figures['device']}), torch {figures['torch']}, "
-             f"python {figures['python']}, {figures['threads']} thread(s), mode {figures['mode']}",
-             f"{'workload':<10} {'way':<6} {'batch':>5} {'n_train':>7} {'precision':<16} {'epoch s':>9} "
-             f"{'images/s':>10} {'speedup':>8}"]
-    for name in ("mnist_cnn", "resnet18"):
-        w = figures.get(name)
-        if not w:
-            continue
-        prec = w["precision"] + ("+channels_last" if w["channels_last"] else "")
-        for way in ("seeds", "fit"):
-            r = w[way]
-            speed = f"{w['speedup']:>7.2f}x" if way == "fit" else f"{'1.00x':>8}"
-            lines.append(f"{name:<10} {way:<6} {r['batch']:>5d} {w['n_train']:>7d} "
-                         f"{(prec if way == 'fit' else 'fp32'):<16} {r['epoch_s']:>9.4f} {r['images_per_s']:>10.0f} "
-                         f"{speed}")
-        if "flops" in w:
-            f = w["flops"]
-            lines.append(f"{name:<10} fit achieved {f['tflops']:.3f} TFLOP/s ({f['per_epoch'] / 1e12:.2f} TFLOP per "
-                         f"epoch: forward+backward of a training step counted by FlopCounterMode, not x3, "
-                         f"{f['train_per_image'] / 1e9:.3f} GFLOP/image, plus the eval passes' forward)")
-    p = figures.get("packing")
-    if p:
-        lines.append(f"packing: {p['workload']} trials of {p['epochs']} epoch(s) on {p['n_train']} images, "
-                     f"{p['trials_per_process']} per process")
-        for k, r in p["k"].items():
-            threads = f", {r['threads']} thread(s) each" if r["threads"] else ""
-            lines.append(f"  {k} packed: {r['trials_per_hour']:>9.0f} trials/hour ({r['trials']} trials in "
-                         f"{r['wall_s']:.2f} s, median trial {r['trial_s']:.2f} s{threads}) = "
-                         f"{p['ratio'][k]:.2f}x of 1")
-    lines.append("targets (issue 11, H100-class GPU, full sizes; printed, never asserted):")
-    for label, key, op, bound in TARGETS:
-        value = _lookup(figures, key)
-        if value is None:
-            verdict = "not measured"
-        elif figures["mode"] != "full" or figures["device"] == "cpu":
-            verdict = f"{value:.3f} (n/a: {figures['mode']} sizes on {figures['device']})"
-        else:
-            ok = value <= bound if op == "<=" else value >= bound
-            verdict = f"{value:.3f} {'MET' if ok else 'NOT MET'}"
-        lines.append(f"  {label} {op} {bound}: {verdict}")
-    return "\n".join(lines)
-
-
 def run(device: Optional[str] = None, mode: str = "full", json_path: Optional[str] = None,
         only: tuple[str, ...] = WORKLOADS) -> dict[str, Any]:
     """Measure, print the report, optionally save the figures as JSON; returns them."""
     dev = resolve_device(device)
     sizes = MODES[mode]
-    print(plan(mode, dev, only), flush=True)
+    print(plan(mode, sizes, dev, only, _cores()), flush=True)
     figures: dict[str, Any] = {"device": str(dev), "device_name": device_name(dev), "torch": str(torch.__version__),
                                "python": platform.python_version(), "threads": torch.get_num_threads(),
                                "mode": mode}
