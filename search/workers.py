@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator, Optional, TextIO
+from typing import Iterator, Optional, Sequence, TextIO
 
 from regsweep.models.config import ConfigError
 from regsweep.search.storage import adopt_orphans, check_url, retry_transient, sqlite_file, transient_errors
@@ -376,7 +376,7 @@ def assignments(workers: int, gpus: list[str], trials_per_gpu: int) -> list[dict
 
 
 def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]], *, device: Optional[str] = None,
-           timeout: Optional[float] = None, out: Optional[TextIO] = None) -> int:
+           timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = ()) -> int:
     """Start one ``regsweep worker`` process per env, forward SIGTERM/SIGINT, wait; the worst exit code wins
     (0 only when every worker finished the budget)."""
     out = out or sys.stdout
@@ -385,6 +385,8 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
         cmd += ["--device", device]
     if timeout is not None:
         cmd += ["--timeout", str(timeout)]
+    for directory in allow_outside:  # the coordinator's --allow-outside: each worker loads the same spec
+        cmd += ["--allow-outside", str(directory)]
     # children's lines go through `out` (the progress display's console when it is live), a line at a time
     procs = [subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                               text=True, bufsize=1) for env in envs]

@@ -111,6 +111,7 @@ def test_parse_errors_name_the_field(spec, fld):
 
 # ------------------------------------------------------------------------------------------ includes
 def test_include_relative_to_including_file(tmp_path):
+    (tmp_path / ".regsweep").touch()  # the project root: ../spaces/ of the spec stays inside it
     write(tmp_path / "spaces" / "a.yaml", "include: sub/b.yaml\nmodel.dropout: {type: float, low: 0.0, high: 0.3}\n")
     write(tmp_path / "spaces" / "sub" / "b.yaml", "include: ../c.yaml\n"
           "model.bn: {type: categorical, choices: [none, before_act]}\n")
@@ -160,6 +161,7 @@ def test_include_self_is_a_cycle(tmp_path):
 
 
 def test_missing_include_names_the_file(tmp_path):
+    (tmp_path / ".regsweep").touch()  # the project root
     with pytest.raises(SpaceError) as exc:
         load_space({"include": "../spaces/nope.yaml"}, str(tmp_path / "studies" / "spec.yaml"))
     msg = one_line_error(exc, tmp_path / "studies" / "spec.yaml")

@@ -189,6 +189,7 @@ def test_spec_hash_stable_and_sensitive_to_the_search_only(tmp_path):
 
 # ------------------------------------------------------------------------------ relative paths
 def test_paths_relative_to_the_spec_file(tmp_path, monkeypatch):
+    (tmp_path / ".regsweep").touch()  # the project root: ../ of the spec stays inside it
     TrainConfig.from_dict({"model": {"widths": [4, 8]}, "train": {"epochs": 2}}).save(tmp_path / "base.yaml")
     (tmp_path / "spaces").mkdir()
     (tmp_path / "spaces" / "s.yaml").write_text("model.dropout: {type: float, low: 0.0, high: 0.25}\n")
@@ -203,6 +204,7 @@ def test_paths_relative_to_the_spec_file(tmp_path, monkeypatch):
 
 
 def test_relative_spec_path_from_cwd(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").touch()  # the project root
     TrainConfig().save(tmp_path / "base.yaml")
     write_spec(tmp_path / "studies" / "rel.yaml", spec_with(base="../base.yaml"))
     monkeypatch.chdir(tmp_path)
