@@ -223,9 +223,11 @@ def load_space(spec: Any, source: str, prefix: str = "space", _stack: tuple[Path
             roots = roots or (project_root(here),)
             target = (here / f).resolve()
             confine(target, roots, source, f"{prefix}.include", f)
-            if target in _stack:
-                chain = " -> ".join(str(p) for p in (*_stack, target))
-                raise SpaceError(f"{source}: {prefix}.include: {excerpt(f)} is not allowed; include cycle: {chain}")
+            if target in _stack:  # the chain's paths relative to the project root, which is named once
+                chain = " -> ".join(str(p.relative_to(roots[0]) if p.is_relative_to(roots[0]) else p)
+                                    for p in (*_stack, target))
+                raise SpaceError(f"{source}: {prefix}.include: {excerpt(f)} is not allowed; include cycle: {chain} "
+                                 f"(under {roots[0]})")
             if not target.is_file():
                 raise SpaceError(f"{source}: {prefix}.include: {excerpt(f)} not found (looked for {target})")
             data = load_yaml_file(target, quote=False)  # never quote a referenced file's text

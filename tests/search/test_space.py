@@ -149,7 +149,7 @@ def test_include_cycle_names_the_cycle(tmp_path):
     msg = one_line_error(exc, b.resolve())
     assert "include cycle" in msg
     chain = msg.split("include cycle: ", 1)[1]
-    assert chain == " -> ".join(str(p) for p in (spec.resolve(), a.resolve(), b.resolve(), a.resolve()))
+    assert chain == f"spec.yaml -> a.yaml -> b.yaml -> a.yaml (under {tmp_path.resolve()})"  # the root, once
 
 
 def test_include_self_is_a_cycle(tmp_path):
@@ -157,7 +157,7 @@ def test_include_self_is_a_cycle(tmp_path):
     with pytest.raises(SpaceError) as exc:
         load_space({"include": "c.yaml"}, str(tmp_path / "spec.yaml"))
     msg = one_line_error(exc, c.resolve())
-    assert msg.endswith(f"{c.resolve()} -> {c.resolve()}"), msg
+    assert msg.endswith(f"c.yaml -> c.yaml (under {tmp_path.resolve()})"), msg
 
 
 def test_missing_include_names_the_file(tmp_path):
