@@ -86,7 +86,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from regsweep.search.spec import load_spec
     from regsweep.search.storage import mask
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, allow_outside=args.allow_outside)
     url = _storage_url(args, spec)
     check_reachable(url)
     check_existing_study(spec, url, spec.name)  # the spec-hash rule of run, read-only
@@ -102,7 +102,7 @@ def _load_spec_and_storage(args: argparse.Namespace):
     """The spec and its reachable storage URL: what `run` and `worker` start from."""
     from regsweep.search.spec import load_spec
 
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, allow_outside=args.allow_outside)
     url = _storage_url(args, spec)
     check_reachable(url)
     return spec, url
@@ -156,7 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 os.environ["CUDA_VISIBLE_DEVICES"] = envs[0]["CUDA_VISIBLE_DEVICES"]
             study = optuna_backend.run(spec, url, name, **common).study
         else:
-            study, code = optuna_backend.run_workers(spec, url, name, envs, **common)
+            study, code = optuna_backend.run_workers(spec, url, name, envs, allow_outside=args.allow_outside,
+                                                     **common)
             if code != 0:
                 return code
     return _print_outcome(study, url, name)
@@ -274,6 +275,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ parser
+ALLOW_OUTSIDE_HELP = ("also let the spec's base: and include: files come from DIR (repeatable; default: only "
+                      "the project root, the nearest folder up with pyproject.toml or .regsweep, else the spec's)")
 ARTIFACTS_HELP = ("per-trial artifact store (curves PNG + config YAML): a directory shared by the workers, "
                   "s3://BUCKET, gs://BUCKET or off (default: the study's; <db>-artifacts/ beside a SQLite file)")
 
@@ -299,6 +302,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a study spec (every check of run); writes nothing")
     v.add_argument("spec", metavar="STUDY.yaml")
     _storage_flags(v, study=False)
+    v.add_argument("--allow-outside", action="append", default=[], metavar="DIR", help=ALLOW_OUTSIDE_HELP)
     v.set_defaults(func=cmd_validate)
 
     r = sub.add_parser("run", help="run a study spec until its budget of COMPLETE+PRUNED trials is met")
@@ -320,6 +324,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="Ray only: restore the study's latest Ray experiment after its driver died")
     r.add_argument("--artifacts", default=None, metavar="LOC", help=ARTIFACTS_HELP)
+    r.add_argument("--allow-outside", action="append", default=[], metavar="DIR", help=ALLOW_OUTSIDE_HELP)
     r.set_defaults(func=cmd_run)
 
     w = sub.add_parser("worker", help="join a study from any machine and run trials until its budget is done")
@@ -329,6 +334,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     w.add_argument("--artifacts", default=None, metavar="LOC",
                    help="this worker's path to the study's artifact store (default: the study's)")
+    w.add_argument("--allow-outside", action="append", default=[], metavar="DIR", help=ALLOW_OUTSIDE_HELP)
     w.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("status", help="studies in a storage: counts per state, best trial, stop reasons")

@@ -19,14 +19,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from regsweep.models.build import check_names
-from regsweep.models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
+from regsweep.models.config import ConfigError, TrainConfig, clip, config_paths, excerpt, get_path, load_yaml_file
 
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 Scalar = Union[None, bool, int, float, str]
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the installed regsweep package (a checkout's root)
+ROOT_MARKERS = ("pyproject.toml", ".regsweep")
 
 
 class SpaceError(ConfigError):
@@ -110,7 +112,27 @@ class Space:
 
 # ------------------------------------------------------------------------------------------ parsing
 def _err(source: str, fld: str, value: Any, allowed: str) -> SpaceError:
-    return SpaceError(f"{source}: {fld}: {value!r} is not allowed; {allowed}")
+    return SpaceError(f"{source}: {fld}: {excerpt(value)} is not allowed; {allowed}")
+
+
+def project_root(directory: Path, builtin: bool = False) -> Path:
+    """Where a spec's ``base:`` and ``include:`` paths may point (``directory``: the spec's own): the nearest
+    ancestor holding ``pyproject.toml`` or a ``.regsweep`` marker, else ``directory`` itself; the installed
+    package for a built-in study or any spec inside the package (studies/ includes ../spaces/)."""
+    directory = directory.resolve()
+    if builtin or directory.is_relative_to(PACKAGE_DIR):
+        return PACKAGE_DIR
+    for d in (directory, *directory.parents):
+        if any((d / marker).exists() for marker in ROOT_MARKERS):
+            return d
+    return directory
+
+
+def confine(target: Path, roots: Sequence[Path], source: str, fld: str, given: str) -> None:
+    """``target`` (resolved: a symlink counts where it points) must lie inside one of ``roots``."""
+    if not any(target.is_relative_to(root) for root in roots):
+        raise SpaceError(f"{source}: {fld}: {excerpt(given)} is outside the project root {roots[0]} (it resolves "
+                         f"to {clip(target, 120)}); move it inside, or pass --allow-outside DIR")
 
 
 def _number(source: str, fld: str, value: Any) -> float:
@@ -120,7 +142,7 @@ def _number(source: str, fld: str, value: Any) -> float:
 
 
 def parse_param(path: str, spec: Any, source: str, prefix: str = "space") -> Param:
-    fld = f"{prefix}.{path}"
+    fld = f"{prefix}.{clip(path, 120)}"
     if not isinstance(spec, Mapping):
         raise _err(source, fld, spec, "must be a mapping like {type: float, low: 0.0, high: 0.5}")
     unknown = sorted(set(spec) - PARAM_KEYS)
@@ -181,8 +203,11 @@ def _parse_when(when: Any, source: str, fld: str) -> tuple[tuple[str, tuple[Scal
     return tuple(out)
 
 
-def load_space(spec: Any, source: str, prefix: str = "space", _stack: tuple[Path, ...] = ()) -> dict[str, Param]:
-    """Parse an inline space mapping (which may ``include:`` files) into {path: Param}, includes first."""
+def load_space(spec: Any, source: str, prefix: str = "space", _stack: tuple[Path, ...] = (),
+               roots: Optional[Sequence[Path]] = None) -> dict[str, Param]:
+    """Parse an inline space mapping (which may ``include:`` files) into {path: Param}, includes first.
+
+    Included files must lie inside ``roots`` (default: the :func:`project_root` of ``source``'s directory)."""
     if spec is None:
         return {}
     if not isinstance(spec, Mapping):
@@ -195,16 +220,24 @@ def load_space(spec: Any, source: str, prefix: str = "space", _stack: tuple[Path
             if not isinstance(f, str):
                 raise _err(source, f"{prefix}.include", f, "must be a file path or a list of file paths")
             here = Path(source).parent if _stack or Path(source).suffix else Path(".")
+            roots = roots or (project_root(here),)
             target = (here / f).resolve()
-            if target in _stack:
-                chain = " -> ".join(str(p) for p in (*_stack, target))
-                raise SpaceError(f"{source}: {prefix}.include: {f!r} is not allowed; include cycle: {chain}")
+            confine(target, roots, source, f"{prefix}.include", f)
+            if target in _stack:  # the chain's paths relative to the project root, which is named once
+                chain = " -> ".join(str(p.relative_to(roots[0]) if p.is_relative_to(roots[0]) else p)
+                                    for p in (*_stack, target))
+                raise SpaceError(f"{source}: {prefix}.include: {excerpt(f)} is not allowed; include cycle: {chain} "
+                                 f"(under {roots[0]})")
             if not target.is_file():
-                raise SpaceError(f"{source}: {prefix}.include: {f!r} not found (looked for {target})")
-            data = load_yaml_file(target)
+                raise SpaceError(f"{source}: {prefix}.include: {excerpt(f)} not found (looked for {target})")
+            data = load_yaml_file(target, quote=False)  # never quote a referenced file's text
             if data is None:
                 raise SpaceError(f"{target}: empty file; a space file maps config paths to params")
-            params.update(load_space(data, str(target), "space", (*(_stack or (Path(source).resolve(),)), target)))
+            if not isinstance(data, Mapping):
+                raise SpaceError(f"{target}: the document is a {type(data).__name__}, not a mapping of config "
+                                 f"paths to params (included from {source})")
+            params.update(load_space(data, str(target), "space", (*(_stack or (Path(source).resolve(),)), target),
+                                     roots))
     for path, p in spec.items():
         if path == "include":
             continue
@@ -221,7 +254,8 @@ def order_params(params: Mapping[str, Param], source: str) -> list[Param]:
         if state.get(path) == 2:
             return
         if state.get(path) == 1:
-            raise SpaceError(f"{source}: space.{path}.when: condition cycle: {' -> '.join((*chain, path))}")
+            raise SpaceError(f"{source}: space.{clip(path, 120)}.when: condition cycle: "
+                             f"{clip(' -> '.join((*chain, path)), 200)}")
         state[path] = 1
         for dep, _ in params[path].when:
             if dep in params:
@@ -238,7 +272,7 @@ def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
     """Every path exists in TrainConfig, its type fits the field, every bound/choice is a valid value."""
     fields = config_paths()
     for p in params:
-        fld = f"space.{p.path}"
+        fld = f"space.{clip(p.path, 120)}"
         if p.path not in fields:
             near = [f for f in fields if f.split(".")[-1] == p.path.split(".")[-1]]
             hint = f"; did you mean {near[0]}?" if near else "; see models/config.py for the fields"
@@ -251,18 +285,19 @@ def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
             raise _err(source, f"{fld}.type", p.type, f"{p.path} is {tname}, not an int")
         for dep, values in p.when:
             if dep not in fields:
-                raise SpaceError(f"{source}: {fld}.when: {dep!r} is not a config path")
+                raise SpaceError(f"{source}: {fld}.when: {excerpt(dep)} is not a config path")
         probes = list(p.choices) if p.type == "categorical" else [p.low, p.high]
         for value in probes:
             try:
                 check_names(base.with_overrides({p.path: value}))  # ranges, then registry names
             except ConfigError as exc:
                 what = "choices" if p.type == "categorical" else ("low" if value == p.low else "high")
-                raise SpaceError(f"{source}: {fld}.{what}: {value!r} would be rejected by the config ({exc})") from None
+                raise SpaceError(f"{source}: {fld}.{what}: {excerpt(value)} would be rejected by the config "
+                                 f"({exc})") from None
 
 
-def build_space(spec: Any, base: TrainConfig, source: str) -> Space:
-    params = load_space(spec, source)
+def build_space(spec: Any, base: TrainConfig, source: str, roots: Optional[Sequence[Path]] = None) -> Space:
+    params = load_space(spec, source, roots=roots)
     ordered = order_params(params, source)
     check_space(ordered, base, source)
     return Space(ordered)

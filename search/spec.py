@@ -24,19 +24,22 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
-from regsweep.models.build import check_names, load_config
-from regsweep.models.config import ConfigError, TrainConfig, config_paths, get_path, load_yaml_file
+from regsweep.models.build import check_names
+from regsweep.models.config import (ConfigError, TrainConfig, clip, config_paths, excerpt, get_path,
+                                    load_yaml_file)
 from regsweep.search.optuna_internals import distribution_contains
 from regsweep.search.record import Objective
-from regsweep.search.space import Space, build_space
+from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
                "storage", "ray")
 # metric -> the only direction that makes sense for it
 OBJECTIVES = {"val_loss": "minimize", "val_acc": "maximize"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+NAME_MAX = 512  # Optuna's RDB study_name column
+DESCRIPTION_MAX = 10_000  # characters: the description is a few lines shown on the dashboard
 
 
 class SpecError(ConfigError):
@@ -148,7 +151,7 @@ def spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
 
 
 def _fail(source: str, fld: str, value: Any, allowed: str) -> SpecError:
-    return SpecError(f"{source}: {fld}: {value!r} is not allowed; {allowed}")
+    return SpecError(f"{source}: {fld}: {excerpt(value)} is not allowed; {allowed}")
 
 
 def _mapping(source: str, fld: str, value: Any, allowed_keys: tuple[str, ...]) -> Mapping[str, Any]:
@@ -158,11 +161,12 @@ def _mapping(source: str, fld: str, value: Any, allowed_keys: tuple[str, ...]) -
         raise _fail(source, fld, value, f"must be a mapping with keys: {', '.join(allowed_keys)}")
     unknown = [k for k in value if k not in allowed_keys]
     if unknown:
-        raise _fail(source, f"{fld}.{unknown[0]}", value[unknown[0]], f"allowed keys: {', '.join(allowed_keys)}")
+        raise _fail(source, f"{fld}.{clip(unknown[0], 60)}", value[unknown[0]],
+                    f"allowed keys: {', '.join(allowed_keys)}")
     return value
 
 
-BUILTIN_STUDIES = Path(__file__).resolve().parents[1] / "studies"  # regsweep.studies (the repo's studies/)
+BUILTIN_STUDIES = PACKAGE_DIR / "studies"  # regsweep.studies (the repo's studies/)
 
 
 def builtin_study(name: str) -> Optional[Path]:
@@ -173,12 +177,20 @@ def builtin_study(name: str) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def load_spec(path: str | Path) -> StudySpec:
+def load_spec(path: str | Path, allow_outside: Sequence[str | Path] = ()) -> StudySpec:
     """Load and validate a spec file; a bare name that is no file (``digits_cnn``) is a built-in study, whose
-    default storage is ``./regsweep.db`` in the working directory (``StudySpec.builtin``)."""
+    default storage is ``./regsweep.db`` in the working directory (``StudySpec.builtin``).
+
+    Its ``base:`` and ``include:`` files must lie inside the project root (search/space.py's
+    ``project_root``) or one of the ``allow_outside`` directories (``--allow-outside DIR``)."""
     builtin = None if Path(path).exists() else builtin_study(str(path))
     path = builtin or Path(path)
     source = str(path)  # a built-in study by its file: its include/base paths resolve beside it
+    roots = [project_root(path.resolve().parent, builtin is not None)]
+    for extra in allow_outside:
+        if not Path(extra).is_dir():
+            raise SpecError(f"--allow-outside: {excerpt(str(extra))} is not a directory")
+        roots.append(Path(extra).resolve())
     try:
         data = load_yaml_file(path)
     except ConfigError as exc:
@@ -188,29 +200,35 @@ def load_spec(path: str | Path) -> StudySpec:
     if not isinstance(data, Mapping):
         raise SpecError(f"{source}: the document is a {type(data).__name__}, not a mapping of spec fields "
                         f"({', '.join(SPEC_FIELDS)})")
-    spec = parse_spec(data, path.resolve(), source)
+    spec = parse_spec(data, path.resolve(), source, roots)
     spec.builtin = builtin is not None
     return spec
 
 
-def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
+def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional[Sequence[Path]] = None) -> StudySpec:
+    """Validate a spec's fields; ``base:``/``include:`` files must lie inside ``roots`` (default: the project
+    root of ``path``)."""
+    roots = list(roots or [project_root(path.parent)])
     unknown = [k for k in data if k not in SPEC_FIELDS]
     if unknown:
-        raise _fail(source, str(unknown[0]), data[unknown[0]], f"allowed fields: {', '.join(SPEC_FIELDS)}")
+        raise _fail(source, clip(unknown[0], 60), data[unknown[0]], f"allowed fields: {', '.join(SPEC_FIELDS)}")
     name = data.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise _fail(source, "name", name, "must be a study name of letters, digits, '_', '.', '-'")
+    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > NAME_MAX:
+        raise _fail(source, "name", name, f"must be a study name of letters, digits, '_', '.', '-' (at most "
+                    f"{NAME_MAX} characters)")
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise _fail(source, "description", description, "must be a string")
+    if len(description) > DESCRIPTION_MAX:
+        raise _fail(source, "description", description, f"must be at most {DESCRIPTION_MAX:,} characters")
 
-    base = _load_base(data.get("base"), path, source)
+    base = _load_base(data.get("base"), path, source, roots)
 
     objective = _parse_objective(data.get("objective"), source)
 
     if "space" not in data:
         raise SpecError(f"{source}: space: missing; give params or include: a file from spaces/")
-    space = build_space(data["space"], base, source)
+    space = build_space(data["space"], base, source, roots)
     if len(space) == 0:
         raise _fail(source, "space", data["space"], "must define at least one param")
 
@@ -240,7 +258,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str) -> StudySpec:
     except ConfigError as exc:
         raise SpecError(f"{source}: {exc}") from None
     except (TypeError, ValueError) as exc:
-        raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {str(exc).splitlines()[0]}") from None
+        raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {clip(exc)}") from None
     return spec
 
 
@@ -270,15 +288,23 @@ def _parse_sampler(value: Any, source: str) -> dict[str, Any]:
     return sampler
 
 
-def _load_base(base: Any, spec_path: Path, source: str) -> TrainConfig:
+def _load_base(base: Any, spec_path: Path, source: str, roots: Sequence[Path]) -> TrainConfig:
     if base is None:
         raise SpecError(f"{source}: base: missing; give a TrainConfig file (relative to the spec) or a mapping")
     if isinstance(base, str):
         target = (spec_path.parent / base).resolve()
-        if not target.is_file():
-            raise SpecError(f"{source}: base: {base!r} not found (looked for {target})")
         try:
-            return load_config(target)  # structure, ranges and registry names
+            confine(target, roots, source, "base", base)  # before anything is read or its existence told
+        except ConfigError as exc:
+            raise SpecError(str(exc)) from None
+        if not target.is_file():
+            raise SpecError(f"{source}: base: {excerpt(base)} not found (looked for {clip(target, 200)})")
+        try:
+            data = load_yaml_file(target, quote=False)  # never quote a referenced file's text
+            if data is not None and not isinstance(data, Mapping):  # (an empty file: the defaults, as before)
+                raise SpecError(f"{target}: the document is a {type(data).__name__}, not a TrainConfig mapping "
+                                f"(base of {source})")
+            return check_names(TrainConfig.from_dict(data, str(target)), str(target))  # structure, ranges, names
         except ConfigError as exc:
             raise SpecError(str(exc)) from None
     if isinstance(base, Mapping):
@@ -301,7 +327,8 @@ def _parse_enqueue(enqueue: Any, space: Space, source: str) -> list[dict[str, An
             raise _fail(source, f"enqueue[{i}]", entry, "must be a mapping of space params to values")
         for key, value in entry.items():
             if key not in params:
-                raise _fail(source, f"enqueue[{i}].{key}", value, f"not a space param; params: {', '.join(params)}")
+                raise _fail(source, f"enqueue[{i}].{clip(key, 60)}", value,
+                            f"not a space param; params: {', '.join(params)}")
             try:
                 inside = distribution_contains(params[key].distribution(), value)
             except (TypeError, ValueError):

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, TextIO
+from typing import Sequence, Any, Optional, TextIO
 
 from regsweep.models.config import ConfigError
 from regsweep.search.loop import THREADS_ENV, WORKER_ENV, budget, done_count, open_study_locked, worker_loop
@@ -62,7 +62,8 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
 
 def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str, str]], *,
                 n_trials: Optional[int] = None, timeout: Optional[float] = None, device: Optional[str] = None,
-                allow_spec_change: bool = False, artifacts: Optional[str] = None) -> tuple[Any, int]:
+                allow_spec_change: bool = False, artifacts: Optional[str] = None,
+                allow_outside: Sequence[str] = ()) -> tuple[Any, int]:
     """``run --workers N``: open the study (its budget and artifact store, which the workers read from it),
     then one worker process per env; returns (study, the worst exit code)."""
     from regsweep.search.artifacts import resolve
@@ -72,7 +73,8 @@ def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str,
     location = resolve(study, url, artifacts, coordinator=True)  # the workers read it from the study
     print(f"study '{study_name}' in {mask(url)}: {done_count(study)}/{total} trials done"
           + (f"; artifacts: {location}" if location else ""), flush=True)
-    return study, launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout)
+    return study, launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
+                         allow_outside=allow_outside)
 
 
 def parse_gpus(text: Optional[str]) -> list[str]:
@@ -108,13 +110,14 @@ def assignments(workers: int, gpus: list[str], trials_per_gpu: int) -> list[dict
 
 
 def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]], *, device: Optional[str] = None,
-           timeout: Optional[float] = None, out: Optional[TextIO] = None) -> int:
+           timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = ()) -> int:
     """Start one ``regsweep worker`` process per env (``python -P``: never the working directory first on the
     path), forward SIGTERM/SIGINT, wait; the worst exit code wins (0 only when every worker finished)."""
     out = out or sys.stdout
     cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", "worker", spec_path, "--storage", url,
            "--study-name", study_name, *(["--device", device] if device else []),
-           *(["--timeout", str(timeout)] if timeout is not None else [])]
+           *(["--timeout", str(timeout)] if timeout is not None else []),
+           *[arg for d in allow_outside for arg in ("--allow-outside", str(d))]]  # each worker loads the same spec
     # children's lines go through `out` (the progress display's console when it is live), a line at a time
     procs = [subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                               text=True, bufsize=1) for env in envs]

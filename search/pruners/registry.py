@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from regsweep.models.config import ConfigError
+from regsweep.models.config import ConfigError, clip, excerpt
 from regsweep.models.registry import Registry
 
 
@@ -66,7 +66,7 @@ SPEC_KEYS = {"name", "args", "wrapped"}
 
 
 def _fail(ctx: PrunerContext, fld: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{ctx.source}: {fld}: {value!r} is not allowed; {allowed}")
+    return ConfigError(f"{ctx.source}: {fld}: {excerpt(value)} is not allowed; {allowed}")
 
 
 def label(spec: Any) -> str:
@@ -99,7 +99,8 @@ def build_pruner(spec: Any, ctx: PrunerContext, fld: str = "pruner"):
             return cls([(label(c), build_pruner(c, ctx, f"{fld}.{key}[{i}]")) for i, c in enumerate(children)])
     unknown = sorted(set(spec) - SPEC_KEYS)
     if unknown:
-        raise _fail(ctx, f"{fld}.{unknown[0]}", spec[unknown[0]], "allowed keys: name, args, wrapped, any_of, all_of")
+        raise _fail(ctx, f"{fld}.{clip(unknown[0], 60)}", spec[unknown[0]],
+                    "allowed keys: name, args, wrapped, any_of, all_of")
     name = spec.get("name")
     if name not in PRUNERS:
         raise _fail(ctx, f"{fld}.name", name, f"choose one of: {', '.join(PRUNERS.names())}, any_of, all_of")
@@ -117,4 +118,4 @@ def build_pruner(spec: Any, ctx: PrunerContext, fld: str = "pruner"):
         return PRUNERS.get(name)(args, ctx)
     except (TypeError, ValueError) as exc:
         raise _fail(ctx, f"{fld}.args", {k: v for k, v in args.items() if k != "wrapped_pruner"},
-                    f"{name}: {str(exc).splitlines()[0]}") from None
+                    f"{name}: {clip(exc)}") from None

@@ -284,3 +284,103 @@ def test_load_bad_file_names_the_path(tmp_path):
     msg = str(err.value)
     assert msg.startswith(f"{path}: train.epochs:") and "'ten'" in msg
 
+
+
+# ------------------------------------------------------------------------------ input limits (issue 16)
+def alias_bomb(levels: int = 9, width: int = 9, indent: str = "") -> str:
+    """Under 1 KB of YAML that names width**levels values (9**9: 387 million) through aliases."""
+    lines = [f"{indent}l0: &l0 [{', '.join(['x'] * width)}]"]
+    lines += [f"{indent}l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_excerpt_is_the_repr_when_short_and_a_cut_with_the_size_when_long():
+    from regsweep.models.config import excerpt
+
+    for value in ("ab", "it's", 1.5, None, True, [1, (2,)], {"a": [1, 2]}, (), b"xy"):
+        assert excerpt(value) == repr(value)
+    assert excerpt("a" * 50_000) == "'" + "a" * 79 + "... (50,000 chars)"
+    big = list(range(10_000))
+    cut = excerpt(big, limit=30)
+    assert cut.startswith(repr(big)[:30]) and cut.endswith(f"... ({len(repr(big)):,} chars)")
+    loop = [1]
+    loop.append(loop)  # YAML can build a recursive value: never an endless repr
+    assert excerpt(loop) == "[1, [...]]"
+    shared = ["x"] * 9
+    for _ in range(8):  # the alias bomb's shape built in Python: 387 million items, never expanded
+        shared = [shared] * 9
+    assert excerpt(shared).endswith("... (more than 100,000 chars)") and len(excerpt(shared)) < 120
+
+
+def test_alias_bomb_is_refused_while_composing():
+    text = alias_bomb()
+    assert len(text) < 1024
+    with pytest.raises(ConfigError) as err:
+        load_yaml_text(text, "bomb.yaml")
+    msg = str(err.value)
+    assert msg.startswith("bomb.yaml: line ") and "alias" in msg and "100,000" in msg and len(msg) < 200
+
+
+def test_aliases_within_the_budget_and_merge_keys_still_load():
+    assert load_yaml_text(alias_bomb(levels=4, width=9), "ok.yaml")["l3"][0][0][0] == ["x"] * 9
+    data = load_yaml_text("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  y: 3\n", "merge.yaml")
+    assert data["b"] == {"x": 1, "y": 3}  # a merge key's override is not a duplicate
+
+
+def test_recursive_alias_is_refused():
+    with pytest.raises(ConfigError) as err:
+        load_yaml_text("a: &a [1, *a]\n", "rec.yaml")
+    assert str(err.value).startswith("rec.yaml: line 1: alias *a is inside the node it names")
+
+
+@pytest.mark.parametrize("text, line, key", [
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", 3, "'lr'"),
+    ("train: {epochs: 1, epochs: 2}\n", 1, "'epochs'"),
+    ("model: {}\ndata: {}\nmodel: {}\n", 3, "'model'"),
+])
+def test_duplicate_keys_are_an_error_naming_file_line_and_key(text, line, key):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.from_yaml(text, source="dup.yaml")
+    msg = str(err.value)
+    assert msg.startswith(f"dup.yaml: line {line}: duplicate key {key} (first on line "), msg
+    assert "\n" not in msg
+
+
+def test_oversized_text_and_file_are_refused_before_parsing(tmp_path):
+    from regsweep.models.config import MAX_FILE_BYTES, load_yaml_file
+
+    big = tmp_path / "big.yaml"
+    big.write_text("description: '" + "x" * MAX_FILE_BYTES + "'\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml_file(big)
+    msg = str(err.value)
+    assert msg.startswith(f"{big}: ") and f"{MAX_FILE_BYTES:,}" in msg and len(msg) < 300
+    with pytest.raises(ConfigError) as err:
+        load_yaml_text("x" * (MAX_FILE_BYTES + 1), "text.yaml")
+    assert str(err.value).startswith("text.yaml: ") and len(str(err.value)) < 200
+
+
+def test_files_that_are_not_yaml_text_are_one_line(tmp_path):
+    import os
+
+    from regsweep.models.config import load_yaml_file
+
+    (tmp_path / "latin1.yaml").write_bytes(b"model: {name: caf\xe9}\n")
+    os.mkfifo(tmp_path / "fifo.yaml")  # never opened: reading it would block
+    cases = {tmp_path / "latin1.yaml": "not UTF-8", tmp_path: "is a directory", tmp_path / "fifo.yaml":
+             "not a regular file", tmp_path / "missing.yaml": "no such file"}
+    for path, words in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_yaml_file(path)
+        assert str(err.value).startswith(f"{path}: ") and words in str(err.value), str(err.value)
+
+
+def test_huge_values_are_echoed_as_an_excerpt():
+    for data, fld in (({"model": {"dropout": "x" * 100_000}}, "model.dropout"),
+                      ({"model": {"widths": list(range(100_000))}}, "model.widths"),
+                      ({"train": "y" * 100_000}, "train"),
+                      ({"k" * 100_000: 1}, "kkkk")):
+        with pytest.raises(ConfigError) as err:
+            TrainConfig.from_dict(data)
+        msg = str(err.value)
+        assert msg.startswith(fld) and len(msg) < 400, msg[:500]

@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from regsweep.models.config import TrainConfig
+from regsweep.models.config import ConfigError, TrainConfig
 from regsweep.search.space import Param, SpaceError, build_space, load_space, order_params
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -111,6 +111,7 @@ def test_parse_errors_name_the_field(spec, fld):
 
 # ------------------------------------------------------------------------------------------ includes
 def test_include_relative_to_including_file(tmp_path):
+    (tmp_path / ".regsweep").touch()  # the project root: ../spaces/ of the spec stays inside it
     write(tmp_path / "spaces" / "a.yaml", "include: sub/b.yaml\nmodel.dropout: {type: float, low: 0.0, high: 0.3}\n")
     write(tmp_path / "spaces" / "sub" / "b.yaml", "include: ../c.yaml\n"
           "model.bn: {type: categorical, choices: [none, before_act]}\n")
@@ -148,7 +149,7 @@ def test_include_cycle_names_the_cycle(tmp_path):
     msg = one_line_error(exc, b.resolve())
     assert "include cycle" in msg
     chain = msg.split("include cycle: ", 1)[1]
-    assert chain == " -> ".join(str(p) for p in (spec.resolve(), a.resolve(), b.resolve(), a.resolve()))
+    assert chain == f"spec.yaml -> a.yaml -> b.yaml -> a.yaml (under {tmp_path.resolve()})"  # the root, once
 
 
 def test_include_self_is_a_cycle(tmp_path):
@@ -156,10 +157,11 @@ def test_include_self_is_a_cycle(tmp_path):
     with pytest.raises(SpaceError) as exc:
         load_space({"include": "c.yaml"}, str(tmp_path / "spec.yaml"))
     msg = one_line_error(exc, c.resolve())
-    assert msg.endswith(f"{c.resolve()} -> {c.resolve()}"), msg
+    assert msg.endswith(f"c.yaml -> c.yaml (under {tmp_path.resolve()})"), msg
 
 
 def test_missing_include_names_the_file(tmp_path):
+    (tmp_path / ".regsweep").touch()  # the project root
     with pytest.raises(SpaceError) as exc:
         load_space({"include": "../spaces/nope.yaml"}, str(tmp_path / "studies" / "spec.yaml"))
     msg = one_line_error(exc, tmp_path / "studies" / "spec.yaml")
@@ -297,3 +299,49 @@ def test_repo_spaces_check_against_the_default_config():
     assert set(base.paths()) < set(plus.paths())
     assert "data.augment" in plus.paths()
     assert set(base.conditional()) == {"scheduler.step_size", "scheduler.gamma", "scheduler.pct_start"}
+
+
+# ------------------------------------------------------------------------------ input limits (issue 16)
+def test_include_outside_the_project_root_is_refused_unless_allowed(tmp_path):
+    from regsweep.search.space import project_root
+
+    write(tmp_path / "shared" / "s.yaml", "model.dropout: {type: float, low: 0.0, high: 0.5}\n")
+    spec = tmp_path / "proj" / "studies" / "spec.yaml"
+    write(tmp_path / "proj" / ".regsweep", "")
+    assert project_root(spec.parent) == (tmp_path / "proj").resolve()
+    with pytest.raises(SpaceError) as exc:
+        load_space({"include": "../../shared/s.yaml"}, str(spec))
+    msg = one_line_error(exc, spec)
+    assert "space.include: '../../shared/s.yaml' is outside the project root" in msg
+    assert str((tmp_path / "proj").resolve()) in msg and "--allow-outside" in msg
+    roots = [(tmp_path / "proj").resolve(), (tmp_path / "shared").resolve()]
+    assert list(load_space({"include": "../../shared/s.yaml"}, str(spec), roots=roots)) == ["model.dropout"]
+
+
+def test_nested_include_is_confined_too(tmp_path):
+    write(tmp_path / "proj" / "pyproject.toml", "")
+    write(tmp_path / "proj" / "a.yaml", "include: ../outside.yaml\n")
+    write(tmp_path / "outside.yaml", "model.dropout: {type: float, low: 0.0, high: 0.5}\n")
+    with pytest.raises(SpaceError) as exc:
+        load_space({"include": "a.yaml"}, str(tmp_path / "proj" / "spec.yaml"))
+    msg = one_line_error(exc, tmp_path / "proj" / "a.yaml")
+    assert "'../outside.yaml' is outside the project root" in msg
+
+
+def test_included_file_that_is_no_mapping_is_named_never_quoted(tmp_path):
+    write(tmp_path / "notes.yaml", "TOPSECRET-2b first line\n")
+    write(tmp_path / "broken.yaml", "TOPSECRET-2b: [\n")
+    for name, words in (("notes.yaml", "the document is a str, not a mapping"), ("broken.yaml", "malformed YAML")):
+        with pytest.raises(ConfigError) as exc:
+            load_space({"include": name}, str(tmp_path / "spec.yaml"))
+        msg = str(exc.value)
+        assert msg.startswith(str(tmp_path / name)) and words in msg and "TOPSECRET" not in msg, msg
+
+
+def test_long_values_in_a_space_are_echoed_as_an_excerpt():
+    for spec, fld in (({"type": "float", "low": "x" * 100_000, "high": 1}, "space.model.dropout.low"),
+                      ({"type": "categorical", "choices": [["y"] * 100_000]}, "space.model.dropout.choices")):
+        with pytest.raises(SpaceError) as exc:
+            load_space({"model.dropout": spec}, "/x/inline.yaml")
+        msg = one_line_error(exc, "/x/inline.yaml")
+        assert f": {fld}:" in msg and len(msg) < 400, msg[:500]

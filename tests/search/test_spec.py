@@ -189,6 +189,7 @@ def test_spec_hash_stable_and_sensitive_to_the_search_only(tmp_path):
 
 # ------------------------------------------------------------------------------ relative paths
 def test_paths_relative_to_the_spec_file(tmp_path, monkeypatch):
+    (tmp_path / ".regsweep").touch()  # the project root: ../ of the spec stays inside it
     TrainConfig.from_dict({"model": {"widths": [4, 8]}, "train": {"epochs": 2}}).save(tmp_path / "base.yaml")
     (tmp_path / "spaces").mkdir()
     (tmp_path / "spaces" / "s.yaml").write_text("model.dropout: {type: float, low: 0.0, high: 0.25}\n")
@@ -203,9 +204,203 @@ def test_paths_relative_to_the_spec_file(tmp_path, monkeypatch):
 
 
 def test_relative_spec_path_from_cwd(tmp_path, monkeypatch):
+    (tmp_path / "pyproject.toml").touch()  # the project root
     TrainConfig().save(tmp_path / "base.yaml")
     write_spec(tmp_path / "studies" / "rel.yaml", spec_with(base="../base.yaml"))
     monkeypatch.chdir(tmp_path)
     spec = load_spec("studies/rel.yaml")
     assert spec.path == (tmp_path / "studies" / "rel.yaml").resolve()
     assert spec.base == TrainConfig()
+
+
+# ------------------------------------------------------------------------------ input limits (issue 16)
+BOMB_LINES = [f"l0: &l0 [{', '.join(['x'] * 9)}]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]"
+                                                       for i in range(1, 9)]  # 9**9 values in under 1 KB
+TINY_SPEC = """\
+name: tiny
+base: {model: {name: cnn, widths: [8, 16]}, train: {epochs: 2}}
+space:
+  model.dropout: {type: float, low: 0.0, high: 0.5}
+"""
+
+
+def bomb_under(where: str) -> str:
+    """TINY_SPEC with the alias bomb under an unknown key, description: or sampler.args."""
+    if where == "unknown key":
+        return TINY_SPEC + "bomb:\n" + "".join(f"  {ln}\n" for ln in BOMB_LINES)
+    if where == "description":
+        return TINY_SPEC + "description:\n" + "".join(f"  {ln}\n" for ln in BOMB_LINES)
+    return TINY_SPEC + "sampler:\n  name: tpe\n  args:\n" + "".join(f"    {ln}\n" for ln in BOMB_LINES)
+
+
+def validate_in_child(spec: Path, tmp_path: Path, timeout: float = 120) -> tuple[int, str, int]:
+    """`regsweep validate SPEC` in a child process: its exit code, stderr and peak RSS in MiB (os.wait4's
+    rusage of that child alone; no address-space limit, which would kill torch's import)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    err = tmp_path / f"{spec.stem}.err"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "regsweep"), "validate", str(spec), "--storage",
+                                 f"sqlite:///{tmp_path / 'db.sqlite'}"], stdout=subprocess.DEVNULL, stderr=stderr,
+                                stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                pytest.fail(f"validate {spec.name} ran for more than {timeout}s")
+            time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+    return proc.returncode, err.read_text(), usage.ru_maxrss // 1024
+
+
+def test_alias_bomb_in_a_spec_stays_small_in_a_child_process(tmp_path):
+    good = write_spec(tmp_path / "good.yaml", TINY_SPEC)
+    code, err, normal = validate_in_child(good, tmp_path)
+    assert code == 0, err
+    for where in ("unknown key", "description", "sampler.args"):
+        text = bomb_under(where)
+        assert len(text.encode()) < 1024
+        spec = write_spec(tmp_path / f"bomb_{where.replace(' ', '_').replace('.', '_')}.yaml", text)
+        code, err, peak = validate_in_child(spec, tmp_path)
+        lines = err.splitlines()
+        assert code == 2 and len(lines) == 1, (where, code, err[:2000])
+        assert len(lines[0]) < 300 and spec.name in lines[0] and "alias" in lines[0], lines[0]
+        assert peak < normal + 200, f"{where}: peak RSS {peak} MiB vs {normal} MiB for a good spec"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".sqlite") == []  # validate wrote nothing
+
+
+def test_duplicate_spec_keys_are_an_error(tmp_path):
+    path = write_spec(tmp_path / "dup.yaml", TINY_SPEC + "budget: {n_trials: 3}\nname: other\n")
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, "line 6: duplicate key 'name' (first on line 1)")
+    path = write_spec(tmp_path / "dup2.yaml", TINY_SPEC + "  model.dropout: {type: float, low: 0.1, high: 0.2}\n")
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, "line 5: duplicate key 'model.dropout' (first on line 4)")
+
+
+def test_long_description_and_name_are_refused_with_an_excerpt(tmp_path):
+    path = write_spec(tmp_path / "desc.yaml", spec_with(description="d" * 10_001))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    msg = assert_one_line(exc, path, "description:", "(10,001 chars)", "at most 10,000 characters")
+    assert len(msg) < 300
+    assert load_spec(write_spec(tmp_path / "ok.yaml", spec_with(description="d" * 10_000))).description
+    path = write_spec(tmp_path / "name.yaml", spec_with(name="n" * 513))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert len(assert_one_line(exc, path, "name:", "(513 chars)", "at most 512")) < 300
+
+
+def test_oversized_spec_file_is_refused(tmp_path):
+    path = write_spec(tmp_path / "big.yaml", TINY_SPEC + "description: |\n" + ("  " + "z" * 98 + "\n") * 11_000)
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, "bytes is more than the 1,048,576 allowed")
+
+
+SECRET = "TOPSECRET-7c1e9b root-only first line"
+
+
+def secret_files(outside: Path) -> dict[str, Path]:
+    """Files outside the project: a plain first line (a str document), malformed YAML, a list."""
+    outside.mkdir(parents=True, exist_ok=True)
+    files = {"plain": f"{SECRET}\nsecond line\n", "malformed": f"{SECRET}: [unclosed\n  'q': {SECRET}\n",
+             "list": f"- {SECRET}\n"}
+    for name, text in files.items():
+        (outside / f"{name}.txt").write_text(text)
+    return {name: outside / f"{name}.txt" for name in files}
+
+
+@pytest.mark.parametrize("kind", ["plain", "malformed", "list"])
+def test_base_outside_the_project_root_is_refused_and_never_echoed(tmp_path, kind):
+    project = tmp_path / "project"
+    (project / "studies").mkdir(parents=True)
+    (project / "pyproject.toml").touch()
+    secret = secret_files(tmp_path / "etc")[kind]
+    path = write_spec(project / "studies" / "s.yaml", spec_with(base=f"../../etc/{secret.name}"))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    msg = assert_one_line(exc, path, "base:", "is outside the project root", str(project.resolve()),
+                          "--allow-outside")
+    assert "TOPSECRET" not in msg
+    with pytest.raises(SpecError) as exc:  # allowed: read, and still never echoed
+        load_spec(path, allow_outside=[tmp_path / "etc"])
+    msg = str(exc.value)
+    assert secret.name in msg and "TOPSECRET" not in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("kind", ["plain", "malformed", "list"])
+def test_include_outside_the_project_root_is_refused_and_never_echoed(tmp_path, kind):
+    secret = secret_files(tmp_path / "etc")[kind]
+    path = write_spec(tmp_path / "studies" / "s.yaml", spec_with(space={"include": f"../etc/{secret.name}"}))
+    with pytest.raises(ConfigError) as exc:  # no marker: the root is the spec's own directory
+        load_spec(path)
+    msg = assert_one_line(exc, path, "space.include:", "outside the project root", str(path.parent.resolve()))
+    assert "TOPSECRET" not in msg
+    with pytest.raises(ConfigError) as exc:
+        load_spec(path, allow_outside=[str(tmp_path / "etc")])
+    msg = str(exc.value)
+    assert secret.name in msg and "TOPSECRET" not in msg and "\n" not in msg, msg
+
+
+def test_allow_outside_accepts_base_and_include_from_that_directory(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    TrainConfig.from_dict({"train": {"epochs": 3}}).save(shared / "base.yaml")
+    (shared / "space.yaml").write_text("model.dropout: {type: float, low: 0.0, high: 0.2}\n")
+    path = write_spec(tmp_path / "proj" / "s.yaml", spec_with(base="../shared/base.yaml",
+                                                               space={"include": "../shared/space.yaml"}))
+    with pytest.raises(ConfigError):
+        load_spec(path)
+    spec = load_spec(path, allow_outside=[shared])
+    assert spec.base.train.epochs == 3 and spec.space.paths() == ["model.dropout"]
+    with pytest.raises(SpecError) as exc:
+        load_spec(path, allow_outside=[tmp_path / "nope"])
+    assert str(exc.value).startswith("--allow-outside: ") and "not a directory" in str(exc.value)
+
+
+def test_symlink_escaping_the_root_is_refused(tmp_path):
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / ".regsweep").touch()
+    secret = secret_files(tmp_path / "etc")["plain"]
+    (tmp_path / "proj" / "base.yaml").symlink_to(secret)
+    path = write_spec(tmp_path / "proj" / "s.yaml", spec_with(base="base.yaml"))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    msg = assert_one_line(exc, path, "base: 'base.yaml' is outside the project root", str(secret.resolve()))
+    assert "TOPSECRET" not in msg
+
+
+def test_builtin_study_resolves_inside_the_package_from_anywhere(tmp_path, monkeypatch):
+    from regsweep.search.space import PACKAGE_DIR, project_root
+
+    monkeypatch.chdir(tmp_path)  # no pyproject.toml up from here
+    spec = load_spec("digits_cnn")
+    assert spec.builtin and "model.dropout" in spec.space.paths()
+    assert project_root(PACKAGE_DIR / "studies", builtin=True) == PACKAGE_DIR
+    assert project_root(PACKAGE_DIR / "studies") == PACKAGE_DIR  # by path, also in an installed wheel
+
+
+def test_cli_allow_outside_on_validate(tmp_path, capsys):
+    from regsweep.search.cli import main
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    TrainConfig().save(shared / "base.yaml")
+    path = write_spec(tmp_path / "proj" / "s.yaml", spec_with(base="../shared/base.yaml"))
+    db = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["validate", str(path), "--storage", db]) == 2
+    assert "outside the project root" in capsys.readouterr().err
+    assert main(["validate", str(path), "--storage", db, "--allow-outside", str(shared)]) == 0
+    assert main(["validate", str(path), "--storage", db, "--allow-outside", str(tmp_path / "x"),
+                 "--allow-outside", str(shared)]) == 2
+    assert capsys.readouterr().err.startswith("error: --allow-outside: ")

@@ -1,0 +1,111 @@
+"""Bad study specs: one line naming the spec file, the field and the value; exit 2; nothing created."""
+
+from __future__ import annotations
+
+import pytest
+from tests.bad_inputs.conftest import TINY_BASE, TINY_SPEC, Case  # pytest (importlib mode) registers it
+
+BOMB = [f"l0: &l0 [{', '.join(['x'] * 9)}]"] + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]"
+                                                for i in range(1, 9)]  # 9**9 values in under 1 KB
+
+
+def spec(text: str = TINY_SPEC, **replace: str) -> dict[str, str]:
+    """base.yaml + tiny.yaml: TINY_SPEC with whole lines replaced (key -> new line, '' drops it) or added."""
+    lines = text.splitlines()
+    for key, new in replace.items():
+        hits = [i for i, ln in enumerate(lines) if ln.startswith(f"{key}:")]
+        if hits:
+            end = hits[0] + 1
+            while end < len(lines) and lines[end].startswith(" "):  # the key's nested lines go with it
+                end += 1
+            lines[hits[0]:end] = [new]
+        else:
+            lines.append(new)
+    return {"base.yaml": TINY_BASE, "tiny.yaml": "\n".join(ln for ln in lines if ln) + "\n"}
+
+
+def nested(key: str, lines: list[str], indent: str = "  ") -> str:
+    return f"{key}:\n" + "\n".join(indent + ln for ln in lines)
+
+
+V = ["validate", "{d}/tiny.yaml"]
+R = ["run", "{d}/tiny.yaml"]
+
+CASES = [
+    Case("spec-unknown-field", V, spec(colour="colour: blue"), expect=("tiny.yaml", "colour", "'blue'")),
+    Case("spec-name-missing", V, spec(name=""), expect=("tiny.yaml", "name", "None")),
+    Case("spec-name-bad-chars", V, spec(name="name: 'bad name!'"), expect=("tiny.yaml", "name", "'bad name!'")),
+    Case("spec-name-too-long", R, spec(name="name: " + "n" * 600), expect=("tiny.yaml", "name", "(600 chars)")),
+    Case("spec-description-not-string", V, spec(description="description: [1, 2]"),
+         expect=("tiny.yaml", "description", "[1, 2]")),
+    Case("spec-description-huge", V, spec(description="description: " + "d" * 20_000),
+         expect=("tiny.yaml", "description", "(20,000 chars)", "10,000")),
+    Case("spec-base-missing", V, spec(base=""), expect=("tiny.yaml", "base: missing")),
+    Case("spec-base-wrong-type", V, spec(base="base: 42"), expect=("tiny.yaml", "base", "42")),
+    Case("spec-base-inline-bad-value", V, spec(base="base: {model: {dropout: 2.0}}"),
+         expect=("tiny.yaml", "base.model.dropout", "2.0")),
+    Case("spec-objective-test-metric", V, spec(objective="objective: {metric: test_acc}"),
+         expect=("tiny.yaml", "objective.metric", "'test_acc'")),
+    Case("spec-objective-wrong-direction", R, spec(objective="objective: {metric: val_loss, direction: maximize}"),
+         expect=("tiny.yaml", "objective.direction", "'maximize'")),
+    Case("spec-objective-unknown-key", V, spec(objective="objective: {metric: val_loss, goal: low}"),
+         expect=("tiny.yaml", "objective.goal", "'low'")),
+    Case("spec-space-missing", V, spec("name: tiny\nbase: base.yaml\n"), expect=("tiny.yaml", "space: missing")),
+    Case("spec-space-empty", V, spec("name: tiny\nbase: base.yaml\nspace: {}\n"),
+         expect=("tiny.yaml", "space", "at least one param")),
+    Case("spec-space-unknown-path", V, spec(space="space: {model.dropuot: {type: float, low: 0, high: 1}}"),
+         expect=("tiny.yaml", "space.model.dropuot", "unknown config path")),
+    Case("spec-space-low-above-high", V, spec(space="space: {model.dropout: {type: float, low: 0.5, high: 0.1}}"),
+         expect=("tiny.yaml", "space.model.dropout.low", "0.5")),
+    Case("spec-space-bad-type", V, spec(space="space: {model.dropout: {type: decimal, low: 0, high: 1}}"),
+         expect=("tiny.yaml", "space.model.dropout.type", "'decimal'")),
+    Case("spec-space-when-unknown-path", V,
+         spec(space="space: {model.dropout: {type: float, low: 0, high: 0.5, when: {model.nope: x}}}"),
+         expect=("tiny.yaml", "space.model.dropout.when", "'model.nope'")),
+    Case("spec-sampler-unknown", V, spec(sampler="sampler: {name: annealing}"),
+         expect=("tiny.yaml", "sampler.name", "'annealing'")),
+    Case("spec-sampler-seed-text", V, spec(sampler="sampler: {name: tpe, seed: abc}"),
+         expect=("tiny.yaml", "sampler.seed", "'abc'")),
+    Case("spec-sampler-args-not-mapping", V, spec(sampler="sampler: {name: tpe, args: [1]}"),
+         expect=("tiny.yaml", "sampler.args", "[1]")),
+    Case("spec-sampler-args-unknown-keyword", V, spec(sampler="sampler: {name: tpe, args: {bogus_kw: 1}}"),
+         expect=("tiny.yaml", "sampler.args", "bogus_kw")),
+    Case("spec-pruner-unknown", V, spec(pruner="pruner: {name: guillotine}"),
+         expect=("tiny.yaml", "pruner.name", "'guillotine'")),
+    Case("spec-pruner-bad-arg", V, spec(pruner="pruner: {name: median, args: {bogus: 1}}"),
+         expect=("tiny.yaml", "pruner.args", "bogus")),
+    Case("spec-budget-zero-trials", R, spec(budget="budget: {n_trials: 0}"),
+         expect=("tiny.yaml", "budget.n_trials", "0")),
+    Case("spec-budget-negative-timeout", V, spec(budget="budget: {n_trials: 2, timeout: -5}"),
+         expect=("tiny.yaml", "budget.timeout", "-5")),
+    Case("spec-budget-unknown-key", V, spec(budget="budget: {n_trial: 3}"),
+         expect=("tiny.yaml", "budget.n_trial", "3")),
+    Case("spec-enqueue-not-list", V, spec(enqueue="enqueue: {model.dropout: 0.1}"),
+         expect=("tiny.yaml", "enqueue", "{'model.dropout': 0.1}")),
+    Case("spec-enqueue-unknown-param", V, spec(enqueue="enqueue: [{optim.lr: 0.1}]"),
+         expect=("tiny.yaml", "enqueue[0].optim.lr", "0.1")),
+    Case("spec-enqueue-out-of-range", V, spec(enqueue="enqueue: [{model.dropout: 0.9}]"),
+         expect=("tiny.yaml", "enqueue[0].model.dropout", "0.9")),
+    Case("spec-storage-not-string", V, spec(storage="storage: 5"), expect=("tiny.yaml", "storage", "5")),
+    Case("spec-alias-bomb-unknown-key", V, spec(bomb=nested("bomb", BOMB)), subprocess=True,
+         expect=("tiny.yaml", "line", "alias", "100,000")),
+    Case("spec-alias-bomb-description", V, spec(description=nested("description", BOMB)),
+         expect=("tiny.yaml", "line", "alias", "100,000")),
+    Case("spec-alias-bomb-sampler-args", R, spec(sampler="sampler:\n  name: tpe\n" + nested("  args", BOMB, "    ")),
+         expect=("tiny.yaml", "line", "alias", "100,000")),
+    Case("spec-recursive-alias", V, spec(bomb="bomb: &a [1, *a]"), expect=("tiny.yaml", "alias *a", "recursive")),
+    Case("spec-duplicate-top-key", V, spec(again="name: other"), subprocess=True,
+         expect=("tiny.yaml", "line 10", "duplicate key 'name'", "first on line 1")),
+    Case("spec-duplicate-space-param", R, spec(space="space:\n  model.dropout: {type: float, low: 0, high: 0.5}\n"
+                                                     "  model.dropout: {type: float, low: 0, high: 0.2}"),
+         expect=("tiny.yaml", "line", "duplicate key 'model.dropout'")),
+    Case("spec-python-tag", V, spec(name="name: !!python/object/apply:os.system [echo pwned]"),
+         expect=("tiny.yaml", "malformed YAML", "python/object/apply")),
+    Case("spec-document-is-a-list", V, {"tiny.yaml": "- name\n- base\n"}, expect=("tiny.yaml", "list", "mapping")),
+    Case("spec-malformed-yaml", V, spec(name="name: [tiny"), expect=("tiny.yaml", "line", "malformed YAML")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_case(bad_input, case):
+    bad_input(case)
