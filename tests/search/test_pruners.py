@@ -4,12 +4,11 @@ real in-memory study and credit the child that fired."""
 from __future__ import annotations
 
 import optuna
-
-from regsweep.search.pruners.overfit import OverfitPruner
 import pytest
 
 from regsweep.models.config import ConfigError
 from regsweep.search.pruners.compose import AllOf, AnyOf
+from regsweep.search.pruners.overfit import OverfitPruner
 from regsweep.search.pruners.registry import PRUNERS, PrunerContext, build_pruner, label
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
