@@ -1,7 +1,8 @@
 """Distributed sweeps against real SQLite, PostgreSQL and MariaDB: exact budgets, crashes, signals.
 
-Workers are real `regsweep worker` / `run --workers N` processes; trials are tiny CPU trainings through the
-real recording path.
+Workers are real `regsweep worker` / `run --workers N` processes (tier `procs`); trials are tiny CPU trainings
+through the real recording path. The default run checks exactness at 24 trials x 4 workers per storage; the
+100-trial runs are `slow` (`make test-all`).
 """
 
 import os
@@ -69,9 +70,11 @@ def wait_ok(proc, timeout=240):
     return out, err
 
 
-def test_four_workers_make_exactly_the_budget(storage_url, tmp_path):
+@pytest.mark.procs
+@pytest.mark.parametrize("size", ["24", pytest.param("full", marks=pytest.mark.slow)])
+def test_four_workers_make_exactly_the_budget(storage_url, tmp_path, size):
     url, name = storage_url
-    n = 40 if url.startswith("sqlite") else 100
+    n = 24 if size == "24" else 40 if url.startswith("sqlite") else 100
     spec = write_spec(tmp_path, name, n)
     out, err = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "4"))
     trials = assert_exact(url, name, n)
@@ -95,14 +98,16 @@ def running_with_history(url, name, timeout=90):
     raise AssertionError("no trial started training")
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_more_workers_than_trials_stays_exact(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 6, epochs=3)
+    spec = write_spec(tmp_path, name, 3, epochs=3)
     wait_ok(cli("run", str(spec), "--storage", url, "--workers", "4"))
-    assert_exact(url, name, 6)
+    assert_exact(url, name, 3)
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["postgresql", "mysql", "sqlite"], indirect=True)
 def test_two_workers_started_at_the_same_instant_make_one_study(storage_url, tmp_path):
     url, name = storage_url
@@ -115,6 +120,7 @@ def test_two_workers_started_at_the_same_instant_make_one_study(storage_url, tmp
     assert sum(bool(t.user_attrs.get("regsweep:base")) for t in trials) == 1  # enqueued once
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tmp_path):
     url, name = storage_url
@@ -143,28 +149,52 @@ def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tm
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-@pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
-def test_workers_survive_dropped_connections(storage_url, tmp_path):
+# Every OTHER session on the test's own database: terminated (PostgreSQL) or listed to KILL (MariaDB/MySQL).
+OTHER_SESSIONS = {
+    "postgresql": "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                  "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    "mysql": "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+}
+
+
+def kill_other_sessions(engine, kind) -> int:
     import sqlalchemy
 
-    url, name = storage_url
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(OTHER_SESSIONS[kind]).fetchall()
+        if kind == "mysql":
+            for (pid,) in rows:
+                try:
+                    conn.exec_driver_sql(f"KILL CONNECTION {int(pid)}")
+                except sqlalchemy.exc.DBAPIError:
+                    pass  # that connection closed by itself in the meantime
+        return len(rows)
+
+
+@pytest.mark.procs
+def test_workers_survive_dropped_connections(own_database, tmp_path):
+    """On a database of its own (conftest's own_database, one per server), so that ending every other session
+    cannot reach another test's connections."""
+    import sqlalchemy
+
+    kind, url = own_database
+    name = "conn-kill"
     spec = write_spec(tmp_path, name, 30, epochs=2)
     proc = cli("run", str(spec), "--storage", url, "--workers", "2",
                env={"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"})
     running_with_history(url, name)
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
     killed = 0
-    for _ in range(5):  # terminate every other session on the database, several times mid-sweep
-        with engine.connect() as conn:
-            killed += len(conn.exec_driver_sql(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall())
+    for _ in range(5):  # end every other session on the database, several times mid-sweep
+        killed += kill_other_sessions(engine, kind)
         time.sleep(0.5)
+    engine.dispose()
     wait_ok(proc)
     assert killed > 0
     assert_exact(url, name, 30)
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
     url, name = storage_url
@@ -232,12 +262,13 @@ def test_an_orphaned_trial_without_heartbeat_is_adopted_failed_and_retried(tmp_p
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == orphan.params
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["sqlite"], indirect=True)
 def test_run_n_trials_reaches_the_workers_and_workers_draw_different_params(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 2)  # the spec says 2; --n-trials says 8
-    out, _ = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "2", "--n-trials", "8"))
-    trials = assert_exact(url, name, 8)
+    spec = write_spec(tmp_path, name, 2)  # the spec says 2; --n-trials says 6
+    out, _ = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "2", "--n-trials", "6"))
+    trials = assert_exact(url, name, 6)
     sampled = [t.params["model.dropout"] for t in trials if t.params]
     assert len(set(sampled)) == len(sampled)  # reseeded per worker: no configuration drawn twice
 
