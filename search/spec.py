@@ -162,6 +162,8 @@ def load_spec(path: str | Path) -> StudySpec:
     default storage is ``./regsweep.db`` in the working directory (``StudySpec.builtin``)."""
     source = str(path)
     builtin = None if Path(path).exists() else builtin_study(source)
+    if builtin is not None:  # its space.include (../spaces/...) resolves next to the installed file, not in the cwd
+        source = str(builtin)
     path = builtin or Path(path)
     try:
         data = load_yaml_file(path)

@@ -21,8 +21,6 @@ from optuna.trial import TrialState
 
 from regsweep.search.cli import main
 
-pytestmark = pytest.mark.procs
-
 ROOT = Path(__file__).resolve().parents[1]
 
 # The user's own packages: importing one leaves a marker (so a swallowed ImportError still shows) and fails.
@@ -102,6 +100,7 @@ def project(tmp_path):
     return proj
 
 
+@pytest.mark.procs
 def test_a_users_models_and_search_packages_shadow_nothing(project):
     url = f"sqlite:///{project / 'ns.db'}"
     run = subprocess.run([_regsweep(), "run", "ns.yaml", "--storage", url, "--workers", "2", "--n-trials", "4"],
@@ -122,9 +121,20 @@ def test_a_users_models_and_search_packages_shadow_nothing(project):
     assert sorted(p.name for p in project.glob("imported-*")) == []  # no process imported them
 
 
+@pytest.mark.procs
 def test_python_m_models_train_is_refused_in_one_line():
     res = subprocess.run([sys.executable, "-m", "models.train", "x.yaml"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "regsweep.models" in lines[0], res.stderr
+
+
+def test_a_builtin_study_by_bare_name_loads_from_any_directory(tmp_path, monkeypatch):
+    """`regsweep run digits_cnn` from a directory with nothing in it: the built-in spec's include of
+    ../spaces/regularization.yaml resolves next to the installed spec, never in the working directory."""
+    from regsweep.search.spec import load_spec
+
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec("digits_cnn")
+    assert spec.builtin and spec.name == "digits_cnn" and "regularization.l2" in spec.space.paths()
