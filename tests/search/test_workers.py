@@ -46,12 +46,21 @@ def cli(*args, env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
+def load(url, name):
+    """The study through a storage without a connection pool: tests that poll the shared servers several times
+    a second must not leave pooled connections behind them (max_connections is shared by everyone's tests)."""
+    import sqlalchemy
+
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+    return optuna.load_study(study_name=name, storage=storage)
+
+
 def states(url, name):
-    return [t.state for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)]
+    return [t.state for t in load(url, name).get_trials(deepcopy=False)]
 
 
 def assert_exact(url, name, n):
-    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    trials = load(url, name).get_trials(deepcopy=False)
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == n
     assert len({t.number for t in trials}) == len(trials)
@@ -88,7 +97,7 @@ def running_with_history(url, name, timeout=90):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+            trials = load(url, name).get_trials(deepcopy=False)
         except KeyError:
             trials = []
         live = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("history")]
@@ -134,7 +143,7 @@ def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tm
     killed_at = time.monotonic()
     deadline = killed_at + 30
     while time.monotonic() < deadline:
-        st = optuna.load_study(study_name=name, storage=url)
+        st = load(url, name)
         if st.trials[victim.number].state == TrialState.FAIL:
             break
         time.sleep(0.2)
@@ -206,7 +215,7 @@ def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 143, err[-2000:]
     assert time.monotonic() - sent < 10
-    trials = optuna.load_study(study_name=name, storage=url).trials
+    trials = load(url, name).trials
     assert trials[victim.number].state == TrialState.FAIL
     assert trials[victim.number].user_attrs["stop_reason"] == "failed:terminated"
     waiting = [t for t in trials if t.state == TrialState.WAITING]
