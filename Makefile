@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install sweep dashboard report train test test-all bench clean
+.PHONY: install sweep dashboard report train lint test test-fast test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,13 +31,27 @@ report: $(STAMP)
 train: $(STAMP)
 	$(BIN)/regsweep train studies/base/digits_cnn.yaml --out runs/digits_cnn
 
-# Everything but the benchmark-scale tests. pytest's exit 5 (no tests collected) is a failure.
-test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest
+# Tiers (markers, pyproject.toml): db, procs, ray, browser, bench, slow. `make test` = lint + every tier but slow
+# (the README's test command, run by .ci/run); `make test-fast` = no servers, subprocesses, Ray, browser or
+# benchmarks; `make test-all` = lint + everything. Extra pytest arguments: make test PYTEST_ARGS="--durations=25".
+# pytest's exit 5 (no tests collected) is a failure.
+FAST := not db and not procs and not ray and not browser and not bench and not slow
+define pytest
+	$(BIN)/python -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+endef
+
+test: lint
+	$(call pytest,-m "not slow")
+
+test-fast: $(STAMP)
+	$(call pytest,-m "$(FAST)")
+
+test-all: lint
+	$(call pytest,)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sweep_overhead.py --quick

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{3600 * r['trials'] / r['seconds']:>10.0f}{3600 * r['epochs'] / r['seconds']:>10.0f}{r['best']:>9.4f}")
     o, r = rows["optuna"], rows["ray"]
     print(f"ratio ray / optuna: wall {r['seconds'] / o['seconds']:.2f}x, trials/hour "
-          f"{(r['trials'] / r['seconds']) / (o['trials'] / o['seconds']):.2f}x, epochs {r['epochs'] / max(o['epochs'], 1):.2f}x, "
+          f"{(r['trials'] / r['seconds']) / (o['trials'] / o['seconds']):.2f}x, "
+          f"epochs {r['epochs'] / max(o['epochs'], 1):.2f}x, "
           f"per epoch {(r['seconds'] / max(r['epochs'], 1)) / (o['seconds'] / max(o['epochs'], 1)):.2f}x")
     return 0
 

@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {arm} | {statistics.mean(r['epochs'] for r in rs):.0f} | "
                      f"{statistics.mean(r['epochs'] for r in rs) / none_epochs:.2f} | "
                      f"{statistics.mean(r['seconds'] for r in rs):.0f} | "
-                     f"{statistics.mean(r['pruned'] for r in rs):.1f} | {statistics.mean(r['stopped'] for r in rs):.1f} | "
+                     f"{statistics.mean(r['pruned'] for r in rs):.1f} | "
+                     f"{statistics.mean(r['stopped'] for r in rs):.1f} | "
                      f"{ms(r['best_value'] for r in rs)} | {ms(r['test_acc'] for r in rs)} | "
                      f"{', '.join(sorted(set(lost))) if arm != 'none' else '-'} |")
     lines += ["", "Goals: overfit (alone or composed) <= 0.4x the epochs of none; test accuracy within one sd of "

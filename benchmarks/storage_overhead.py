@@ -57,7 +57,8 @@ def regsweep_objective(epochs: int):
 
     def objective(trial):
         x = trial.suggest_float("model.dropout", 0.0, 0.5)
-        rec = Recorder(TrialWriter(trial), Objective(), verdict=lambda epoch: "pruned" if trial.should_prune() else None)
+        rec = Recorder(TrialWriter(trial), Objective(),
+                       verdict=lambda epoch: "pruned" if trial.should_prune() else None)
         rec.start(config)
         for e in range(epochs):
             rec.on_epoch(e, dict(RECORD, epoch=e, val_loss=0.45 + x))
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     growth: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         timed_study(f"sqlite:///{tmp}/warm.db", raw_objective(1), 5)  # imports, first connection
-        for name, epochs, n in (("trials", 1, max(args.trials // rounds, 5)), ("epochs", 20, max(args.epoch_trials // rounds, 2))):
+        arms = (("trials", 1, max(args.trials // rounds, 5)), ("epochs", 20, max(args.epoch_trials // rounds, 2)))
+        for name, epochs, n in arms:
             for r in range(rounds):
                 for arm, make in (("raw optuna", raw_objective), ("regsweep", regsweep_objective)):
                     times = timed_study(f"sqlite:///{tmp}/{name}_{r}_{arm.replace(' ', '_')}.db", make(epochs), n)

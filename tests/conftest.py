@@ -8,6 +8,39 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# ------------------------------------------------------------------------------------ tiers
+# The markers are registered in pyproject.toml. A test gets its tier from the fixtures it uses (below), from a
+# module-level `pytestmark` (tests/benchmarks, tests/search/test_workers.py, tests/test_namespace.py), or, for a
+# test that needs a tier without a fixture that says so, from TIER_BY_TEST.
+TIER_BY_FIXTURE = {
+    "postgres_url": ("db",),
+    "own_database": ("db",),
+    "ray_session": ("ray", "db"),  # test_ray_backend.py's shared local Ray session records into PostgreSQL
+    "chromium": ("browser",),
+    "dashboard": ("procs",),  # test_dashboard.py's module fixture serves `regsweep dashboard` in a subprocess
+}
+TIER_BY_TEST = {  # (file name, test function) -> tiers
+    ("test_interrupt.py", "test_ctrl_c_fails_the_running_trial_and_the_next_run_resumes"): ("procs",),
+    ("test_ray_backend.py", "test_unsupported_ray_uses_give_the_documented_error"): ("ray",),
+    ("test_ray_backend.py", "test_in_memory_sqlite_is_refused"): ("ray",),
+    ("test_ray_backend.py", "test_the_driver_writes_the_end_of_a_trial_ray_stopped"): ("ray",),
+}
+SERVER_KINDS = ("postgresql", "mysql")  # storage_url's params on the shared servers
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: the markers must be on the items by then
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tiers = set()
+        for fixture in item.fixturenames:
+            tiers.update(TIER_BY_FIXTURE.get(fixture, ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("storage_url") in SERVER_KINDS:
+            tiers.add("db")
+        tiers.update(TIER_BY_TEST.get((item.path.name, getattr(item, "originalname", item.name)), ()))
+        for tier in sorted(tiers - {m.name for m in item.iter_markers()}):
+            item.add_marker(tier)
+
 
 def require(ok: bool, what: str) -> None:
     """Skip locally when a prerequisite (database, browser, Ray) is missing; fail under CI."""
@@ -74,6 +107,41 @@ def storage_url(request, tmp_path):
         optuna.delete_study(study_name=name, storage=url)
     except KeyError:
         pass
+
+
+SERVER_URLS = {"postgresql": "postgresql://postgres@127.0.0.1:5432/{db}",
+               "mysql": "mysql+pymysql://root@127.0.0.1:3306/{db}"}
+
+
+@pytest.fixture(params=list(SERVER_URLS))
+def own_database(request):
+    """(kind, url) of a database of the test's own on each shared server: CREATE DATABASE
+    regsweep_conn_kill_<pid>, dropped afterwards. For tests that end other sessions (pg_terminate_backend, KILL),
+    which must never reach the connections of other tests or of other people's runs on the same server."""
+    import sqlalchemy
+
+    kind = request.param
+    admin_url = SERVER_URLS[kind].format(db="test")
+    require(reachable(admin_url), f"{kind} at {admin_url}")
+    db = f"regsweep_conn_kill_{os.getpid()}"
+    drop = f"DROP DATABASE IF EXISTS {db}" + (" WITH (FORCE)" if kind == "postgresql" else "")
+    admin = sqlalchemy.create_engine(admin_url, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(drop)  # a leftover of an earlier, killed run with the same pid
+        conn.exec_driver_sql(f"CREATE DATABASE {db}")
+    try:
+        yield kind, SERVER_URLS[kind].format(db=db)
+    finally:
+        with admin.connect() as conn:
+            if kind == "mysql":  # MariaDB's DROP DATABASE has no FORCE: end what is still connected first
+                for (pid,) in conn.exec_driver_sql(
+                        f"SELECT id FROM information_schema.processlist WHERE db = '{db}'").fetchall():
+                    try:
+                        conn.exec_driver_sql(f"KILL CONNECTION {int(pid)}")
+                    except sqlalchemy.exc.DBAPIError:
+                        pass  # it closed by itself in the meantime
+            conn.exec_driver_sql(drop)
+        admin.dispose()
 
 
 # ------------------------------------------------------------------------------------ a swept study

@@ -20,6 +20,7 @@ def _numbers(node):
         yield node
 
 
+@pytest.mark.bench
 def test_dry_run_measures_and_prints_every_figure(tmp_path, capsys, monkeypatch):
     import torch
 

@@ -3,6 +3,10 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.bench
+
 
 def test_pruning_benchmark_tiny(capsys):
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "pruning.py"

@@ -1,5 +1,8 @@
 """benchmarks/scaling.py: the tiny mode runs the real CLI with 1 and 2 workers and the worker loop on
-PostgreSQL, prints both sections and deletes its studies. Timings are never asserted."""
+PostgreSQL, prints both sections and deletes its studies. Timings are never asserted.
+
+`slow` (`make test-all`): it mostly checks the benchmark's printout (25 s); the exact budgets with 1, 2 and 4
+workers are asserted by tests/search/test_workers.py in the default run."""
 
 import importlib.util
 import re
@@ -7,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = [pytest.mark.bench, pytest.mark.slow]
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scaling.py"
 

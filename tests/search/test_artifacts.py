@@ -8,7 +8,15 @@ import yaml
 from optuna.trial import TrialState
 
 from regsweep.models.config import ConfigError, TrainConfig
-from regsweep.search.artifacts import ARTIFACTS_ATTR, AnyStore, normalize, open_store, resolve, trial_artifacts, upload_trial
+from regsweep.search.artifacts import (
+    ARTIFACTS_ATTR,
+    AnyStore,
+    normalize,
+    open_store,
+    resolve,
+    trial_artifacts,
+    upload_trial,
+)
 
 
 def _png_ok(data: bytes) -> bool:

@@ -119,7 +119,8 @@ def test_workers_never_write_the_note(swept_study, tmp_path):
     from regsweep.search.spec import load_spec
 
     spec_file = tmp_path / "s.yaml"
-    spec_file.write_text(swept_study[0].read_text().replace("epochs: 4", "epochs: 1").replace("n_trials: 5", "n_trials: 1")
+    spec_file.write_text(swept_study[0].read_text().replace("epochs: 4", "epochs: 1")
+                         .replace("n_trials: 5", "n_trials: 1")
                          .replace("enqueue: [{}, {model.dropout: 0.0, regularization.l2: 1.0e-6}, "
                                   "{model.dropout: 0.5, regularization.l2: 1.0e-2}]", "enqueue: [{}]"))
     url = f"sqlite:///{tmp_path / 'w.db'}"

@@ -8,7 +8,15 @@ import optuna
 import pytest
 
 from regsweep.models.config import ConfigError
-from regsweep.search.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, check_url, default_url, mask, open_storage, resolve_url
+from regsweep.search.storage import (
+    GRACE_PERIOD,
+    HEARTBEAT_INTERVAL,
+    check_url,
+    default_url,
+    mask,
+    open_storage,
+    resolve_url,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

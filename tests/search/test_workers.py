@@ -1,7 +1,8 @@
 """Distributed sweeps against real SQLite, PostgreSQL and MariaDB: exact budgets, crashes, signals.
 
-Workers are real `regsweep worker` / `run --workers N` processes; trials are tiny CPU trainings through the
-real recording path.
+Workers are real `regsweep worker` / `run --workers N` processes (tier `procs`); trials are tiny CPU trainings
+through the real recording path. The default run checks exactness at 24 trials x 4 workers per storage; the
+100-trial runs are `slow` (`make test-all`).
 """
 
 import os
@@ -46,12 +47,21 @@ def cli(*args, env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
+def load(url, name):
+    """The study through a storage without a connection pool: tests that poll the shared servers several times
+    a second must not leave pooled connections behind them (max_connections is shared by everyone's tests)."""
+    import sqlalchemy
+
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+    return optuna.load_study(study_name=name, storage=storage)
+
+
 def states(url, name):
-    return [t.state for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)]
+    return [t.state for t in load(url, name).get_trials(deepcopy=False)]
 
 
 def assert_exact(url, name, n):
-    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    trials = load(url, name).get_trials(deepcopy=False)
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == n
     assert len({t.number for t in trials}) == len(trials)
@@ -70,9 +80,11 @@ def wait_ok(proc, timeout=240):
     return out, err
 
 
-def test_four_workers_make_exactly_the_budget(storage_url, tmp_path):
+@pytest.mark.procs
+@pytest.mark.parametrize("size", ["24", pytest.param("full", marks=pytest.mark.slow)])
+def test_four_workers_make_exactly_the_budget(storage_url, tmp_path, size):
     url, name = storage_url
-    n = 40 if url.startswith("sqlite") else 100
+    n = 24 if size == "24" else 40 if url.startswith("sqlite") else 100
     spec = write_spec(tmp_path, name, n)
     out, err = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "4"))
     trials = assert_exact(url, name, n)
@@ -86,7 +98,7 @@ def running_with_history(url, name, timeout=90):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+            trials = load(url, name).get_trials(deepcopy=False)
         except KeyError:
             trials = []
         live = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("history")]
@@ -96,14 +108,16 @@ def running_with_history(url, name, timeout=90):
     raise AssertionError("no trial started training")
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_more_workers_than_trials_stays_exact(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 6, epochs=3)
+    spec = write_spec(tmp_path, name, 3, epochs=3)
     wait_ok(cli("run", str(spec), "--storage", url, "--workers", "4"))
-    assert_exact(url, name, 6)
+    assert_exact(url, name, 3)
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["postgresql", "mysql", "sqlite"], indirect=True)
 def test_two_workers_started_at_the_same_instant_make_one_study(storage_url, tmp_path):
     url, name = storage_url
@@ -116,10 +130,11 @@ def test_two_workers_started_at_the_same_instant_make_one_study(storage_url, tmp
     assert sum(bool(t.user_attrs.get("regsweep:base")) for t in trials) == 1  # enqueued once
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 5, epochs=40)
+    spec = write_spec(tmp_path, name, 3, epochs=40)  # one long trial per worker: the kill lands mid-trial
     env = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
     procs = [cli("worker", str(spec), "--storage", url, env=env) for _ in range(3)]
     victim = running_with_history(url, name)
@@ -129,7 +144,7 @@ def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tm
     killed_at = time.monotonic()
     deadline = killed_at + 30
     while time.monotonic() < deadline:
-        st = optuna.load_study(study_name=name, storage=url)
+        st = load(url, name)
         if st.trials[victim.number].state == TrialState.FAIL:
             break
         time.sleep(0.2)
@@ -138,38 +153,62 @@ def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tm
     for p in procs:
         if p is not killed:
             wait_ok(p)
-    trials = assert_exact(url, name, 5)
+    trials = assert_exact(url, name, 3)
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
     assert len(retries) == 1 and retries[0].params == victim.params
     assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-@pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
-def test_workers_survive_dropped_connections(storage_url, tmp_path):
+# Every OTHER session on the test's own database: terminated (PostgreSQL) or listed to KILL (MariaDB/MySQL).
+OTHER_SESSIONS = {
+    "postgresql": "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                  "WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    "mysql": "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+}
+
+
+def kill_other_sessions(engine, kind) -> int:
     import sqlalchemy
 
-    url, name = storage_url
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(OTHER_SESSIONS[kind]).fetchall()
+        if kind == "mysql":
+            for (pid,) in rows:
+                try:
+                    conn.exec_driver_sql(f"KILL CONNECTION {int(pid)}")
+                except sqlalchemy.exc.DBAPIError:
+                    pass  # that connection closed by itself in the meantime
+        return len(rows)
+
+
+@pytest.mark.procs
+def test_workers_survive_dropped_connections(own_database, tmp_path):
+    """On a database of its own (conftest's own_database, one per server), so that ending every other session
+    cannot reach another test's connections."""
+    import sqlalchemy
+
+    kind, url = own_database
+    name = "conn-kill"
     spec = write_spec(tmp_path, name, 30, epochs=2)
     proc = cli("run", str(spec), "--storage", url, "--workers", "2",
                env={"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"})
     running_with_history(url, name)
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
     killed = 0
-    for _ in range(5):  # terminate every other session on the database, several times mid-sweep
-        with engine.connect() as conn:
-            killed += len(conn.exec_driver_sql(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall())
+    for _ in range(5):  # end every other session on the database, several times mid-sweep
+        killed += kill_other_sessions(engine, kind)
         time.sleep(0.5)
+    engine.dispose()
     wait_ok(proc)
     assert killed > 0
     assert_exact(url, name, 30)
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 3, epochs=40)
+    spec = write_spec(tmp_path, name, 2, epochs=40)
     proc = cli("worker", str(spec), "--storage", url)
     victim = running_with_history(url, name)
     sent = time.monotonic()
@@ -177,7 +216,7 @@ def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 143, err[-2000:]
     assert time.monotonic() - sent < 10
-    trials = optuna.load_study(study_name=name, storage=url).trials
+    trials = load(url, name).trials
     assert trials[victim.number].state == TrialState.FAIL
     assert trials[victim.number].user_attrs["stop_reason"] == "failed:terminated"
     waiting = [t for t in trials if t.state == TrialState.WAITING]
@@ -185,7 +224,7 @@ def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
     from regsweep.search.cli import main
 
     assert main(["worker", str(spec), "--storage", url]) == 0  # a later worker finishes the budget
-    trials = assert_exact(url, name, 3)
+    trials = assert_exact(url, name, 2)
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
     assert retry.params == victim.params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -233,12 +272,13 @@ def test_an_orphaned_trial_without_heartbeat_is_adopted_failed_and_retried(tmp_p
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == orphan.params
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("storage_url", ["sqlite"], indirect=True)
 def test_run_n_trials_reaches_the_workers_and_workers_draw_different_params(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 2)  # the spec says 2; --n-trials says 8
-    out, _ = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "2", "--n-trials", "8"))
-    trials = assert_exact(url, name, 8)
+    spec = write_spec(tmp_path, name, 2)  # the spec says 2; --n-trials says 6
+    out, _ = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "2", "--n-trials", "6"))
+    trials = assert_exact(url, name, 6)
     sampled = [t.params["model.dropout"] for t in trials if t.params]
     assert len(set(sampled)) == len(sampled)  # reseeded per worker: no configuration drawn twice
 
