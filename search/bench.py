@@ -48,6 +48,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+
 from regsweep.models.build import build, make_model, resolve_device
 from regsweep.models.config import ConfigError, TrainConfig, load_yaml_file
 from regsweep.models.data import DataBundle, load
@@ -209,8 +210,9 @@ def epoch_seconds(stamps: list[float]) -> float:
 
 def count_flops(cfg: TrainConfig, bundle: DataBundle, dev: torch.device, n: int = 8) -> tuple[float, float]:
     """(training FLOPs per image: forward + backward as counted, forward FLOPs per image) of cfg's model."""
-    from regsweep.models.train import autocast
     from torch.utils.flop_counter import FlopCounterMode
+
+    from regsweep.models.train import autocast
 
     parts = build(cfg, dev, data=bundle)
     x, y = bundle.train.x[:n], bundle.train.y[:n]

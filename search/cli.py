@@ -320,7 +320,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--address", default=None, help="Ray only: auto or HOST:PORT of a Ray head (default: local Ray)")
     r.add_argument("--gpus-per-trial", type=float, default=None, metavar="FLOAT",
                    help="Ray only: GPUs per trial, e.g. 0.5 packs two trials on a GPU (default 0)")
-    r.add_argument("--cpus-per-trial", type=int, default=None, metavar="INT", help="Ray only: CPUs per trial (default 1)")
+    r.add_argument("--cpus-per-trial", type=int, default=None, metavar="INT",
+                   help="Ray only: CPUs per trial (default 1)")
     r.add_argument("--resume", action="store_true",
                    help="Ray only: restore the study's latest Ray experiment after its driver died")
     r.add_argument("--artifacts", default=None, metavar="LOC", help=ARTIFACTS_HELP)

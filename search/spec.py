@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from regsweep.models.build import check_names
-from regsweep.models.config import (ConfigError, TrainConfig, clip, config_paths, excerpt, get_path,
-                                    load_yaml_file)
+from regsweep.models.config import ConfigError, TrainConfig, clip, config_paths, excerpt, get_path, load_yaml_file
 from regsweep.search.optuna_internals import distribution_contains
 from regsweep.search.record import Objective
 from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root

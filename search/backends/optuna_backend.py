@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence, Any, Optional, TextIO
+from typing import Any, Optional, Sequence, TextIO
 
 from regsweep.models.config import ConfigError
 from regsweep.search.loop import THREADS_ENV, WORKER_ENV, budget, done_count, open_study_locked, worker_loop

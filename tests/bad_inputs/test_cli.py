@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tests.bad_inputs.conftest import TINY_BASE, TINY_SPEC, Case  # pytest (importlib mode) registers it
 
 SPEC = {"base.yaml": TINY_BASE, "tiny.yaml": TINY_SPEC}

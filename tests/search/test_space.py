@@ -141,7 +141,7 @@ def test_include_list_of_files(tmp_path):
 
 
 def test_include_cycle_names_the_cycle(tmp_path):
-    a = write(tmp_path / "a.yaml", "include: b.yaml\nmodel.dropout: {type: float, low: 0.0, high: 0.5}\n")
+    write(tmp_path / "a.yaml", "include: b.yaml\nmodel.dropout: {type: float, low: 0.0, high: 0.5}\n")
     b = write(tmp_path / "b.yaml", "include: a.yaml\nmodel.hidden: {type: int, low: 0, high: 8}\n")
     spec = tmp_path / "spec.yaml"
     with pytest.raises(SpaceError) as exc:
