@@ -128,10 +128,18 @@ def open_existing(url: str):
             return None
     try:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        tables = set(sqlalchemy.inspect(engine).get_table_names())
-        engine.dispose()
-        if not {"studies", "version_info"} <= tables:
-            return None  # no Optuna schema: no study yet
+        try:
+            tables = set(sqlalchemy.inspect(engine).get_table_names())
+            # Optuna stamps alembic_version LAST when it creates a schema, and RDBStorage() stamps it itself
+            # when it finds it empty: opening before the stamp races the creator (UNIQUE alembic_version).
+            stamped = False
+            if "alembic_version" in tables:
+                with engine.connect() as conn:
+                    stamped = bool(conn.execute(sqlalchemy.text("SELECT COUNT(*) FROM alembic_version")).scalar())
+        finally:
+            engine.dispose()
+        if not {"studies", "version_info"} <= tables or not stamped:
+            return None  # no (complete) Optuna schema: no study yet
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
