@@ -283,10 +283,13 @@ def ask(study):
 
 
 def ask_within_budget(study, url: str, n_trials: int) -> tuple[Any, int]:
-    """Under the budget lock: (a new trial, given its first heartbeat, or None when COMPLETE + PRUNED + live
-    RUNNING trials fill ``n_trials``; COMPLETE + PRUNED). Stale trials are failed first (they free places)."""
-    retry_transient(fail_stale, study)
+    """Under the budget lock: (a new trial, given its first heartbeat, or None when COMPLETE + PRUNED +
+    RUNNING trials fill ``n_trials``; COMPLETE + PRUNED). Stale trials are failed and re-queued first, under the
+    same lock (they free places, and ``ask`` pops their WAITING retries before sampling anything new)."""
     with budget_lock(url, study.study_name):
+        # inside the lock: failing a stale trial and enqueueing its retry are two writes; a worker counting
+        # between them would ask a NEW trial, fill the budget and strand the retry WAITING
+        retry_transient(fail_stale, study)
         done, running = counts(study)
         if done + running >= n_trials:
             return None, done
@@ -365,7 +368,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
             if done >= n_trials:
                 return ran
             # others hold the rest of the budget; a dead one's trial goes stale (and an orphan is adopted so it can)
-            with contextlib.suppress(*transient):
+            with contextlib.suppress(*transient), budget_lock(url, study.study_name):  # fail + requeue as one
                 retry_transient(adopt_orphans, study, ORPHAN_AFTER)
             time.sleep(poll)
             continue
