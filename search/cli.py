@@ -25,12 +25,13 @@ DEFAULT_STUDIES_DIR = Path("studies")
 
 # ------------------------------------------------------------------------------------ helpers
 def _storage_url(args: argparse.Namespace, spec=None) -> str:
-    from regsweep.search.storage import check_url, resolve_url
+    from regsweep.search.storage import check_sqlite_path, check_url, resolve_url
 
     spec_dir = (Path.cwd() if spec.builtin else spec.directory) if spec is not None else DEFAULT_STUDIES_DIR
     url = resolve_url(getattr(args, "storage", None), spec.storage if spec is not None else None, spec_dir)
     try:
         check_url(url)
+        check_sqlite_path(url)
     except ConfigError as exc:  # say where the URL came from
         where = ("--storage" if getattr(args, "storage", None) else
                  "$REGSWEEP_STORAGE" if os.environ.get("REGSWEEP_STORAGE") else
@@ -195,6 +196,10 @@ def _check_env(command: str) -> None:
     if command in ("validate", "run", "worker"):
         thread_share()
         _progress_mode()
+    results = os.environ.get("REGSWEEP_RAY_RESULTS")
+    if command == "run" and results and Path(results).expanduser().exists() and not Path(results).expanduser().is_dir():
+        raise ConfigError(f"$REGSWEEP_RAY_RESULTS: {results[:120]!r} is not allowed; it is a file, not a directory "
+                          "for Ray's experiments")
 
 
 def _run_on_ray(args: argparse.Namespace) -> int:

@@ -198,7 +198,8 @@ def check_url(url: str) -> str:
         parsed = make_url(url)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's ValueError for a port like 'abc', ArgumentError, ...
         port = re.search(r"invalid literal for int\(\) with base 10: (.*)$", str(exc))
-        why = f"port {scrub(port.group(1), url)} is not a number" if port else reason(exc, url)
+        why = (f"port {scrub(port.group(1), url)[:24]} is not a number" if port else
+               "the port is not a number" if "integer string conversion" in str(exc) else reason(exc, url, 120))
         raise ConfigError(f"storage: {shown(url)} is not allowed; {why}") from None
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
         raise ConfigError(f"storage: {shown(url)} is not allowed; port {parsed.port} must be 1..65535")
@@ -239,7 +240,8 @@ def sqlite_file(url: str) -> Optional[Path]:
     return Path(path) if path and path != ":memory:" else None
 
 
-def _check_sqlite_dir(url: str) -> None:
+def check_sqlite_path(url: str) -> None:
+    """A ``sqlite:///PATH`` must name a file (maybe not there yet) in an existing directory; ConfigError."""
     file = sqlite_file(url)
     if file is not None and not file.parent.is_dir():
         raise ConfigError(f"storage: {shown(url)}: directory {file.parent} does not exist")
@@ -253,7 +255,7 @@ def check_reachable(url: str) -> None:
     import sqlalchemy.exc
 
     if check_url(url) == "sqlite":
-        _check_sqlite_dir(url)
+        check_sqlite_path(url)
         return  # the file is created on first use
     try:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -270,7 +272,7 @@ def open_existing(url: str):
     import sqlalchemy.exc
 
     if check_url(url) == "sqlite":
-        _check_sqlite_dir(url)
+        check_sqlite_path(url)
         file = sqlite_file(url)
         if file is None or not file.is_file():
             return None
@@ -295,7 +297,7 @@ def open_storage(url: str, *, heartbeat: bool = True):
     scheme = check_url(url)
     engine: dict = {"pool_pre_ping": True}
     if scheme == "sqlite":
-        _check_sqlite_dir(url)
+        check_sqlite_path(url)
         engine["connect_args"] = {"timeout": 60}
     else:
         engine.update(_pool_options())
