@@ -18,19 +18,20 @@ from typing import Optional
 from regsweep.models.config import ConfigError
 from regsweep.search.loop import SweepFailed
 from regsweep.search.signals import Terminated
-from regsweep.search.storage import sqlite_file
+from regsweep.search.storage import mask, sqlite_file
 
 DEFAULT_STUDIES_DIR = Path("studies")
 
 
 # ------------------------------------------------------------------------------------ helpers
 def _storage_url(args: argparse.Namespace, spec=None) -> str:
-    from regsweep.search.storage import check_url, resolve_url
+    from regsweep.search.storage import check_sqlite_path, check_url, resolve_url
 
     spec_dir = (Path.cwd() if spec.builtin else spec.directory) if spec is not None else DEFAULT_STUDIES_DIR
     url = resolve_url(getattr(args, "storage", None), spec.storage if spec is not None else None, spec_dir)
     try:
         check_url(url)
+        check_sqlite_path(url)
     except ConfigError as exc:  # say where the URL came from
         where = ("--storage" if getattr(args, "storage", None) else
                  "$REGSWEEP_STORAGE" if os.environ.get("REGSWEEP_STORAGE") else
@@ -119,7 +120,7 @@ def _run_setup(args: argparse.Namespace):
 
 def _print_sqlite_file(url: str) -> None:
     if sqlite_file(url) is not None:
-        print(f"storage: {url} (SQLite file {sqlite_file(url).resolve()})", flush=True)
+        print(f"storage: {mask(url)} (SQLite file {sqlite_file(url).resolve()})", flush=True)
 
 
 def _print_outcome(study, url: str, name: str) -> int:
@@ -171,13 +172,35 @@ def _progress(spec, url: str, name: str):
     from regsweep.search.dashboard import write_note
     from regsweep.search.progress import Progress
 
-    mode = os.environ.get("REGSWEEP_PROGRESS", "auto")
-    if mode not in ("auto", "live", "plain", "off"):
-        raise ConfigError(f"$REGSWEEP_PROGRESS: {mode!r} is not allowed; use auto, live, plain or off")
+    mode = _progress_mode()
     if mode == "off":
         return contextlib.nullcontext()
     return Progress(url, name, live=None if mode == "auto" else mode == "live",
                     on_change=lambda study: write_note(study, spec))
+
+
+def _progress_mode() -> str:
+    mode = os.environ.get("REGSWEEP_PROGRESS", "auto")
+    if mode not in ("auto", "live", "plain", "off"):
+        raise ConfigError(f"$REGSWEEP_PROGRESS: {mode[:40]!r} is not allowed; use auto, live, plain or off")
+    return mode
+
+
+def _check_env(command: str) -> None:
+    """The REGSWEEP_* environment a command reads, checked before it creates anything ($REGSWEEP_STORAGE is
+    checked with the URL itself, naming where it came from)."""
+    from regsweep.search.loop import thread_share
+    from regsweep.search.storage import check_env
+
+    if command in ("validate", "run", "worker", "status", "export", "dashboard", "report"):
+        check_env()
+    if command in ("validate", "run", "worker"):
+        thread_share()
+        _progress_mode()
+    results = os.environ.get("REGSWEEP_RAY_RESULTS")
+    if command == "run" and results and Path(results).expanduser().exists() and not Path(results).expanduser().is_dir():
+        raise ConfigError(f"$REGSWEEP_RAY_RESULTS: {results[:120]!r} is not allowed; it is a file, not a directory "
+                          "for Ray's experiments")
 
 
 def _run_on_ray(args: argparse.Namespace) -> int:
@@ -377,6 +400,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # `kill -USR1 PID`: stacks
     try:
+        _check_env(args.command)
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

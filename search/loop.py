@@ -407,13 +407,27 @@ def run_one(study, trial, objective):
 
 
 # ------------------------------------------------------------------------------------ worker processes
+MAX_THREADS = 1024
+
+
+def thread_share() -> Optional[int]:
+    """$REGSWEEP_NUM_THREADS as a number of threads (None when unset or empty); ConfigError when it is not one."""
+    threads = os.environ.get(THREADS_ENV)
+    if not threads:
+        return None
+    if not threads.isascii() or not threads.isdigit() or not 1 <= int(threads) <= MAX_THREADS:
+        raise ConfigError(f"${THREADS_ENV}: {threads[:40]!r} is not allowed; must be a whole number of threads, "
+                          f"1..{MAX_THREADS}")
+    return int(threads)
+
+
 def apply_thread_share() -> None:
     """In a worker child: the share of cores its parent gave it, for configs without train.num_threads."""
-    threads = os.environ.get(THREADS_ENV)
+    threads = thread_share()
     if threads:
         import torch
 
-        torch.set_num_threads(max(1, int(threads)))
+        torch.set_num_threads(threads)
 
 
 def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None, timeout: Optional[float] = None,

@@ -25,7 +25,7 @@ from regsweep.models.config import ConfigError
 from regsweep.search.loop import THREADS_ENV, WORKER_ENV, budget, done_count, open_study_locked, worker_loop
 from regsweep.search.signals import terminate_on_sigterm
 from regsweep.search.spec import StudySpec
-from regsweep.search.storage import mask
+from regsweep.search.storage import STORAGE_ENV, mask
 from regsweep.search.trial import make_objective
 
 
@@ -112,15 +112,18 @@ def assignments(workers: int, gpus: list[str], trials_per_gpu: int) -> list[dict
 def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]], *, device: Optional[str] = None,
            timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = ()) -> int:
     """Start one ``regsweep worker`` process per env (``python -P``: never the working directory first on the
-    path), forward SIGTERM/SIGINT, wait; the worst exit code wins (0 only when every worker finished)."""
+    path; the storage URL in ``$REGSWEEP_STORAGE``, never in argv), forward SIGTERM/SIGINT, wait; the worst
+    exit code wins (0 only when every worker finished)."""
     out = out or sys.stdout
-    cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", "worker", spec_path, "--storage", url,
+    # the storage URL (maybe with a password) goes in the children's environment ($REGSWEEP_STORAGE, readable
+    # only by this user in /proc/PID/environ), never on their command line, which `ps` shows to everyone
+    cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", "worker", spec_path,
            "--study-name", study_name, *(["--device", device] if device else []),
            *(["--timeout", str(timeout)] if timeout is not None else []),
            *[arg for d in allow_outside for arg in ("--allow-outside", str(d))]]  # each worker loads the same spec
     # children's lines go through `out` (the progress display's console when it is live), a line at a time
-    procs = [subprocess.Popen(cmd, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                              text=True, bufsize=1) for env in envs]
+    procs = [subprocess.Popen(cmd, env={**os.environ, **env, STORAGE_ENV: url, "PYTHONUNBUFFERED": "1"},
+                              stdout=subprocess.PIPE, text=True, bufsize=1) for env in envs]
 
     def relay(stream) -> None:
         for line in stream:

@@ -20,7 +20,7 @@ def _root_conftest():
 
 
 _c = _root_conftest()
-SECRET = "secretpw"  # the password of RAY_URL (trust auth accepts any); nothing Ray writes may contain it
+SECRET = "Secr3t/pw"  # RAY_URL's password (trust auth takes any; a raw "/" is legal); no Ray file may hold it
 RAY_URL = _c.POSTGRES_URL.replace("postgres@", f"postgres:{SECRET}@")
 
 
