@@ -4,6 +4,7 @@ nothing created. Checked before any command creates a file, a lock or a study, w
 from __future__ import annotations
 
 import pytest
+
 from tests.bad_inputs.conftest import TINY_BASE, TINY_SPEC, Case  # pytest (importlib mode) registers it
 
 SPEC = {"base.yaml": TINY_BASE, "tiny.yaml": TINY_SPEC}

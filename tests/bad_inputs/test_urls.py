@@ -4,6 +4,7 @@ allowed, exit 2, nothing created (no SQLite file, no lock file, no study on the 
 from __future__ import annotations
 
 import pytest
+
 from tests.bad_inputs.conftest import TINY_BASE, TINY_SPEC, Case  # pytest (importlib mode) registers it
 
 SPEC = {"base.yaml": TINY_BASE, "tiny.yaml": TINY_SPEC}
@@ -57,7 +58,7 @@ CASES = [
     url_case("query-password-unreachable", "dashboard", f"{PG}:1/test?password=Zq7wX", ("password=***",),
              absent=SECRET),
     url_case("line-break", "validate", f"{PG}:5432/te\nst", ("line breaks",)),
-    url_case("unknown-driver", "validate", f"postgresql+nosuchdriver://127.0.0.1/test", ("cannot reach",)),
+    url_case("unknown-driver", "validate", "postgresql+nosuchdriver://127.0.0.1/test", ("cannot reach",)),
     url_case("huge-url", "validate", f"postgresql://u:Zq7wX@h:{'9' * 5000}x/test", ("not a number",),
              absent=SECRET),
     Case("spec-storage-port", ["validate", "{d}/s.yaml"],
