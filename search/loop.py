@@ -8,8 +8,11 @@ Ray driver's searcher) asks trials of one RDB study through :func:`ask_within_bu
    (``ask`` pops WAITING trials first). So COMPLETE + PRUNED ends exactly at ``n_trials``: a failed trial
    frees its place. ``n_trials`` is the study's total across runs (its ``regsweep:n_trials`` attr).
 2. Run the trial under a :class:`Heartbeat`. A worker that finds live-looking RUNNING trials filling the budget
-   waits and calls ``fail_stale_trials``: a killed worker's trial is failed after the grace period and retried
-   (same params) by ``RetryHeartbeatStaleTrialCallback``. A worker exits 0 only when the budget is done.
+   waits and calls ``fail_stale_trials``: a killed worker's trial is failed after the grace period, with the stop
+   reason ``failed:stale heartbeat (worker HOST:PID)``, and retried (same params) by the storage's stale-trial
+   callback (search/storage.py). Every FAIL has its stop reason (:func:`fail_trial`); one failed by a lost
+   connection or a database outage (``failed:database: ...``) is retried the same way. A worker exits 0 only
+   when the budget is done.
 3. SIGTERM/SIGINT (search/signals.py): the running trial ends FAIL; after SIGTERM it is re-queued and the
    worker exits 143 (130 for Ctrl-C), so a preempted pod is simply replaced.
 

@@ -19,8 +19,8 @@ import time
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.trial import TrialState
-
 from regsweep.search import optuna_internals as internals
 from regsweep.search.loop import FailureStreak, ask_within_budget, fail_stale, run_one
 from regsweep.search.storage import database_reason, open_storage
@@ -106,7 +106,7 @@ STORAGES: dict = {}  # one storage per URL: opening one per poll costs the CPU t
 
 def trials_of(url, name):
     if url not in STORAGES:
-        STORAGES[url] = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": __import__("sqlalchemy").pool.NullPool})
+        STORAGES[url] = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
     try:
         return optuna.load_study(study_name=name, storage=STORAGES[url]).get_trials(deepcopy=False)
     except KeyError:
@@ -188,7 +188,7 @@ class Proxy:
             while self.listening.is_set():
                 try:
                     client, _ = listener.accept()
-                except (socket.timeout, BlockingIOError):
+                except (TimeoutError, BlockingIOError):
                     continue
                 except OSError:
                     return
@@ -257,10 +257,22 @@ def test_a_stale_trial_gets_its_reason_with_the_worker_and_a_clean_retry(tmp_pat
     assert "stop_reason" not in trials[1].user_attrs  # the retry does not carry the failed end
 
 
+@pytest.mark.parametrize("storage_url", ["sqlite", "postgresql", "mysql"], indirect=True)
+def test_a_finished_trial_takes_its_reason_on_every_storage(storage_url):
+    url, name = storage_url
+    study = optuna.create_study(storage=open_storage(url, heartbeat=False), study_name=name)
+    trial = study.ask()
+    trial.set_user_attr("stop_reason", "old")
+    study.tell(trial, state=TrialState.FAIL)
+    backend = internals.rdb_backend(internals.study_storage(study))
+    internals.set_finished_trial_user_attr(backend, internals.trial_id(trial), "stop_reason", "failed:x (y)")
+    internals.set_finished_trial_user_attr(backend, internals.trial_id(trial), "worker", "h:1")
+    attrs = optuna.load_study(study_name=name, storage=url).trials[0].user_attrs
+    assert attrs == {"stop_reason": "failed:x (y)", "worker": "h:1"}
+
+
 def refused_error():
     """A real OperationalError of a connection refused (nothing listens on the port)."""
-    import sqlalchemy
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -299,6 +311,14 @@ def test_a_trial_failed_by_a_lost_database_gets_the_reason_and_is_retried(tmp_pa
     assert trial.number == 1
     assert run_one(study, trial, own_error).user_attrs["stop_reason"] == "failed:KeyError: 'boom'"
     assert len(optuna.load_study(study_name="d", storage=url).trials) == 2
+
+
+def test_the_summary_groups_the_new_reasons():
+    from regsweep.search.report import stop_reason_kind
+
+    assert stop_reason_kind("failed:stale heartbeat (worker host-1:4242)") == "failed:stale heartbeat"
+    assert stop_reason_kind("failed:database: OperationalError: server closed the connection") == "failed:database"
+    assert stop_reason_kind("failed:RuntimeError: x (y)") == "failed:RuntimeError"
 
 
 def test_outside_failures_do_not_count_in_the_failure_streak():
