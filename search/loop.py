@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TextIO, Union
 
 from regsweep.models.config import ConfigError
 from regsweep.search.optuna_internals import frozen_trial, study_storage, trial_id, trial_number
+from regsweep.search.record import failure_reason
 from regsweep.search.signals import Terminated, check_signals, terminate_on_sigterm
 from regsweep.search.spec import StudySpec
-from regsweep.search.record import failure_reason
 from regsweep.search.storage import (
     MAX_RETRY,
     adopt_orphans,

@@ -229,8 +229,8 @@ def stale_reason(trial) -> str:
 
 
 def retry_attrs(trial):
-    """A copy of a failed FrozenTrial for Optuna's retry callback, without its end: the retry carries the
-    params and the regsweep: attrs (e.g. the base-config mark), never the failed attempt's stop reason."""
+    """A copy of a failed FrozenTrial for Optuna's retry callback without its stop reason: the WAITING retry
+    carries the params and user attrs (e.g. the base-config mark), never the failed attempt's end."""
     import copy
 
     frozen = copy.deepcopy(trial)
@@ -239,15 +239,26 @@ def retry_attrs(trial):
 
 
 def stale_trial_callback():
-    """Optuna's RetryHeartbeatStaleTrialCallback (re-queue the params, at most MAX_RETRY times) that first
-    records the stop reason ``failed:stale heartbeat (worker HOST:PID)``. Optuna calls it right after
-    ``fail_stale_trials`` set the trial FAIL, in the process that failed it (so exactly once per trial)."""
+    """The storage's stale-trial callback: a :class:`StaleTrialRetry` retrying at most MAX_RETRY times."""
+    cls = globals().get("StaleTrialRetry") or __getattr__("StaleTrialRetry")
+    return cls(MAX_RETRY)
+
+
+def __getattr__(name: str):
+    """``StaleTrialRetry`` is built on first use (it subclasses an Optuna class; this module imports Optuna
+    lazily) and kept as a module attribute, so a pickled storage finds it by name."""
+    if name != "StaleTrialRetry":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
+
     import optuna
 
     class StaleTrialRetry(optuna.storages.RetryHeartbeatStaleTrialCallback):
-        def __call__(self, study, trial) -> None:
-            import warnings
+        """Optuna's RetryHeartbeatStaleTrialCallback (re-queue the params) that first records the stop reason
+        ``failed:stale heartbeat (worker HOST:PID)``. Optuna calls it right after ``fail_stale_trials`` set the
+        trial FAIL, in the process that failed it (so once per trial)."""
 
+        def __call__(self, study, trial) -> None:
             try:
                 backend = internals.rdb_backend(internals.study_storage(study))
                 if backend is not None:
@@ -258,7 +269,9 @@ def stale_trial_callback():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     super().__call__(study, retry_attrs(trial))
 
-    return StaleTrialRetry(MAX_RETRY)
+    StaleTrialRetry.__module__, StaleTrialRetry.__qualname__ = __name__, name
+    globals()[name] = StaleTrialRetry
+    return StaleTrialRetry
 
 
 def retry_transient(fn, *args, attempts: int = RETRIES, **kwargs):

@@ -8,7 +8,9 @@ workers and the database and is cut (listening socket closed, every relayed conn
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import re
 import signal
 import socket
@@ -21,6 +23,7 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
+
 from regsweep.search import optuna_internals as internals
 from regsweep.search.loop import FailureStreak, ask_within_budget, fail_stale, run_one
 from regsweep.search.storage import database_reason, open_storage
@@ -113,15 +116,20 @@ def trials_of(url, name):
         return []
 
 
-def wait_training(url, name, count=1, timeout=60):
-    """Until ``count`` trials are RUNNING with at least one recorded epoch."""
+def wait_training(url, name, pids, logs, count=1, timeout=90):
+    """Until ``count`` trials are RUNNING with at least one recorded epoch; else the workers' stacks and logs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         live = [t for t in trials_of(url, name) if t.state == TrialState.RUNNING and t.user_attrs.get("history")]
         if len(live) >= count:
             return live
         time.sleep(0.25)
-    raise AssertionError(f"{count} trials did not start training")
+    for pid in pids:  # `kill -USR1`: each worker's stacks into its log (faulthandler, search/cli.py)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+    time.sleep(1)
+    text = "".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("regsweep-workers-*/*")))
+    raise AssertionError(f"{count} trials did not start training in {timeout}s: {trials_of(url, name)}\n{text}")
 
 
 def check_reasons_and_retries(trials):
@@ -255,6 +263,8 @@ def test_a_stale_trial_gets_its_reason_with_the_worker_and_a_clean_retry(tmp_pat
     assert trials[0].user_attrs["stop_reason"] == f"failed:stale heartbeat (worker {worker_label()})"
     assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
     assert "stop_reason" not in trials[1].user_attrs  # the retry does not carry the failed end
+    callback = study._storage.get_heartbeat_stale_trial_callback()
+    assert isinstance(pickle.loads(pickle.dumps(callback)), optuna.storages.RetryHeartbeatStaleTrialCallback)
 
 
 @pytest.mark.parametrize("storage_url", ["sqlite", "postgresql", "mysql"], indirect=True)
@@ -369,7 +379,7 @@ def test_a_killed_workers_trial_fails_stale_naming_the_worker_and_is_retried(tmp
     spec = write_spec(tmp_path, "k", n=3, epochs=15)
     proc, pids = start_run(spec, url, 2, env={**FAST_HEARTBEAT, "REGSWEEP_PROGRESS": "off"})
     try:
-        victim = wait_training(url, "k")[0]
+        victim = wait_training(url, "k", pids, tmp_path)[0]
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
         os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=120)
@@ -393,7 +403,7 @@ def test_a_killed_coordinator_leaves_its_workers_running_to_the_budget(storage_u
     spec = write_spec(tmp_path, name, n=n, epochs=10)
     proc, pids = start_run(spec, url, 2, env={"REGSWEEP_PROGRESS": "off"})
     try:
-        wait_training(url, name)
+        wait_training(url, name, pids, tmp_path)
         done_at_kill = sum(t.state in DONE for t in trials_of(url, name))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -421,7 +431,7 @@ def outage(storage_url, tmp_path, seconds):
         proc, pids = start_run(spec, proxy.url(url), 2, env=FAST_HEARTBEAT)
         got = drain(proc)
         try:
-            wait_training(url, name, count=2)
+            wait_training(url, name, pids, tmp_path, count=2)
             proxy.cut()
             cut_at = time.monotonic()
             with pytest.raises(ConnectionRefusedError):  # the database is gone for the workers
