@@ -8,8 +8,11 @@ Ray driver's searcher) asks trials of one RDB study through :func:`ask_within_bu
    (``ask`` pops WAITING trials first). So COMPLETE + PRUNED ends exactly at ``n_trials``: a failed trial
    frees its place. ``n_trials`` is the study's total across runs (its ``regsweep:n_trials`` attr).
 2. Run the trial under a :class:`Heartbeat`. A worker that finds live-looking RUNNING trials filling the budget
-   waits and calls ``fail_stale_trials``: a killed worker's trial is failed after the grace period and retried
-   (same params) by ``RetryHeartbeatStaleTrialCallback``. A worker exits 0 only when the budget is done.
+   waits and calls ``fail_stale_trials``: a killed worker's trial is failed after the grace period, with the stop
+   reason ``failed:stale heartbeat (worker HOST:PID)``, and retried (same params) by the storage's stale-trial
+   callback (search/storage.py). Every FAIL has its stop reason (:func:`fail_trial`); one failed by a lost
+   connection or a database outage (``failed:database: ...``) is retried the same way. A worker exits 0 only
+   when the budget is done.
 3. SIGTERM/SIGINT (search/signals.py): the running trial ends FAIL; after SIGTERM it is re-queued and the
    worker exits 143 (130 for Ctrl-C), so a preempted pod is simply replaced.
 
@@ -29,19 +32,23 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TextIO, Union
 
 from regsweep.models.config import ConfigError
 from regsweep.search.optuna_internals import frozen_trial, study_storage, trial_id, trial_number
+from regsweep.search.record import failure_reason
 from regsweep.search.signals import Terminated, check_signals, terminate_on_sigterm
 from regsweep.search.spec import StudySpec
 from regsweep.search.storage import (
     MAX_RETRY,
     adopt_orphans,
     check_url,
+    database_reason,
+    is_external,
     open_existing,
     open_storage,
+    retry_attrs,
     retry_transient,
     sqlite_file,
     transient_errors,
 )
-from regsweep.search.trial import BASE_ATTR, make_objective
+from regsweep.search.trial import BASE_ATTR, TrialFailed, make_objective, worker_label
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
 WORKER_ENV = "REGSWEEP_WORKER"  # worker label printed in front of its lines
@@ -269,7 +276,7 @@ def requeue(study, tid: int) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        frozen = copy.deepcopy(frozen_trial(study, tid))
+        frozen = retry_attrs(copy.deepcopy(frozen_trial(study, tid)))  # the params, not the failed end
         optuna.storages.RetryHeartbeatStaleTrialCallback(MAX_RETRY)(study, frozen)
 
 
@@ -294,31 +301,65 @@ def ask_within_budget(study, url: str, n_trials: int) -> tuple[Any, int]:
         if done + running >= n_trials:
             return None, done
         trial = ask(study)
-        beat_once(study, trial_id(trial))  # a worker dying right after ask leaves a trial that can go stale
+        with contextlib.suppress(*transient_errors()):  # the database went away: the trial runs anyway; its
+            # heartbeat thread beats when it is back, and its first write fails it `failed:database` (retried)
+            beat_once(study, trial_id(trial))  # a worker dying right after ask leaves a trial that can go stale
+            # who holds it, for `failed:stale heartbeat (worker HOST:PID)` if this worker dies before its 1st epoch
+            retry_transient(trial.set_user_attr, "worker", worker_label())
     return trial, done
 
 
 def tell_trial(study, tid: int, state, value, trial=None):
     """Finish a trial (its live ``Trial``, or found by id) and return it frozen; a storage hiccup is retried, a
     trial already finished elsewhere (e.g. failed as stale) is left alone. Every backend tells through here."""
+    return finish_trial(study, tid, state, value, trial)[0]
+
+
+def finish_trial(study, tid: int, state, value, trial=None) -> tuple[Any, bool]:
+    """:func:`tell_trial`, and whether this call finished the trial (False: it was finished elsewhere)."""
     import optuna
 
     target = trial if trial is not None else retry_transient(trial_number, study, tid)
 
-    def tell() -> None:
+    def tell() -> bool:
         try:
             if state == optuna.trial.TrialState.COMPLETE:
                 study.tell(target, value)
             else:
                 study.tell(target, state=state)
         except optuna.exceptions.UpdateFinishedTrialError:
-            pass
+            return False
         except ValueError as exc:  # "Cannot tell a COMPLETE trial": already finished by fail_stale_trials
             if "Cannot tell" not in str(exc):
                 raise
+            return False
+        return True
 
-    retry_transient(tell, attempts=TELL_ATTEMPTS)  # a finished trial must not be lost to a short outage
-    return retry_transient(frozen_trial, study, tid, attempts=TELL_ATTEMPTS)
+    told = retry_transient(tell, attempts=TELL_ATTEMPTS)  # a finished trial must not be lost to a short outage
+    return retry_transient(frozen_trial, study, tid, attempts=TELL_ATTEMPTS), told
+
+
+def fail_trial(study, tid: int, reason: str, trial=None, *, retry: bool = False):
+    """End a trial FAIL with ``reason`` as its stop reason and return it frozen. The reason is written first,
+    while the trial is still RUNNING (waiting out a database outage of up to ~2 minutes, as the tell does), so
+    no FAIL is ever left without one; with ``retry`` the trial is re-queued with the same params (at most
+    MAX_RETRY times, Optuna's retry-callback semantics) when this call was the one that failed it. A trial
+    finished elsewhere meanwhile (failed as stale by another worker, which wrote its reason and re-queued it)
+    is left alone."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study_storage(study)
+
+    def write() -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(tid, "stop_reason", reason[:2000])
+
+    retry_transient(write, attempts=TELL_ATTEMPTS)
+    frozen, told = finish_trial(study, tid, TrialState.FAIL, None, trial)
+    if retry and told:
+        retry_transient(requeue, study, tid, attempts=TELL_ATTEMPTS)
+    return frozen
 
 
 class FailureStreak:
@@ -329,7 +370,9 @@ class FailureStreak:
 
     def add(self, frozen) -> None:
         if frozen.state.name == "FAIL":
-            self.reasons.append(frozen.user_attrs.get("stop_reason", "failed"))
+            reason = frozen.user_attrs.get("stop_reason", "failed")
+            if not is_external(reason):  # a database outage or a stale worker says nothing of the trials
+                self.reasons.append(reason)
         else:
             self.reasons.clear()
 
@@ -382,7 +425,11 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
 
 def run_one(study, trial, objective):
     """Run the objective on an asked trial under its heartbeat and tell its end; returns it frozen. On
-    KeyboardInterrupt / Terminated it is told FAIL (and re-queued on Terminated) before the exception goes on."""
+    KeyboardInterrupt / Terminated it is told FAIL (and re-queued on Terminated) before the exception goes on.
+
+    Every FAIL gets its stop reason (:func:`fail_trial`): the objective's (:class:`TrialFailed`), else the error's;
+    a trial failed from outside itself (``failed:database: ...``: a lost connection or an outage) is re-queued
+    with the same params, like a killed worker's trial that goes stale."""
     import optuna
     from optuna.trial import TrialState
 
@@ -395,14 +442,14 @@ def run_one(study, trial, objective):
     except optuna.TrialPruned:
         state = TrialState.PRUNED
     except Terminated:
-        tell_trial(study, tid, TrialState.FAIL, None, trial)
-        retry_transient(requeue, study, tid)
+        fail_trial(study, tid, "failed:terminated", trial, retry=True)
         raise
     except KeyboardInterrupt:
-        tell_trial(study, tid, TrialState.FAIL, None, trial)
+        fail_trial(study, tid, "failed:interrupted", trial)
         raise
-    except Exception:  # recorded by the objective (stop_reason); the sweep goes on
-        state = TrialState.FAIL
+    except Exception as exc:  # the sweep goes on
+        reason = (str(exc) if isinstance(exc, TrialFailed) else "") or database_reason(exc) or failure_reason(exc)
+        return fail_trial(study, tid, reason, trial, retry=is_external(reason))
     return tell_trial(study, tid, state, value, trial)
 
 

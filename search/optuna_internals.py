@@ -93,6 +93,26 @@ def write_trial(backend, trial_id_: int, attrs: dict[str, Any], report: Optional
                                                                  float(report[0]))
 
 
+def set_finished_trial_user_attr(backend, trial_id_: int, key: str, value: Any) -> None:
+    """Set one user attr of a trial that is already finished (``backend``: an RDBStorage): the stop reason of a
+    trial that Optuna's ``fail_stale_trials`` failed."""
+    import json
+
+    from optuna.storages._rdb import models
+
+    # fail_stale_trials sets the trial FAIL first and only then calls the stale-trial callback, and every
+    # public writer (set_trial_user_attr; _set_trial_attr_without_commit too) refuses a finished trial with
+    # UpdateFinishedTrialError. Writing the reason before the FAIL would race with a live worker's own end of
+    # the trial; so the row of Optuna's user-attr table is written here, in the JSON form Optuna reads.
+    attr = models.TrialUserAttributeModel
+    with _session(backend, ignore_integrity_error=False) as session:
+        row = session.query(attr).filter(attr.trial_id == trial_id_, attr.key == key).one_or_none()
+        if row is None:
+            session.add(attr(trial_id=trial_id_, key=key, value_json=json.dumps(value)))
+        else:
+            row.value_json = json.dumps(value)
+
+
 def _session(backend, *, ignore_integrity_error: bool):
     from optuna.storages._rdb.storage import _create_scoped_session
 

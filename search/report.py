@@ -11,12 +11,13 @@ from regsweep.search.record import history
 
 
 def stop_reason_kind(reason: str | None) -> str:
-    """'pruned:median@3' -> 'pruned:median'; 'failed:RuntimeError: x' -> 'failed:RuntimeError'."""
+    """'pruned:median@3' -> 'pruned:median'; 'failed:RuntimeError: x' -> 'failed:RuntimeError';
+    'failed:stale heartbeat (worker h:1)' -> 'failed:stale heartbeat'."""
     if not reason:
         return "(none)"
     reason = reason.split("@", 1)[0]
     if reason.startswith("failed:"):
-        return "failed:" + reason[len("failed:"):].split(":", 1)[0].strip()
+        return "failed:" + reason[len("failed:"):].split(" (", 1)[0].split(":", 1)[0].strip()
     return reason
 
 

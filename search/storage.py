@@ -21,6 +21,10 @@ HEARTBEAT_INTERVAL = 30  # seconds between a running trial's heartbeats ($REGSWE
 GRACE_PERIOD = 90  # a RUNNING trial without a heartbeat this long is failed and retried ($REGSWEEP_GRACE_PERIOD)
 MAX_RETRY = 2
 RETRIES = 5  # attempts of one write when the database dropped the connection
+REASON_ATTEMPTS = 10  # ~30 s of attempts to record a failed trial's stop reason
+STALE_REASON = "failed:stale heartbeat"  # + " (worker HOST:PID)": the worker that held it stopped beating
+DATABASE_REASON = "failed:database"  # + ": <short reason>": a lost connection or a database outage
+EXTERNAL_REASONS = (STALE_REASON, DATABASE_REASON)  # failed from outside the trial: retried with its params
 
 
 MAX_SECONDS = 86400  # a heartbeat interval or grace period longer than a day is a typo
@@ -316,8 +320,7 @@ def open_storage(url: str, *, heartbeat: bool = True):
             if heartbeat:
                 kwargs = dict(heartbeat_interval=_seconds("REGSWEEP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
                               grace_period=_seconds("REGSWEEP_GRACE_PERIOD", GRACE_PERIOD),
-                              heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                                  MAX_RETRY))
+                              heartbeat_stale_trial_callback=stale_trial_callback())
             # reachability was checked before (check_reachable); a connection dropped now is retried
             storage = retry_transient(optuna.storages.RDBStorage, url, engine_kwargs=engine, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ModuleNotFoundError) as exc:
@@ -348,6 +351,83 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     import sqlalchemy.exc
 
     return (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, optuna.exceptions.StorageInternalError)
+
+
+def database_reason(exc: BaseException) -> Optional[str]:
+    """``failed:database: <short reason>`` when ``exc`` (or what it was raised from) is a lost connection or a
+    database outage; None for any other error."""
+    errors = transient_errors()
+    seen: list[BaseException] = []
+    cur: Optional[BaseException] = exc
+    while cur is not None and len(seen) < 8 and not any(cur is s for s in seen):
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    found = [e for e in seen if isinstance(e, errors)]
+    if not found:
+        return None
+    # the database driver's own error (SQLAlchemy keeps it as .orig) says it best: "Connection refused", ...
+    root = next((e.orig for e in seen if getattr(e, "orig", None) is not None), found[0])
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.startswith("(") and ") " in text and "." in text.split(") ", 1)[0]:
+        text = text.split(") ", 1)[1]  # SQLAlchemy's "(psycopg2.OperationalError) ..." prefix
+    return f"{DATABASE_REASON}: {root.__class__.__name__}: {text[:200]}".rstrip(": ")
+
+
+def is_external(reason: Optional[str]) -> bool:
+    """Whether a stop reason says the trial failed from outside itself (stale worker, database)."""
+    return bool(reason) and reason.startswith(EXTERNAL_REASONS)
+
+
+def stale_reason(trial) -> str:
+    """The stop reason of a trial failed as stale: the worker that held it (its ``worker`` user attr)."""
+    return f"{STALE_REASON} (worker {trial.user_attrs.get('worker') or 'unknown'})"
+
+
+def retry_attrs(trial):
+    """A copy of a failed FrozenTrial for Optuna's retry callback without its stop reason: the WAITING retry
+    carries the params and user attrs (e.g. the base-config mark), never the failed attempt's end."""
+    import copy
+
+    frozen = copy.deepcopy(trial)
+    frozen.user_attrs = {k: v for k, v in frozen.user_attrs.items() if k != "stop_reason"}
+    return frozen
+
+
+def stale_trial_callback():
+    """The storage's stale-trial callback: a :class:`StaleTrialRetry` retrying at most MAX_RETRY times."""
+    cls = globals().get("StaleTrialRetry") or __getattr__("StaleTrialRetry")
+    return cls(MAX_RETRY)
+
+
+def __getattr__(name: str):
+    """``StaleTrialRetry`` is built on first use (it subclasses an Optuna class; this module imports Optuna
+    lazily) and kept as a module attribute, so a pickled storage finds it by name."""
+    if name != "StaleTrialRetry":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import warnings
+
+    import optuna
+
+    class StaleTrialRetry(optuna.storages.RetryHeartbeatStaleTrialCallback):
+        """Optuna's RetryHeartbeatStaleTrialCallback (re-queue the params) that first records the stop reason
+        ``failed:stale heartbeat (worker HOST:PID)``. Optuna calls it right after ``fail_stale_trials`` set the
+        trial FAIL, in the process that failed it (so once per trial)."""
+
+        def __call__(self, study, trial) -> None:
+            try:
+                backend = internals.rdb_backend(internals.study_storage(study))
+                if backend is not None:
+                    retry_transient(internals.set_finished_trial_user_attr, backend, internals.trial_id(trial),
+                                    "stop_reason", stale_reason(trial), attempts=REASON_ATTEMPTS)
+            finally:  # the retry is queued even when the database would not take the reason
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    super().__call__(study, retry_attrs(trial))
+
+    StaleTrialRetry.__module__, StaleTrialRetry.__qualname__ = __name__, name
+    globals()[name] = StaleTrialRetry
+    return StaleTrialRetry
 
 
 def retry_transient(fn, *args, attempts: int = RETRIES, **kwargs):

@@ -29,7 +29,7 @@ from regsweep.search.optuna_internals import latest_trial
 from regsweep.search.record import FAIL, PRUNED, Recorder, failure_reason
 from regsweep.search.signals import Terminated, check_signals
 from regsweep.search.spec import StudySpec
-from regsweep.search.storage import TrialWriter, mask, retry_transient
+from regsweep.search.storage import TrialWriter, database_reason, mask, retry_transient, transient_errors
 
 BASE_ATTR = "regsweep:base"
 # data fields that do not change the loaded tensors
@@ -113,7 +113,10 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
     try:
         cfg = config_for(spec, trial)
     except ConfigError as exc:
-        recorder.fail(f"failed:config: {exc}")
+        record_failure(recorder, f"failed:config: {exc}")
+        return Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
+    except transient_errors() as exc:  # the database went away while the params were sampled
+        record_failure(recorder, database_reason(exc) or failure_reason(exc))
         return Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
 
     def report(epoch: int, record: dict[str, Any]) -> Optional[str]:
@@ -126,21 +129,30 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
     try:
         parts = build(cfg, device, data=data.get(cfg.data, device))
         hist = fit(cfg, device, report=report, parts=parts, state=state, checkpoint=checkpoint)
+        end_state, value = recorder.finish(hist)
     except KeyboardInterrupt:  # Ctrl-C: the trial ends FAIL, never RUNNING
-        recorder.fail("failed:interrupted")
+        record_failure(recorder, "failed:interrupted")
         raise
     except Terminated:  # SIGTERM: FAIL here, re-queued by the worker loop
-        recorder.fail("failed:terminated")
+        record_failure(recorder, "failed:terminated")
         raise
-    except Exception as exc:  # any error of this trial: FAIL with the reason, the sweep goes on
-        recorder.fail(failure_reason(exc))
+    except Exception as exc:  # any error of this trial (or a database outage): FAIL with the reason
+        record_failure(recorder, database_reason(exc) or failure_reason(exc))
         outcome = Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
     else:
-        end_state, value = recorder.finish(hist)
         outcome = Outcome(end_state, value, recorder.stop_reason or "", recorder.history)
     if on_end is not None and outcome.history:
         on_end(trial, outcome.history, outcome.state, outcome.value)
     return outcome
+
+
+def record_failure(recorder: Recorder, reason: str) -> None:
+    """``recorder.fail(reason)``; while the database is away the reason is only kept (``recorder.stop_reason``)
+    and the worker loop writes it when the database is back (search/loop.py ``fail_trial``)."""
+    try:
+        recorder.fail(reason)
+    except transient_errors():
+        recorder.stop_reason = reason[:2000]
 
 
 def worker_label() -> str:

@@ -13,12 +13,15 @@ leaves ``train.num_threads`` unset.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 from regsweep.models.config import ConfigError
@@ -112,8 +115,15 @@ def assignments(workers: int, gpus: list[str], trials_per_gpu: int) -> list[dict
 def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]], *, device: Optional[str] = None,
            timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = ()) -> int:
     """Start one ``regsweep worker`` process per env (``python -P``: never the working directory first on the
-    path; the storage URL in ``$REGSWEEP_STORAGE``, never in argv), forward SIGTERM/SIGINT, wait; the worst
-    exit code wins (0 only when every worker finished)."""
+    path; the storage URL in ``$REGSWEEP_STORAGE``, never in argv), relay their output, forward SIGTERM/SIGINT,
+    wait. Returns 0 only when every worker exited 0; else 143/130 when they were stopped by SIGTERM/Ctrl-C, 1 when one failed or was killed by a signal (one line on
+    stderr per such worker: its label, pid and the signal or exit code), 2 for bad input.
+
+    The workers outlive this process: each is the leader of its own session (no signal sent to this process's
+    group or terminal reaches them) and writes to its own log files, which this process tails and relays. A
+    pipe would tie them to this process: once it died, their next line would raise BrokenPipeError and stop
+    them. Log files cannot break, keep the output of workers whose coordinator died (their directory is
+    printed first), and need no code in the worker. The directory is removed when every worker exited 0."""
     out = out or sys.stdout
     # the storage URL (maybe with a password) goes in the children's environment ($REGSWEEP_STORAGE, readable
     # only by this user in /proc/PID/environ), never on their command line, which `ps` shows to everyone
@@ -121,21 +131,22 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
            "--study-name", study_name, *(["--device", device] if device else []),
            *(["--timeout", str(timeout)] if timeout is not None else []),
            *[arg for d in allow_outside for arg in ("--allow-outside", str(d))]]  # each worker loads the same spec
-    # children's lines go through `out` (the progress display's console when it is live), a line at a time
-    procs = [subprocess.Popen(cmd, env={**os.environ, **env, STORAGE_ENV: url, "PYTHONUNBUFFERED": "1"},
-                              stdout=subprocess.PIPE, text=True, bufsize=1) for env in envs]
-
-    def relay(stream) -> None:
-        for line in stream:
-            out.write(line)
-            out.flush()
-
-    relays = [threading.Thread(target=relay, args=(p.stdout,), daemon=True) for p in procs]
-    for r in relays:
-        r.start()
+    logs = Path(tempfile.mkdtemp(prefix="regsweep-workers-"))
+    procs, tails = [], []
+    for env in envs:
+        label = env[WORKER_ENV]
+        stdout, stderr = logs / f"{label}.out", logs / f"{label}.err"
+        with open(stdout, "wb") as fout, open(stderr, "wb") as ferr:
+            procs.append(subprocess.Popen(cmd, env={**os.environ, **env, STORAGE_ENV: url, "PYTHONUNBUFFERED": "1"},
+                                          stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
+                                          start_new_session=True))
+        # children's lines go to `out` (the progress display's console when it is live) a line at a time
+        tails += [Tail(stdout, procs[-1], out), Tail(stderr, procs[-1], sys.stderr)]
     print(f"started {len(procs)} workers: " + ", ".join(
         f"{e[WORKER_ENV]} (pid {p.pid}, {'GPU ' + e['CUDA_VISIBLE_DEVICES'] if e['CUDA_VISIBLE_DEVICES'] else 'CPU'}"
-        f", {e[THREADS_ENV]} threads)" for p, e in zip(procs, envs)), file=out, flush=True)
+        f", {e[THREADS_ENV]} threads)" for p, e in zip(procs, envs)) + f"; their logs: {logs}", file=out, flush=True)
+    for t in tails:
+        t.start()
 
     def forward(signum, frame):
         for p in procs:
@@ -148,9 +159,69 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        for r in relays:
-            r.join(timeout=5)
-    for bad in (143, 130, 1, 2):
-        if bad in codes:
-            return bad
-    return max(codes) if codes else 0
+        for t in tails:
+            t.join(timeout=5)
+    code = worst(codes)
+    for env, p in zip(envs, procs):
+        if p.returncode < 0 or p.returncode not in (0, 130, 143):
+            print(f"error: worker {env[WORKER_ENV]} (pid {p.pid}) {ended(p.returncode)}; its log: "
+                  f"{logs / env[WORKER_ENV]}.err", file=sys.stderr, flush=True)
+    if code == 0:
+        shutil.rmtree(logs, ignore_errors=True)
+    return code
+
+
+def ended(code: int) -> str:
+    """How a worker process ended, from its return code: 'was killed by SIGKILL' or 'exited 1'."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited {code}"
+
+
+def worst(codes: list[int]) -> int:
+    """The exit code of ``run --workers N`` from its workers': 0 only when all are 0; a SIGTERM (143) or Ctrl-C
+    (130) stop wins; a failure or a death by a signal is 1; bad input 2."""
+    for stop in (143, 130):
+        if stop in codes:
+            return stop
+    bad = [c for c in codes if c != 0]
+    if not bad:
+        return 0
+    return 2 if all(c == 2 for c in bad) else 1
+
+
+class Tail(threading.Thread):
+    """Relays a worker's log file to ``out`` a whole line at a time until the worker has ended and the file is
+    read to its end (``tail -f`` that stops with its process)."""
+
+    def __init__(self, path: Path, proc: subprocess.Popen, out: TextIO, poll: float = 0.1):
+        super().__init__(daemon=True, name=f"regsweep-tail-{path.name}")
+        self.path, self.proc, self.out, self.poll = path, proc, out, poll
+
+    def run(self) -> None:
+        partial = b""
+        with open(self.path, "rb") as fh:
+            while True:
+                ended = self.proc.poll() is not None  # before the read: nothing is written after the last one
+                chunk = fh.read(65536)
+                if chunk:
+                    partial += chunk
+                    *lines, partial = partial.split(b"\n")
+                    for line in lines:
+                        self.write(line + b"\n")
+                    continue
+                if ended:
+                    if partial:
+                        self.write(partial + b"\n")
+                    return
+                time.sleep(self.poll)
+
+    def write(self, line: bytes) -> None:
+        try:
+            self.out.write(line.decode("utf-8", errors="replace"))
+            self.out.flush()
+        except (OSError, ValueError):  # our own output is gone (closed pipe or file): the log keeps it
+            pass
