@@ -116,8 +116,9 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
            timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = ()) -> int:
     """Start one ``regsweep worker`` process per env (``python -P``: never the working directory first on the
     path; the storage URL in ``$REGSWEEP_STORAGE``, never in argv), relay their output, forward SIGTERM/SIGINT,
-    wait. Returns 0 only when every worker exited 0; else 143/130 when they were stopped by SIGTERM/Ctrl-C, 1 when one failed or was killed by a signal (one line on
-    stderr per such worker: its label, pid and the signal or exit code), 2 for bad input.
+    wait. Returns 0 only when every worker exited 0; else 143/130 when they were stopped by SIGTERM/Ctrl-C, 1
+    when one failed or was killed by a signal (one line on stderr per such worker: its label, pid and the signal
+    or exit code), 2 for bad input.
 
     The workers outlive this process: each is the leader of its own session (no signal sent to this process's
     group or terminal reaches them) and writes to its own log files, which this process tails and relays. A
