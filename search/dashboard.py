@@ -51,6 +51,17 @@ def study_stores(storage, flag: Optional[str]):
     return (stores[0] if len(stores) == 1 else AnyStore(stores)), locations
 
 
+def dashboard_storage(storage):
+    """The storage the dashboard reads: ``storage`` with every trial's per-epoch records (both record formats)
+    left out of its study payload. They would flood it: format 2 makes one user-attr column per chunk of 10
+    epochs in the trials table, format 1 puts a whole curve in every trial's row (a 5,000-trial study of 100
+    epochs: ~120 MB of JSON). The curves are there anyway: intermediate values per epoch, the curves artifact."""
+    from regsweep.search.optuna_internals import leaving_out
+    from regsweep.search.record import EPOCH_KEY_PATTERNS
+
+    return leaving_out(storage, EPOCH_KEY_PATTERNS)
+
+
 def make_app(url: str, artifacts: Optional[str] = None):
     """optuna-dashboard's WSGI app on the storage; returns (app, artifact locations)."""
     import optuna_dashboard
@@ -59,7 +70,7 @@ def make_app(url: str, artifacts: Optional[str] = None):
 
     storage = open_storage(url, heartbeat=False)
     store, locations = study_stores(storage, artifacts)
-    return optuna_dashboard.wsgi(storage, artifact_store=store), locations
+    return optuna_dashboard.wsgi(dashboard_storage(storage), artifact_store=store), locations
 
 
 def serve(url: str, host: str = "127.0.0.1", port: int = 8080, artifacts: Optional[str] = None,

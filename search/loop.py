@@ -103,6 +103,10 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
         study.set_user_attr(SPEC_ATTR, spec.stored())
         if old_hash is None:
             study.set_user_attr("regsweep:objective", spec.objective.metric)
+        if created:  # every trial of a new study records format 2; an older study mixes (the attr stays absent)
+            from regsweep.search.record import FORMAT_ATTR, RECORD_FORMAT
+
+            study.set_user_attr(FORMAT_ATTR, RECORD_FORMAT)
     elif old_hash != spec.spec_hash():
         raise spec.change_error(study_name, study.user_attrs.get(SPEC_ATTR, {}))
     if study.direction.name.lower() != spec.objective.direction:
