@@ -33,7 +33,6 @@ def is_loopback(host: str) -> bool:
 
 def study_stores(storage, flag: Optional[str]):
     """The artifact store the dashboard reads: --artifacts, else every location recorded by the studies."""
-    import optuna
 
     from regsweep.search.artifacts import ARTIFACTS_ATTR, OFF, AnyStore, normalize, open_store
 
@@ -41,7 +40,7 @@ def study_stores(storage, flag: Optional[str]):
         loc = normalize(flag)
         return (None, []) if loc == OFF else (open_store(loc), [loc])
     locations: list[str] = []
-    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+    for s in storage.get_all_studies():  # get_all_study_summaries would load every trial of every study
         loc = s.user_attrs.get(ARTIFACTS_ATTR)
         if loc and loc != OFF and loc not in locations:
             locations.append(loc)

@@ -76,7 +76,7 @@ def check_existing_study(spec: StudySpec, url: str, study_name: str) -> None:
     if storage is None:
         return
     try:
-        names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+        names = set(optuna.get_all_study_names(storage))  # summaries would load every trial
     except sqlalchemy.exc.SQLAlchemyError:  # a database without Optuna's tables holds no study yet
         return
     if study_name not in names:
@@ -93,7 +93,7 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
     import optuna
 
     storage = open_storage(url, heartbeat=heartbeat)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    existing = set(optuna.get_all_study_names(storage))  # summaries would load every trial
     created = study_name not in existing
     study = optuna.create_study(storage=storage, study_name=study_name, direction=spec.objective.direction,
                                 sampler=spec.make_sampler(), pruner=spec.make_pruner(), load_if_exists=True)
