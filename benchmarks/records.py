@@ -146,6 +146,7 @@ def write_bench(url: str, epochs: int, chunks: list[int], at: list[int]) -> dict
             out[fmt][e] = (statistics.mean(sink.sizes[i] for i in window),
                            1000 * statistics.median(sink.times[i] for i in window))
         out[fmt]["read_ms"] = read_ms
+        out[fmt]["max_bytes"] = max(sink.sizes)
         optuna.delete_study(study_name=study.study_name, storage=storage)
     return out
 
@@ -379,9 +380,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                       + ", ".join(map(str, at)) + f"; the trial read back whole ({a.write_epochs} epochs)")
                 for fmt, row in w.items():
                     cells = "  ".join(f"e{e}: {row[e][0]:>7.0f} B {row[e][1]:6.2f} ms" for e in at)
-                    ratio = row[at[-1]][0] / row[at[0]][0]
-                    print(f"  {fmt:<6} {cells}   bytes e{at[-1]}/e{at[0]} = {ratio:.1f}x   "
-                          f"read back {row['read_ms']:.1f} ms")
+                    ratio = row[at[-1]][0] / row[at[-2 if len(at) > 1 else 0]][0]
+                    print(f"  {fmt:<6} {cells}   bytes e{at[-1]}/e{at[-2 if len(at) > 1 else 0]} = {ratio:.1f}x   "
+                          f"max {row['max_bytes']} B   read back {row['read_ms']:.1f} ms")
                 for n in sizes:
                     for fmt in ("v1", "v2"):
                         name = f"records-{fmt}-{n}"
