@@ -92,7 +92,9 @@ def test_plain_optuna_reads_the_study_without_regsweep(study_env):
         import sys, optuna
         s = optuna.load_study(study_name="tiny", storage={url!r})
         assert not any(m.split(".")[0] in ("regsweep", "models", "search") for m in sys.modules), "regsweep imported"
-        print(len(s.trials), s.best_trial.number, len(history(s.best_trial)))
+        b = s.best_trial
+        assert len(b.intermediate_values) == b.user_attrs["history_len"], "a curve without regsweep"
+        print(len(s.trials), b.number, len(b.intermediate_values))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, check=True)
