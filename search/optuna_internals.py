@@ -198,34 +198,77 @@ def trial_by_number(study, number: int):
 def trials_leaving_out(backend, study_id_: int, states, patterns: tuple[str, ...]) -> list:
     """``backend.get_all_trials(study_id_, deepcopy=False, states=states)`` (an RDBStorage) without the user
     attrs whose keys match one of ``patterns`` (SQL ``LIKE`` patterns): those rows are never read."""
+    import json
+
     import sqlalchemy
-    import sqlalchemy.orm as orm
+    from optuna import distributions
     from optuna.storages._rdb import models
+    from optuna.trial import FrozenTrial
 
-    # RDBStorage.get_all_trials loads every user attr of every trial, and has no option to leave any out;
-    # this is its query (storage.py, _get_trials) with the user attrs filtered in SQL, and its own
-    # FrozenTrial builder, so the trials are exactly Optuna's but for the attrs left out.
-    attr, trial = models.TrialUserAttributeModel, models.TrialModel
-    keep = sqlalchemy.and_(*(sqlalchemy.not_(attr.key.like(p)) for p in patterns))
-    with _session(backend, ignore_integrity_error=False) as session:
-        query = (session.query(trial)
-                 .options(orm.selectinload(trial.params), orm.selectinload(trial.values),
-                          orm.selectinload(trial.user_attributes.and_(keep)),
-                          orm.selectinload(trial.system_attributes), orm.selectinload(trial.intermediate_values))
-                 .filter(trial.study_id == study_id_))
-        if states is not None:
-            query = query.filter(trial.state.in_(list(states)))
-        return [backend._build_frozen_trial_from_trial_model(t) for t in query.order_by(trial.trial_id).all()]
+    # RDBStorage.get_all_trials loads every user attr of every trial (no option to leave any out) through ORM
+    # objects, ~50 us per row: 5,000 trials x 100 epochs of intermediate values alone take ~25 s. This reads
+    # the same rows of Optuna's schema with plain Core selects (the user attrs filtered in SQL) and builds the
+    # FrozenTrials exactly as RDBStorage._build_frozen_trial_from_trial_model does, with the models' own
+    # converters for stored values.
+    trial = models.TrialModel.__table__
+    selected = sqlalchemy.select(trial.c.trial_id).where(trial.c.study_id == study_id_)
+    if states is not None:
+        selected = selected.where(trial.c.state.in_(list(states)))
+    keep = sqlalchemy.and_(*(sqlalchemy.not_(models.TrialUserAttributeModel.__table__.c.key.like(p))
+                             for p in patterns))
+
+    def rows(model, *cols, where=None):
+        table = model.__table__
+        query = sqlalchemy.select(table.c.trial_id, *(table.c[c] for c in cols)).where(table.c.trial_id.in_(selected))
+        if where is not None:
+            query = query.where(where)
+        return conn.execute(query)
+
+    with backend.engine.connect() as conn:
+        base = conn.execute(sqlalchemy.select(trial.c.trial_id, trial.c.number, trial.c.state, trial.c.datetime_start,
+                                              trial.c.datetime_complete)
+                            .where(trial.c.trial_id.in_(selected)).order_by(trial.c.trial_id)).all()
+        fields = {tid: {"params": [], "values": {}, "user": {}, "system": {}, "inter": {}} for tid, *_ in base}
+        dist_of: dict[str, Any] = {}
+        for tid, pid, name, value, dist_json in rows(models.TrialParamModel, "param_id", "param_name", "param_value",
+                                                     "distribution_json"):
+            if dist_json not in dist_of:
+                dist_of[dist_json] = distributions.json_to_distribution(dist_json)
+            dist = dist_of[dist_json]
+            fields[tid]["params"].append((pid, name, value, dist))
+        for tid, objective, value, value_type in rows(models.TrialValueModel, "objective", "value", "value_type"):
+            fields[tid]["values"][objective] = models.TrialValueModel.stored_repr_to_value(value, value_type)
+        for tid, key, value_json in rows(models.TrialUserAttributeModel, "key", "value_json", where=keep):
+            fields[tid]["user"][key] = json.loads(value_json)
+        for tid, key, value_json in rows(models.TrialSystemAttributeModel, "key", "value_json"):
+            fields[tid]["system"][key] = json.loads(value_json)
+        to_value = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
+        for tid, step, value, value_type in rows(models.TrialIntermediateValueModel, "step", "intermediate_value",
+                                                 "intermediate_value_type"):
+            fields[tid]["inter"][step] = to_value(value, value_type)
+    trials = []
+    for tid, number, state, start, complete in base:
+        f = fields[tid]
+        params = sorted(f["params"], key=lambda p: p[0])
+        values = [f["values"][i] for i in sorted(f["values"])] if f["values"] else None
+        trials.append(FrozenTrial(
+            number=number, state=state,
+            value=None, values=values, datetime_start=start, datetime_complete=complete,
+            params={name: dist.to_external_repr(value) for _, name, value, dist in params},
+            distributions={name: dist for _, name, _, dist in params},
+            user_attrs=f["user"], system_attrs=f["system"], intermediate_values=f["inter"], trial_id=tid))
+    return trials
 
 
-def leaving_out(storage, patterns: tuple[str, ...]):
+def leaving_out(storage, patterns: tuple[str, ...], snapshot: bool = False):
     """A storage that reads and writes through ``storage`` but leaves the user attrs matching ``patterns`` out
-    of its bulk trial reads (``get_all_trials``); single-trial reads (``get_trial``) stay whole. ``storage``
-    itself when it is not an RDB storage."""
+    of its bulk trial reads (``get_all_trials``); single-trial reads (``get_trial``) stay whole. ``snapshot``:
+    a study's trials are read once and kept (a report that reads them several times). ``storage`` itself when
+    it is not an RDB storage."""
     backend = rdb_backend(storage)
     if backend is None:
         return storage
-    return _leaving_out_class()(backend, patterns)
+    return _leaving_out_class()(backend, patterns, snapshot)
 
 
 @functools.cache
@@ -233,13 +276,19 @@ def _leaving_out_class():
     from optuna.storages import BaseStorage
 
     class LeavingOut(BaseStorage):
-        def __init__(self, backend, patterns):
+        def __init__(self, backend, patterns, snapshot):
             self.backend, self.patterns = backend, patterns
+            self.snapshot: Optional[dict[int, list]] = {} if snapshot else None
 
         def get_all_trials(self, study_id, deepcopy=True, states=None):
             import copy
 
-            trials = trials_leaving_out(self.backend, study_id, states, self.patterns)
+            if self.snapshot is None:
+                trials = trials_leaving_out(self.backend, study_id, states, self.patterns)
+            else:
+                if study_id not in self.snapshot:
+                    self.snapshot[study_id] = trials_leaving_out(self.backend, study_id, None, self.patterns)
+                trials = [t for t in self.snapshot[study_id] if states is None or t.state in states]
             return copy.deepcopy(trials) if deepcopy else trials
 
         def get_all_studies(self):  # sorted by id, as optuna-dashboard sorts an RDBStorage's

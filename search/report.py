@@ -23,11 +23,11 @@ def stop_reason_kind(reason: str | None) -> str:
 
 def without_epochs(study):
     """The same study, read through a storage that leaves every trial's per-epoch records (both record
-    formats) out of its bulk trial reads: for readers of many trials that do not show curves. A single trial
-    (``get_trial``, ``best_trial``) stays whole; on a non-RDB storage this is ``study`` itself."""
+    formats) out of its bulk trial reads, read once (a snapshot): for readers of many trials that do not show
+    curves. A single trial (``get_trial``, ``best_trial``) stays whole; on a non-RDB storage: ``study``."""
     import optuna
 
-    storage = internals.leaving_out(internals.study_storage(study), EPOCH_KEY_PATTERNS)
+    storage = internals.leaving_out(internals.study_storage(study), EPOCH_KEY_PATTERNS, snapshot=True)
     if storage is internals.study_storage(study):
         return study
     return optuna.load_study(study_name=study.study_name, storage=storage, sampler=study.sampler,
