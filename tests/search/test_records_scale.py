@@ -168,3 +168,31 @@ def test_report_reads_the_curves_of_its_top_trials_only(big_study, tmp_path, mon
     monkeypatch.setattr(report, "history", lambda t: read.append(t.number) or whole(t))
     assert main(["report", "--storage", url, "--study-name", "big", "--out", str(tmp_path / "r")]) == 0
     assert 0 < len(read) <= report.TOP_CURVES and all(len(whole(t)) for t in [study.trials[n] for n in read])
+
+
+def test_bulk_reads_without_per_epoch_attrs_are_optunas_trials_minus_those_attrs(storage_url):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from regsweep.search.record import EPOCH_KEY_PATTERNS, is_epoch_key
+
+    url, name = storage_url
+    study = optuna.create_study(storage=open_storage(url, heartbeat=False), study_name=name)
+    dists = {"a": FloatDistribution(0, 1), "b": IntDistribution(1, 9), "c": CategoricalDistribution([None, "x", 2])}
+    study.add_trials(_bench().frozen_trials(3, 12, "v2") + _bench().frozen_trials(2, 5, "v1"))
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"a": 0.5, "b": 3, "c": None}, distributions=dists,
+                                 user_attrs={"history_len": 0, "x": [1, {"y": None}]}, system_attrs={"s": 1},
+                                 intermediate_values={0: float("inf"), 1: float("nan"), 2: -float("inf")}))
+    study.add_trial(create_trial(state=TrialState.COMPLETE, value=float("inf"), params={"c": 2},
+                                 distributions={"c": dists["c"]}))
+    study.enqueue_trial({"a": 0.25})
+    running = study.ask()
+    running.set_user_attr("history:00000", [{"epoch": 0}])
+    backend = internals.rdb_backend(internals.study_storage(study))
+    sid = internals.study_id(study)
+    for states in (None, (TrialState.WAITING, TrialState.RUNNING), (TrialState.FAIL, TrialState.COMPLETE)):
+        whole = backend.get_all_trials(sid, deepcopy=False, states=states)
+        light = internals.trials_leaving_out(backend, sid, states, EPOCH_KEY_PATTERNS)
+        for t in whole:
+            t.user_attrs = {k: v for k, v in t.user_attrs.items() if not is_epoch_key(k)}
+        assert [repr(t) for t in light] == [repr(t) for t in whole] and light  # nan != nan: compare reprs
