@@ -49,6 +49,7 @@ def run_arm(arm: str, seed: int, n_trials: int, epochs: int | None, db_dir: str)
     from optuna.trial import TrialState
 
     from regsweep.search.backends.optuna_backend import run
+    from regsweep.search.record import n_epochs
     from regsweep.search.spec import load_spec
 
     spec = load_spec(ROOT / "studies" / "overfit_demo.yaml")
@@ -65,7 +66,7 @@ def run_arm(arm: str, seed: int, n_trials: int, epochs: int | None, db_dir: str)
     best = result.study.best_trial
     return {
         "arm": arm, "seed": seed, "seconds": seconds,
-        "epochs": sum(len(t.user_attrs.get("history", [])) for t in trials),
+        "epochs": sum(n_epochs(t) for t in trials),
         "best_value": best.value, "test_acc": best.user_attrs.get("test_acc"), "best_params": best.params,
         "pruned": sum(t.state == TrialState.PRUNED for t in trials),
         "stopped": sum(str(t.user_attrs.get("stop_reason", "")).startswith("stopped:") for t in trials),

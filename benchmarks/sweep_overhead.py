@@ -59,12 +59,13 @@ def regsweep_run(spec, url: str, n_trials: int, artifacts: str | None = None) ->
     from optuna.trial import TrialState
 
     from regsweep.search.backends.optuna_backend import run
+    from regsweep.search.record import n_epochs
 
     t0 = time.perf_counter()
     result = run(spec, url, spec.name, n_trials=n_trials, device="cpu", artifacts=artifacts, out=io.StringIO())
     seconds = time.perf_counter() - t0
     trials = result.study.get_trials()
-    epochs = sum(len(t.user_attrs.get("history", [])) for t in trials)
+    epochs = sum(n_epochs(t) for t in trials)
     return seconds, epochs, sum(t.state == TrialState.PRUNED for t in trials)
 
 

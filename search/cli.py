@@ -48,7 +48,7 @@ def _load_study(args: argparse.Namespace):
 
     url = _storage_url(args)
     storage = open_storage(url, heartbeat=False)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    names = optuna.get_all_study_names(storage)  # summaries would load every trial of every study
     name = args.study_name
     if name is None:
         if len(names) != 1:
@@ -261,10 +261,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.study_name is None:
         url = _storage_url(args)
         storage = open_storage(url, heartbeat=False)
-        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-        print(f"{mask(url)}: {len(summaries)} studies")
-        for s in summaries:
-            print(format_summary(study_summary(optuna.load_study(study_name=s.study_name, storage=storage))))
+        names = optuna.get_all_study_names(storage)  # summaries would load every trial of every study
+        print(f"{mask(url)}: {len(names)} studies")
+        for name in names:
+            print(format_summary(study_summary(optuna.load_study(study_name=name, storage=storage))))
         return 0
     study, _ = _load_study(args)
     print(format_summary(study_summary(study)))

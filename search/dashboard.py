@@ -33,7 +33,6 @@ def is_loopback(host: str) -> bool:
 
 def study_stores(storage, flag: Optional[str]):
     """The artifact store the dashboard reads: --artifacts, else every location recorded by the studies."""
-    import optuna
 
     from regsweep.search.artifacts import ARTIFACTS_ATTR, OFF, AnyStore, normalize, open_store
 
@@ -41,7 +40,7 @@ def study_stores(storage, flag: Optional[str]):
         loc = normalize(flag)
         return (None, []) if loc == OFF else (open_store(loc), [loc])
     locations: list[str] = []
-    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+    for s in storage.get_all_studies():  # get_all_study_summaries would load every trial of every study
         loc = s.user_attrs.get(ARTIFACTS_ATTR)
         if loc and loc != OFF and loc not in locations:
             locations.append(loc)
@@ -49,6 +48,17 @@ def study_stores(storage, flag: Optional[str]):
         return None, []
     stores = [open_store(loc) for loc in locations]
     return (stores[0] if len(stores) == 1 else AnyStore(stores)), locations
+
+
+def dashboard_storage(storage):
+    """The storage the dashboard reads: ``storage`` with every trial's per-epoch records (both record formats)
+    left out of its study payload. They would flood it: format 2 makes one user-attr column per chunk of 10
+    epochs in the trials table, format 1 puts a whole curve in every trial's row (a 5,000-trial study of 100
+    epochs: ~120 MB of JSON). The curves are there anyway: intermediate values per epoch, the curves artifact."""
+    from regsweep.search.optuna_internals import leaving_out
+    from regsweep.search.record import EPOCH_KEY_PATTERNS
+
+    return leaving_out(storage, EPOCH_KEY_PATTERNS)
 
 
 def make_app(url: str, artifacts: Optional[str] = None):
@@ -59,7 +69,7 @@ def make_app(url: str, artifacts: Optional[str] = None):
 
     storage = open_storage(url, heartbeat=False)
     store, locations = study_stores(storage, artifacts)
-    return optuna_dashboard.wsgi(storage, artifact_store=store), locations
+    return optuna_dashboard.wsgi(dashboard_storage(storage), artifact_store=store), locations
 
 
 def serve(url: str, host: str = "127.0.0.1", port: int = 8080, artifacts: Optional[str] = None,

@@ -22,21 +22,28 @@ FORMATS = ("yaml", "json", "params")
 
 
 def pick_trial(study, number: Optional[int]):
+    """The best trial, or trial ``number``: one trial read (never every trial's attrs) on an RDB storage."""
     from optuna.trial import TrialState
 
+    from regsweep.search import optuna_internals as internals
+
+    counts = internals.state_counts(study)
+    if counts is None:  # not an RDB storage: count by reading the trials
+        counts = {}
+        for t in study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
     if number is None:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if not complete:
+        if not counts.get(TrialState.COMPLETE.name):
             raise ConfigError(f"study '{study.study_name}' has no COMPLETE trial yet; pass --trial N")
         return study.best_trial
-    trials = study.get_trials(deepcopy=False)
-    if not trials:
+    n_trials = sum(counts.values())
+    if not n_trials:
         raise ConfigError(f"--trial: study '{study.study_name}' has no trials yet")
-    matches = [t for t in trials if t.number == number]
-    if not matches:
+    trial = internals.trial_by_number(study, number) if 0 <= number < n_trials else None
+    if trial is None:
         raise ConfigError(f"--trial: {number} is not a trial of study '{study.study_name}' "
-                          f"(trials 0..{len(study.trials) - 1})")
-    return matches[0]
+                          f"(trials 0..{n_trials - 1})")
+    return trial
 
 
 def trial_config(trial) -> TrainConfig:

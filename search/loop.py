@@ -83,7 +83,7 @@ def check_existing_study(spec: StudySpec, url: str, study_name: str) -> None:
     if storage is None:
         return
     try:
-        names = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+        names = set(optuna.get_all_study_names(storage))  # summaries would load every trial
     except sqlalchemy.exc.SQLAlchemyError:  # a database without Optuna's tables holds no study yet
         return
     if study_name not in names:
@@ -100,7 +100,7 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
     import optuna
 
     storage = open_storage(url, heartbeat=heartbeat)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    existing = set(optuna.get_all_study_names(storage))  # summaries would load every trial
     created = study_name not in existing
     study = optuna.create_study(storage=storage, study_name=study_name, direction=spec.objective.direction,
                                 sampler=spec.make_sampler(), pruner=spec.make_pruner(), load_if_exists=True)
@@ -110,6 +110,10 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
         study.set_user_attr(SPEC_ATTR, spec.stored())
         if old_hash is None:
             study.set_user_attr("regsweep:objective", spec.objective.metric)
+        if created:  # every trial of a new study records format 2; an older study mixes (the attr stays absent)
+            from regsweep.search.record import FORMAT_ATTR, RECORD_FORMAT
+
+            study.set_user_attr(FORMAT_ATTR, RECORD_FORMAT)
     elif old_hash != spec.spec_hash():
         raise spec.change_error(study_name, study.user_attrs.get(SPEC_ATTR, {}))
     if study.direction.name.lower() != spec.objective.direction:

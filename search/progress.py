@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, TextIO
 
-from regsweep.search.record import history
+from regsweep.search.record import n_epochs
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Snapshot:
 
 
 def snapshot(study) -> Snapshot:
-    """Counts from one read of the study's trials; a running trial's epoch = its recorded history length."""
+    """Counts from one read of the study's trials; a running trial's epoch = its recorded epochs (record.n_epochs)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -59,7 +59,7 @@ def snapshot(study) -> Snapshot:
         elif t.state == TrialState.FAIL:
             s.failed += 1
         elif t.state == TrialState.RUNNING:
-            s.running.append((t.number, len(history(t))))
+            s.running.append((t.number, n_epochs(t)))
     return s
 
 

@@ -1,7 +1,11 @@
 """The ONE recording path of a trial, shared by every backend.
 
-Per epoch exactly one history write (the ``history`` user attr: the list of per-epoch dicts so far, read back
-only through :func:`history`) plus ``report(objective, epoch)`` with epochs counted from 0. At the end:
+Per epoch exactly one write of constant size: the current chunk of per-epoch dicts (user attr
+``history:NNNNN``, the epochs from NNNNN on, at most :data:`CHUNK` of them) and ``history_len`` (the number of
+epochs recorded), plus ``report(objective, epoch)`` with epochs counted from 0 (record format 2). Studies made
+before 0.3 hold record format 1: one ``history`` user attr with the whole list, rewritten every epoch (O(E^2)
+bytes per trial, past MySQL's 64 KB TEXT limit at ~277 epochs). :func:`history` reads both; it is the ONE
+reader of the per-epoch records. At the end:
 ``best_epoch``, ``stop_reason``
 (completed | early_stopped | stopped:overfit:<rule>@<epoch> | pruned:<pruner>@<epoch> | failed:<error>),
 ``n_params``, ``device``, ``seed``, ``num_threads``, ``split_fingerprint`` and the test metrics (recorded for
@@ -20,7 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
 ATTR_PREFIX = "regsweep:"
-HISTORY_ATTR = "history"  # the per-epoch records; read only through history()
+HISTORY_ATTR = "history"  # record format 1: the whole list of per-epoch records (read only, never written now)
+CHUNK_PREFIX = "history:"  # record format 2: ``history:00040`` = the epochs 40.. of its chunk
+LEN_ATTR = "history_len"  # record format 2: epochs recorded (chunks may hold stale epochs past it after a resume)
+CHUNK = 10  # epochs per chunk attr: ~2.4 KB at most per write, and E/10 attr rows per trial (benchmarks/records.py)
+FORMAT_ATTR = "regsweep:record_format"  # study attr: 2 when every trial is format 2; absent: format 1 (or mixed)
+RECORD_FORMAT = 2
+EPOCH_KEY_PATTERNS = (HISTORY_ATTR, CHUNK_PREFIX + "%")  # SQL LIKE patterns of the per-epoch attrs
 
 
 @dataclass
@@ -36,8 +46,40 @@ class Objective:
 
 def history(trial: Any) -> list[dict[str, Any]]:
     """The per-epoch records of a trial (a FrozenTrial, a live Trial or anything with ``user_attrs``), oldest
-    first; [] when it has none. The ONE reader of the stored format: every other module calls this."""
-    return list(trial.user_attrs.get(HISTORY_ATTR) or [])
+    first; [] when it has none. The ONE reader of the stored formats (1 and 2): every other module calls this."""
+    return history_of(trial.user_attrs)
+
+
+def history_of(attrs: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`history` from a trial's user attrs."""
+    n = attrs.get(LEN_ATTR)
+    if n is None:  # format 1 (or nothing recorded yet)
+        return list(attrs.get(HISTORY_ATTR) or [])
+    chunks = sorted((int(k[len(CHUNK_PREFIX):]), v) for k, v in attrs.items() if k.startswith(CHUNK_PREFIX))
+    records: list[dict[str, Any]] = []
+    for start, chunk in chunks:
+        if start != len(records):  # a chunk of an earlier, longer run of a resumed trial: past history_len
+            break
+        records.extend(chunk)
+    return records[:n]
+
+
+def n_epochs(trial: Any) -> int:
+    """How many epochs a trial recorded, without assembling its records where the format says it."""
+    n = trial.user_attrs.get(LEN_ATTR)
+    return int(n) if n is not None else len(trial.user_attrs.get(HISTORY_ATTR) or [])
+
+
+def is_epoch_key(key: str) -> bool:
+    """Whether a user attr holds per-epoch records (either format); readers of many trials leave these out."""
+    return key == HISTORY_ATTR or key.startswith(CHUNK_PREFIX)
+
+
+def epoch_attrs(records: list[dict[str, Any]], chunk: int = CHUNK) -> dict[str, Any]:
+    """The format-2 write after the last of ``records``: its chunk (the only attr that changed) and the length."""
+    last = len(records) - 1
+    start = last - last % chunk
+    return {f"{CHUNK_PREFIX}{start:05d}": records[start:], LEN_ATTR: len(records)}
 
 
 class Sink(Protocol):
@@ -78,8 +120,9 @@ class Recorder:
     ``stopped:overfit:<rule>@<epoch>`` — and returns it to stop the run."""
 
     def __init__(self, sink: Sink, objective: Objective, verdict: Optional[Callable[[int], Optional[str]]] = None,
-                 history: Optional[list[dict[str, Any]]] = None):
+                 history: Optional[list[dict[str, Any]]] = None, chunk: int = CHUNK):
         self.sink = sink
+        self.chunk = chunk
         self.objective = objective
         self.verdict = verdict
         self.history: list[dict[str, Any]] = list(history or [])  # epochs already recorded (a driver's end write)
@@ -97,7 +140,7 @@ class Recorder:
     def on_epoch(self, epoch: int, record: dict[str, Any]) -> Optional[str]:
         self.history.append(record)
         value = record[self.objective.metric]
-        self._flush({HISTORY_ATTR: self.history}, (value, epoch) if math.isfinite(value) else None)
+        self._flush(epoch_attrs(self.history, self.chunk), (value, epoch) if math.isfinite(value) else None)
         return self.verdict(epoch) if self.verdict is not None else None
 
     def finish(self, hist) -> tuple[str, Optional[float]]:

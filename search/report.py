@@ -7,7 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from regsweep.search.record import history
+from regsweep.search import optuna_internals as internals
+from regsweep.search.record import EPOCH_KEY_PATTERNS, history
 
 
 def stop_reason_kind(reason: str | None) -> str:
@@ -21,18 +22,43 @@ def stop_reason_kind(reason: str | None) -> str:
     return reason
 
 
+def without_epochs(study):
+    """The same study, read through a storage that leaves every trial's per-epoch records (both record
+    formats) out of its bulk trial reads, read once (a snapshot): for readers of many trials that do not show
+    curves. A single trial (``get_trial``, ``best_trial``) stays whole; on a non-RDB storage: ``study``."""
+    import optuna
+
+    storage = internals.leaving_out(internals.study_storage(study), EPOCH_KEY_PATTERNS, snapshot=True)
+    if storage is internals.study_storage(study):
+        return study
+    return optuna.load_study(study_name=study.study_name, storage=storage, sampler=study.sampler,
+                             pruner=study.pruner)
+
+
 def study_summary(study) -> dict[str, Any]:
+    """Counts per state and stop reason, and the best trial: by GROUP BY queries and one trial read on an RDB
+    storage (never every trial's attrs), by reading the trials elsewhere."""
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
-    states = Counter(t.state.name for t in trials)
-    reasons = Counter(stop_reason_kind(t.user_attrs.get("stop_reason")) for t in trials
-                      if t.state != TrialState.RUNNING and t.state != TrialState.WAITING)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = study.best_trial if complete else None
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    states = internals.state_counts(study)
+    raw = internals.user_attr_counts(study, "stop_reason", finished) if states is not None else None
+    if states is None or raw is None:
+        trials = study.get_trials(deepcopy=False)
+        states = dict(Counter(t.state.name for t in trials))
+        reasons = Counter(stop_reason_kind(t.user_attrs.get("stop_reason")) for t in trials
+                          if t.state in finished)
+    else:
+        reasons = Counter()
+        for reason, n in raw.items():
+            reasons[stop_reason_kind(reason)] += n
+        unrecorded = sum(states.get(s.name, 0) for s in finished) - sum(raw.values())
+        if unrecorded > 0:
+            reasons[stop_reason_kind(None)] += unrecorded
+    best = study.best_trial if states.get("COMPLETE") else None
     return {"name": study.study_name, "direction": study.direction.name.lower(),
             "budget": study.user_attrs.get("regsweep:n_trials"),
-            "objective": study.user_attrs.get("regsweep:objective", "value"), "n_trials": len(trials),
+            "objective": study.user_attrs.get("regsweep:objective", "value"), "n_trials": sum(states.values()),
             "states": dict(states), "stop_reasons": dict(reasons),
             "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
                                                "best_epoch": best.user_attrs.get("best_epoch"),
@@ -153,6 +179,7 @@ def write_report(study, out, storage_masked: str) -> Path:
         raise ConfigError(f"--out: {out} is a file; give a directory")
     if not out.parent.is_dir():
         raise ConfigError(f"--out: directory {out.parent} does not exist")
+    study = without_epochs(study)  # every trial but its per-epoch records; the curves read their own trials
     trials = study.get_trials(deepcopy=False)
     if not trials:
         raise ConfigError(f"study '{study.study_name}' has no trials yet; nothing to report")
@@ -166,7 +193,8 @@ def write_report(study, out, storage_masked: str) -> Path:
         for file, title, note in _optuna_plots(study, tmp):
             sections.append((title, file, note))
         if complete:
-            _curves_plot(complete[:TOP_CURVES], s["objective"], tmp / "curves.png")
+            top = [internals.frozen_trial(study, internals.trial_id(t)) for t in complete[:TOP_CURVES]]
+            _curves_plot(top, s["objective"], tmp / "curves.png")
             sections.append((f"Train vs validation, top {min(TOP_CURVES, len(complete))} trials "
                              "(gap shaded; dotted line: best epoch)", "curves.png", ""))
         else:

@@ -14,6 +14,7 @@ from optuna.trial import TrialState
 import regsweep
 from regsweep.search.cli import main
 from regsweep.search.export import render
+from regsweep.search.record import history
 from regsweep.search.storage import mask
 
 SPEC = """
@@ -145,7 +146,7 @@ def test_a_plain_pytorch_loop_trains_the_exported_yaml(study_env, tmp_path):
     assert cfg.train.epochs == 3 and len(parts.data.val) > 300
     assert val_acc > 0.5, val_acc  # 10 classes: chance is 0.1
     best = study.best_trial
-    assert val_loss < 2.0 and abs(val_loss - best.user_attrs["history"][-1]["val_loss"]) < 0.5
+    assert val_loss < 2.0 and abs(val_loss - history(best)[-1]["val_loss"]) < 0.5
 
 
 def test_out_is_written_atomically(study_env, tmp_path, capsys):

@@ -10,6 +10,8 @@ import time
 import optuna
 from optuna.trial import TrialState
 
+from regsweep.search.record import history
+
 SPEC = """
 name: intr
 base:
@@ -39,7 +41,7 @@ def test_ctrl_c_fails_the_running_trial_and_the_next_run_resumes(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        running = [t for t in _trials(url) if t.state == TrialState.RUNNING and t.user_attrs.get("history")]
+        running = [t for t in _trials(url) if t.state == TrialState.RUNNING and history(t)]
         if running:
             break
         time.sleep(0.2)
@@ -53,7 +55,7 @@ def test_ctrl_c_fails_the_running_trial_and_the_next_run_resumes(tmp_path):
     trials = _trials(url)
     assert [t.state for t in trials] == [TrialState.FAIL]
     assert trials[0].user_attrs["stop_reason"] == "failed:interrupted"
-    assert trials[0].user_attrs["history"]  # what it trained is kept
+    assert history(trials[0])  # what it trained is kept
 
     spec.write_text(SPEC.replace("epochs: 40", "epochs: 3"))
     from regsweep.search.cli import main

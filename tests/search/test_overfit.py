@@ -17,7 +17,7 @@ from regsweep.search.cli import main
 from regsweep.search.pruners.compose import stop_verdict
 from regsweep.search.pruners.overfit import OverfitPruner, overfit_rule
 from regsweep.search.pruners.registry import PrunerContext, build_pruner, label
-from regsweep.search.record import PRUNED, Objective, Recorder
+from regsweep.search.record import PRUNED, Objective, Recorder, history
 from regsweep.search.report import stop_reason_kind
 from regsweep.search.storage import TrialWriter, open_storage
 
@@ -211,7 +211,7 @@ def test_a_diverging_trial_stops_complete_with_its_best_epoch(kind, tmp_path):
     assert t.state == TrialState.COMPLETE
     assert t.value == DIVERGING_VAL[BEST] == 0.4  # the best epoch's value, not the last one (0.55)
     assert t.user_attrs["best_epoch"] == BEST
-    assert [e["val_loss"] for e in t.user_attrs["history"]] == DIVERGING_VAL[:8]
+    assert [e["val_loss"] for e in history(t)] == DIVERGING_VAL[:8]
     assert t.intermediate_values == dict(enumerate(DIVERGING_VAL[:8]))  # stopped right after epoch 7
     assert study.best_trial.number == t.number
 
@@ -235,7 +235,7 @@ def test_complete_unless_behind_the_median_of_finished_trials(kind, tmp_path, ot
     t = drive(study, pruner)
     assert t.user_attrs["stop_reason"] == verdict
     assert t.state == (TrialState.PRUNED if verdict.startswith("pruned:") else TrialState.COMPLETE)
-    assert t.user_attrs["best_epoch"] == BEST and len(t.user_attrs["history"]) == 8
+    assert t.user_attrs["best_epoch"] == BEST and len(history(t)) == 8
     if t.state == TrialState.COMPLETE:
         assert t.value == 0.4
 
@@ -262,7 +262,7 @@ def test_the_median_guard_follows_the_direction(others, verdict):
     assert t.user_attrs["stop_reason"] == verdict
     assert t.user_attrs["best_epoch"] == BEST  # the highest val_acc (0.6) is at val_loss's best
     if t.state == TrialState.COMPLETE:
-        assert t.value == t.user_attrs["history"][BEST]["val_acc"]
+        assert t.value == history(t)[BEST]["val_acc"]
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
@@ -362,7 +362,7 @@ def test_every_trial_plateaus_at_epoch_2_through_fit_and_the_cli(tmp_path, capsy
     study = optuna.load_study(study_name="ovf", storage=url)
     assert len(study.trials) == 3
     for t in study.trials:
-        hist = t.user_attrs["history"]
+        hist = history(t)
         vals = [e["val_loss"] for e in hist]
         assert [e["epoch"] for e in hist] == [0, 1, 2]  # train.epochs is 6: the pruner stopped fit()
         assert t.intermediate_values == dict(enumerate(vals))

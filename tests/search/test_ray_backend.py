@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from regsweep.models.train import HISTORY_KEYS
 from regsweep.search.cli import main
+from regsweep.search.record import history
 
 
 def _conftest():
@@ -58,7 +59,7 @@ budget: {{n_trials: {N_TRIALS}}}
 enqueue: [{{}}]
 ray: {{scheduler: {{name: asha, args: {{grace_period: 1, reduction_factor: 2}}}}}}
 """
-END_ATTRS = {"config", "history", "best_epoch", "stop_reason", "n_params", "device", "seed", "num_threads",
+END_ATTRS = {"config", "history_len", "best_epoch", "stop_reason", "n_params", "device", "seed", "num_threads",
              "split_fingerprint", "torch_version", "test_loss", "test_acc", "worker"}
 
 
@@ -131,7 +132,7 @@ def test_sweep_records_every_trial_as_the_optuna_backend_does(sweep, tmp_path):
     assert pruned and complete, [(t.number, t.state.name, t.user_attrs.get("stop_reason")) for t in trials]
     assert trials[0].user_attrs["regsweep:base"] is True and trials[0].params == {}
     for t in done:
-        hist = t.user_attrs["history"]
+        hist = history(t)
         assert hist and all(tuple(e) == HISTORY_KEYS for e in hist)  # the Optuna backend's history, key for key
         assert [e["epoch"] for e in hist] == list(range(len(hist)))
         assert sorted(t.intermediate_values) == list(range(len(hist)))  # one value per trained epoch, from 0
@@ -160,10 +161,10 @@ def test_sweep_records_every_trial_as_the_optuna_backend_does(sweep, tmp_path):
     ref_trial = ref.get_trials()[0]
     ray_base = trials[0]
     assert set(ref_trial.user_attrs) - {"artifacts", "regsweep:artifacts"} <= set(ray_base.user_attrs)
-    assert ref_trial.user_attrs["history"][0].keys() == ray_base.user_attrs["history"][0].keys()
+    assert history(ref_trial)[0].keys() == history(ray_base)[0].keys()
     assert ref_trial.user_attrs["config"] == ray_base.user_attrs["config"]
-    assert [e["val_loss"] for e in ref_trial.user_attrs["history"]] == \
-        [e["val_loss"] for e in ray_base.user_attrs["history"]]  # same config, same CPU threads: same curve
+    assert [e["val_loss"] for e in history(ref_trial)] == \
+        [e["val_loss"] for e in history(ray_base)]  # same config, same CPU threads: same curve
 
 
 def test_export_and_train_reproduce_a_ray_trial_exactly(sweep, tmp_path, capsys):
@@ -243,7 +244,7 @@ def test_hyperband_pauses_resumes_and_records_every_epoch_once(ray_session, tmp_
         assert [t.state for t in trials if t not in done] == []  # none failed as stale, none left RUNNING
         resumed = []
         for t in done:
-            hist = t.user_attrs["history"]
+            hist = history(t)
             assert [e["epoch"] for e in hist] == list(range(len(hist)))  # once each, from 0
             assert sorted(t.intermediate_values) == list(range(len(hist)))
             assert all(t.intermediate_values[e["epoch"]] == e["val_loss"] for e in hist)
@@ -259,7 +260,7 @@ def test_hyperband_pauses_resumes_and_records_every_epoch_once(ray_session, tmp_
         for t in resumed[:1]:  # the replay is exact: the same curve as one uninterrupted run of its config
             ref = fit(TrainConfig.from_dict(t.user_attrs["config"]), "cpu")
             assert [{k: v for k, v in e.items() if k != "seconds"} for e in ref.epochs] == \
-                [{k: v for k, v in e.items() if k != "seconds"} for e in t.user_attrs["history"]]
+                [{k: v for k, v in e.items() if k != "seconds"} for e in history(t)]
         print(f"hyperband: {len(resumed)} resumed trials: {[(t.number, t.user_attrs['resumed_at']) for t in resumed]}")
     finally:
         with contextlib.suppress(KeyError):

@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from regsweep.models.train import History
-from regsweep.search.record import COMPLETE, FAIL, PRUNED, Objective, Recorder, best_epoch, outcome
+from regsweep.search.record import COMPLETE, FAIL, PRUNED, Objective, Recorder, best_epoch, history, outcome
 from regsweep.search.storage import TrialWriter, open_storage
 
 CURVE = [0.9, 0.5, 0.4, 0.45, 0.6]
@@ -33,7 +33,7 @@ def _run(study, stop_at=None):
         rec.on_epoch(e, _record(e, v))
         frozen = trial._cached_frozen_trial if hasattr(trial, "_cached_frozen_trial") else None
         if frozen is not None:  # pruners read the trial's cached view: it must see every write
-            assert frozen.intermediate_values[e] == v and len(frozen.user_attrs["history"]) == e + 1
+            assert frozen.intermediate_values[e] == v and len(history(frozen)) == e + 1
     hist = History(epochs=[_record(e, v) for e, v in enumerate(CURVE)], stop_reason="completed", n_params=7,
                    split_fingerprint="f" * 16, test={"test_loss": 0.5, "test_acc": 0.8})
     state, value = rec.finish(hist)
@@ -49,7 +49,7 @@ def test_recorder_writes_the_contract(kind, tmp_path):
     t = study.trials[0]
     assert state == COMPLETE and value == 0.4 and t.value == 0.4
     assert t.intermediate_values == dict(enumerate(CURVE))
-    assert [e["val_loss"] for e in t.user_attrs["history"]] == CURVE
+    assert [e["val_loss"] for e in history(t)] == CURVE
     assert t.user_attrs["best_epoch"] == 2 and t.user_attrs["stop_reason"] == "completed"
     assert t.user_attrs["config"] == {"model": {"dropout": 0.1}}
     assert t.user_attrs["n_params"] == 7 and t.user_attrs["test_acc"] == 0.8
@@ -69,7 +69,7 @@ def test_non_finite_epochs_are_kept_in_history_but_not_reported(tmp_path):
     rec.on_epoch(0, _record(0, 0.5))
     rec.on_epoch(1, _record(1, math.nan))
     t = study.trials[0]
-    assert len(t.user_attrs["history"]) == 2 and t.intermediate_values == {0: 0.5}
+    assert len(history(t)) == 2 and t.intermediate_values == {0: 0.5}
 
 
 def test_a_step_reported_twice_is_ignored_like_optuna_does(tmp_path):

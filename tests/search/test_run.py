@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from regsweep.models.config import TrainConfig
 from regsweep.models.train import fit
 from regsweep.search.cli import main
+from regsweep.search.record import history
 
 SPEC = """
 name: tiny
@@ -66,7 +67,7 @@ def test_run_records_every_trial_by_the_contract(study_env, capsys):
     assert base.user_attrs["config"] == load_spec(spec).base.to_dict()
     assert forced.params["model.dropout"] == 0.25
     for t in study.trials:
-        hist = t.user_attrs["history"]
+        hist = history(t)
         assert [e["epoch"] for e in hist] == list(range(len(hist)))
         assert sorted(t.intermediate_values) == list(range(len(hist)))  # one report per epoch, from 0
         assert all(t.intermediate_values[e["epoch"]] == e["val_loss"] for e in hist)
@@ -91,7 +92,9 @@ def test_plain_optuna_reads_the_study_without_regsweep(study_env):
         import sys, optuna
         s = optuna.load_study(study_name="tiny", storage={url!r})
         assert not any(m.split(".")[0] in ("regsweep", "models", "search") for m in sys.modules), "regsweep imported"
-        print(len(s.trials), s.best_trial.number, len(s.best_trial.user_attrs["history"]))
+        b = s.best_trial
+        assert len(b.intermediate_values) == b.user_attrs["history_len"], "a curve without regsweep"
+        print(len(s.trials), b.number, len(b.intermediate_values))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, check=True)
@@ -143,7 +146,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(study_env, capsys):
     first = study.trials[0]
     assert first.params["regularization.l2"] == 1000.0 and first.state == TrialState.FAIL
     assert first.user_attrs["stop_reason"].startswith("failed:non-finite")
-    assert "history" in first.user_attrs  # what it trained before diverging is kept
+    assert history(first)  # what it trained before diverging is kept
     assert len(_done(study)) == 3  # the failed trial does not count towards the budget
 
 

@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from regsweep.models.config import ConfigError
 from regsweep.search.backends.optuna_backend import assignments, parse_gpus
 from regsweep.search.loop import THREADS_ENV
+from regsweep.search.record import history
 
 FAST = """
 name: {name}
@@ -101,7 +102,7 @@ def running_with_history(url, name, timeout=90):
             trials = load(url, name).get_trials(deepcopy=False)
         except KeyError:
             trials = []
-        live = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("history")]
+        live = [t for t in trials if t.state == TrialState.RUNNING and history(t)]
         if live:
             return live[0]
         time.sleep(0.2)

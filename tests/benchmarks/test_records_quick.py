@@ -1,0 +1,26 @@
+"""benchmarks/records.py --quick: the write bench and the read bench (status, export, dashboard API, before vs
+after) on a tiny SQLite study. Timings are never asserted; the bytes per epoch are (they are not timings)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "records.py"
+
+
+@pytest.mark.bench
+def test_quick_mode_measures_writes_and_reads(capsys):
+    spec = importlib.util.spec_from_file_location("records_bench_quick", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    figures = mod.main(["--quick"])
+    out = capsys.readouterr().out
+    writes = figures["writes"]["sqlite"]
+    assert writes["v2/10"]["max_bytes"] < 3000 < writes["v1"]["max_bytes"]  # constant vs growing
+    reads = figures["reads"]["sqlite/24/v2"]
+    for when in ("before", "after"):
+        assert {"status", "export", "dashboard", "dashboard_mb"} <= set(reads[when])
+    assert "format v1" in out and "format v2" in out and "after/before" in out
