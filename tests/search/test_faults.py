@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from regsweep.search import optuna_internals as internals
 from regsweep.search.loop import FailureStreak, ask_within_budget, fail_stale, run_one
+from regsweep.search.record import history
 from regsweep.search.storage import database_reason, open_storage
 from regsweep.search.trial import worker_label
 
@@ -120,7 +121,7 @@ def wait_training(url, name, pids, logs, count=1, timeout=90):
     """Until ``count`` trials are RUNNING with at least one recorded epoch; else the workers' stacks and logs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        live = [t for t in trials_of(url, name) if t.state == TrialState.RUNNING and t.user_attrs.get("history")]
+        live = [t for t in trials_of(url, name) if t.state == TrialState.RUNNING and history(t)]
         if len(live) >= count:
             return live
         time.sleep(0.25)
