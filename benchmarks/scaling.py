@@ -249,7 +249,8 @@ def delete_studies(url: str, names: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     import optuna
 
-    from regsweep.search.storage import check_reachable, mask
+    from regsweep.search.storage import check_reachable
+    from regsweep.search.urls import mask
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"RDB storage URL (default {DEFAULT_STORAGE})")

@@ -145,7 +145,8 @@ def train(cfg: TrainConfig, device: str | torch.device | None = None, report: Op
     since it holds everything that decides them: weights, optimizer, LR schedule, GradScaler, every generator
     of the loop (shuffle, augmentation, batch regulariser), the global CPU RNG (dropout, mixup/cutmix, noise)
     and the CUDA one, and the early-stopping bookkeeping and history so far. It must come from the same
-    config (and ``parts`` built from it, or none)."""
+    config (and ``parts`` built from it, or none). Long because it is the one epoch loop (batches, evaluation,
+    report, early stopping, checkpoint) whose order of steps and RNG draws exact replay and resume depend on."""
     dev = resolve_device(device) if parts is None else parts.device
     threads = configure_torch(cfg, dev)
     parts = parts if parts is not None else build(cfg, dev)

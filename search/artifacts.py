@@ -50,7 +50,7 @@ def normalize(location: str, flag: str = "--artifacts") -> str:
 
 def default_location(url: str) -> Optional[str]:
     """``<db stem>-artifacts`` beside a SQLite database file; None for other storages."""
-    from regsweep.search.storage import sqlite_file
+    from regsweep.search.urls import sqlite_file
 
     file = sqlite_file(url)
     if file is None:

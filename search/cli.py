@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Optional
 
 from regsweep.models.config import ConfigError
-from regsweep.search.loop import SweepFailed
 from regsweep.search.signals import Terminated
-from regsweep.search.storage import mask, sqlite_file
+from regsweep.search.study import SweepFailed
+from regsweep.search.urls import mask, sqlite_file
 
 DEFAULT_STUDIES_DIR = Path("studies")
 
 
 # ------------------------------------------------------------------------------------ helpers
 def _storage_url(args: argparse.Namespace, spec=None) -> str:
-    from regsweep.search.storage import check_sqlite_path, check_url, resolve_url
+    from regsweep.search.urls import check_sqlite_path, check_url, resolve_url
 
     spec_dir = (Path.cwd() if spec.builtin else spec.directory) if spec is not None else DEFAULT_STUDIES_DIR
     url = resolve_url(getattr(args, "storage", None), spec.storage if spec is not None else None, spec_dir)
@@ -44,7 +44,8 @@ def _load_study(args: argparse.Namespace):
     """The study named by --study-name in the storage, or the only study there."""
     import optuna
 
-    from regsweep.search.storage import mask, open_storage
+    from regsweep.search.storage import open_storage
+    from regsweep.search.urls import mask
 
     url = _storage_url(args)
     storage = open_storage(url, heartbeat=False)
@@ -83,9 +84,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from regsweep.search.loop import check_existing_study
     from regsweep.search.spec import load_spec
-    from regsweep.search.storage import mask
+    from regsweep.search.study import check_existing_study
+    from regsweep.search.urls import mask
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
     url = _storage_url(args, spec)
@@ -126,7 +127,7 @@ def _print_sqlite_file(url: str) -> None:
 def _print_outcome(study, url: str, name: str) -> int:
     """The study's summary and how to export and replay its best trial; the run's exit code 0."""
     from regsweep.search.report import format_summary, study_summary
-    from regsweep.search.storage import mask
+    from regsweep.search.urls import mask
 
     print(format_summary(study_summary(study)))
     print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
@@ -244,7 +245,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from regsweep.search.report import write_report
-    from regsweep.search.storage import mask
+    from regsweep.search.urls import mask
 
     study, url = _load_study(args)
     index = write_report(study, Path(args.out), mask(url))
@@ -256,7 +257,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
     from regsweep.search.report import format_summary, study_summary
-    from regsweep.search.storage import mask, open_storage
+    from regsweep.search.storage import open_storage
+    from regsweep.search.urls import mask
 
     if args.study_name is None:
         url = _storage_url(args)
@@ -273,7 +275,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from regsweep.search.export import pick_trial, render
-    from regsweep.search.storage import mask
+    from regsweep.search.urls import mask
 
     study, url = _load_study(args)
     trial = pick_trial(study, args.trial)

@@ -77,7 +77,7 @@ def serve(url: str, host: str = "127.0.0.1", port: int = 8080, artifacts: Option
     """Serve until interrupted."""
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-    from regsweep.search.storage import mask
+    from regsweep.search.urls import mask
 
     out = out or sys.stdout
     if not 0 <= port < 65536:

@@ -217,7 +217,9 @@ def trial_by_number(study, number: int):
 
 def trials_leaving_out(backend, study_id_: int, states, patterns: tuple[str, ...]) -> list:
     """``backend.get_all_trials(study_id_, deepcopy=False, states=states)`` (an RDBStorage) without the user
-    attrs whose keys match one of ``patterns`` (SQL ``LIKE`` patterns): those rows are never read."""
+    attrs whose keys match one of ``patterns`` (SQL ``LIKE`` patterns): those rows are never read. Long because
+    it mirrors Optuna's FrozenTrial build from its schema in one place, step for step, so it can be checked against
+    RDBStorage._build_frozen_trial_from_trial_model."""
     import json
 
     import sqlalchemy

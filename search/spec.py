@@ -10,7 +10,7 @@ Grammar (paths are relative to the spec file)::
     pruner: {any_of: [{name: median, args: {n_warmup_steps: 3}}, {name: overfit, args: {patience: 3}}]}
     budget: {n_trials: 20, timeout: null}
     enqueue: [{}]                          # params dicts to try first; {} = the base config itself
-    storage: null                          # optional; see search/storage.py for the precedence
+    storage: null                          # optional; see search/urls.py for the precedence
     ray: {scheduler: asha, overfit: {patience: 3}}   # optional; only --backend ray reads it
 
 Every error is one line naming the file, the field, the value and what is allowed.

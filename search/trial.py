@@ -29,7 +29,8 @@ from regsweep.search.optuna_internals import latest_trial
 from regsweep.search.record import FAIL, PRUNED, Recorder, failure_reason
 from regsweep.search.signals import Terminated, check_signals
 from regsweep.search.spec import StudySpec
-from regsweep.search.storage import TrialWriter, database_reason, mask, retry_transient, transient_errors
+from regsweep.search.storage import TrialWriter, database_reason, retry_transient, transient_errors
+from regsweep.search.urls import mask
 
 BASE_ATTR = "regsweep:base"
 # data fields that do not change the loaded tensors

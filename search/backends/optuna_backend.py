@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 from regsweep.models.config import ConfigError
-from regsweep.search.loop import THREADS_ENV, WORKER_ENV, budget, done_count, open_study_locked, worker_loop
+from regsweep.search.loop import THREADS_ENV, WORKER_ENV, worker_loop
 from regsweep.search.signals import terminate_on_sigterm
 from regsweep.search.spec import StudySpec
-from regsweep.search.storage import STORAGE_ENV, mask
+from regsweep.search.study import budget, done_count, open_study_locked
 from regsweep.search.trial import make_objective
+from regsweep.search.urls import STORAGE_ENV, mask
 
 
 @dataclass

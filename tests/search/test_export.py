@@ -15,7 +15,7 @@ import regsweep
 from regsweep.search.cli import main
 from regsweep.search.export import render
 from regsweep.search.record import history
-from regsweep.search.storage import mask
+from regsweep.search.urls import mask
 
 SPEC = """
 name: tiny

@@ -400,9 +400,10 @@ def test_the_driver_writes_the_end_of_a_trial_ray_stopped(spec_file, tmp_path):
     from regsweep.search.backends.ray import STOP_KEY
     from regsweep.search.backends.ray.driver import RayDriver
     from regsweep.search.backends.ray.searcher import overfit_stopper_class
-    from regsweep.search.loop import ask, open_study_locked
+    from regsweep.search.loop import ask
     from regsweep.search.optuna_internals import trial_id
     from regsweep.search.spec import load_spec
+    from regsweep.search.study import open_study_locked
 
     spec = load_spec(spec_file)
     url = f"sqlite:///{tmp_path / 'db'}"
@@ -440,8 +441,9 @@ def test_resume_of_a_ray_run_made_before_0_2_is_refused(spec_file, tmp_path, cap
     require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
     from regsweep.search.backends.ray import FORMAT_ATTR, RESULTS_ENV, RUN_ATTR
     from regsweep.search.backends.ray.run import resumable_experiment
-    from regsweep.search.loop import ask, open_study_locked
+    from regsweep.search.loop import ask
     from regsweep.search.spec import load_spec
+    from regsweep.search.study import open_study_locked
 
     url, results = f"sqlite:///{tmp_path / 'db'}", tmp_path / "results"
     study = open_study_locked(load_spec(spec_file), url, "old")

@@ -1,6 +1,6 @@
 """Issue 16, secrets: a storage password never leaves regsweep unmasked.
 
-- ``mask`` (search/storage.py) is the ONE masking function: a table of password forms, and property checks that
+- ``mask`` (search/urls.py) is the ONE masking function: a table of password forms, and property checks that
   it never raises and never returns a password it was given.
 - ``run --workers N`` hands its workers the URL in their environment, never on their command line (``ps``).
 - End to end on PostgreSQL (trust auth accepts any password): a sweep with a password-bearing URL, then every
@@ -27,7 +27,7 @@ from urllib.parse import quote
 import optuna
 import pytest
 
-from regsweep.search.storage import mask, reason, scrub, shown
+from regsweep.search.urls import mask, reason, scrub, shown
 
 # ------------------------------------------------------------------------------------------- the table
 MASK_TABLE = [

@@ -1,4 +1,4 @@
-"""search/storage.py: URL precedence, password masking, scheme checks, opening a SQLite study."""
+"""search/urls.py and search/storage.py: URL precedence, password masking, scheme checks, opening a SQLite study."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ import optuna
 import pytest
 
 from regsweep.models.config import ConfigError
-from regsweep.search.storage import (
-    GRACE_PERIOD,
-    HEARTBEAT_INTERVAL,
-    check_url,
-    default_url,
-    mask,
-    open_storage,
-    resolve_url,
-)
+from regsweep.search.storage import GRACE_PERIOD, HEARTBEAT_INTERVAL, open_storage
+from regsweep.search.urls import check_url, default_url, mask, resolve_url
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -11,12 +11,14 @@ from typing import Any, Iterator, Mapping, Optional, TextIO
 
 from regsweep.search.backends.ray import RUN_ATTR, STOP_KEY
 from regsweep.search.backends.ray.trainable import storage_fingerprint
-from regsweep.search.loop import FailureStreak, Heartbeat, ask_within_budget, budget, requeue, tell_trial, trial_line
+from regsweep.search.loop import FailureStreak, Heartbeat, ask_within_budget, requeue, tell_trial, trial_line
 from regsweep.search.optuna_internals import frozen_trial, trial_id
 from regsweep.search.record import FAIL, Recorder, history, outcome
 from regsweep.search.spec import StudySpec
-from regsweep.search.storage import TrialWriter, mask, retry_transient
+from regsweep.search.storage import TrialWriter, retry_transient
+from regsweep.search.study import budget
 from regsweep.search.trial import BASE_ATTR
+from regsweep.search.urls import mask
 
 FINISHED = "FINISHED"  # RayDriver.suggest: the budget (or the deadline, or the failure streak) is done
 

@@ -1,0 +1,156 @@
+"""The study every worker shares: open or create it, check its spec hash, enqueue, its budget and budget lock.
+
+The spec's hash is a study attr: resuming with a different spec is refused unless ``allow_spec_change``.
+``n_trials`` is the study's total across runs (its ``regsweep:n_trials`` attr): the number of COMPLETE + PRUNED
+trials :func:`budget_lock` lets the workers of search/loop.py reach, counting under the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+from typing import Iterator, Optional
+
+from regsweep.models.config import ConfigError
+from regsweep.search.spec import StudySpec
+from regsweep.search.storage import open_existing, open_storage
+from regsweep.search.trial import BASE_ATTR
+from regsweep.search.urls import check_url, sqlite_file
+
+SPEC_HASH_ATTR, SPEC_ATTR, BUDGET_ATTR = "regsweep:spec_hash", "regsweep:spec", "regsweep:n_trials"
+
+class SweepFailed(RuntimeError):
+    """The sweep cannot go on (e.g. every trial fails): exit 1."""
+
+
+# ------------------------------------------------------------------------------------ the study
+def done_count(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def budget(study, spec: StudySpec) -> int:
+    """The study's budget of COMPLETE + PRUNED trials (its ``regsweep:n_trials`` attr, else the spec's)."""
+    return int(study.user_attrs.get(BUDGET_ATTR, spec.n_trials))
+
+
+def check_existing_study(spec: StudySpec, url: str, study_name: str) -> None:
+    """Read-only version of open_study's checks (for `validate`): creates no file, table or study."""
+    import optuna
+    import sqlalchemy.exc
+
+    storage = open_existing(url)
+    if storage is None:
+        return
+    try:
+        names = set(optuna.get_all_study_names(storage))  # summaries would load every trial
+    except sqlalchemy.exc.SQLAlchemyError:  # a database without Optuna's tables holds no study yet
+        return
+    if study_name not in names:
+        return
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    old_hash = study.user_attrs.get(SPEC_HASH_ATTR)
+    if old_hash is not None and old_hash != spec.spec_hash():
+        raise spec.change_error(study_name, study.user_attrs.get(SPEC_ATTR, {}))
+
+
+def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change: bool = False,
+               heartbeat: bool = True):
+    """Create or load the study; check the spec hash; returns (study, created)."""
+    import optuna
+
+    storage = open_storage(url, heartbeat=heartbeat)
+    existing = set(optuna.get_all_study_names(storage))  # summaries would load every trial
+    created = study_name not in existing
+    study = optuna.create_study(storage=storage, study_name=study_name, direction=spec.objective.direction,
+                                sampler=spec.make_sampler(), pruner=spec.make_pruner(), load_if_exists=True)
+    old_hash = study.user_attrs.get(SPEC_HASH_ATTR)
+    if old_hash is None or (old_hash != spec.spec_hash() and allow_spec_change):
+        study.set_user_attr(SPEC_HASH_ATTR, spec.spec_hash())
+        study.set_user_attr(SPEC_ATTR, spec.stored())
+        if old_hash is None:
+            study.set_user_attr("regsweep:objective", spec.objective.metric)
+        if created:  # every trial of a new study records format 2; an older study mixes (the attr stays absent)
+            from regsweep.search.record import FORMAT_ATTR, RECORD_FORMAT
+
+            study.set_user_attr(FORMAT_ATTR, RECORD_FORMAT)
+    elif old_hash != spec.spec_hash():
+        raise spec.change_error(study_name, study.user_attrs.get(SPEC_ATTR, {}))
+    if study.direction.name.lower() != spec.objective.direction:
+        raise ConfigError(f"{spec.path}: objective.direction: study '{study_name}' is "
+                          f"{study.direction.name.lower()}, the spec says {spec.objective.direction}")
+    return study, created
+
+
+def enqueue(study, spec: StudySpec) -> None:
+    for params in spec.enqueue:
+        if params:
+            study.enqueue_trial(params, skip_if_exists=True)
+        else:
+            study.enqueue_trial({}, user_attrs={BASE_ATTR: True})
+
+
+def open_study_locked(spec: StudySpec, url: str, study_name: str, *, allow_spec_change: bool = False,
+                      n_trials: Optional[int] = None):
+    """open_study + enqueue under the budget lock, so workers starting at the same instant on a new study
+    make one study and enqueue its first trials once. ``n_trials`` (from ``run``) becomes the study's budget,
+    which workers joining later read."""
+    with budget_lock(url, study_name):
+        study, created = open_study(spec, url, study_name, allow_spec_change=allow_spec_change)
+        if created:
+            enqueue(study, spec)
+        if n_trials is not None or BUDGET_ATTR not in study.user_attrs:
+            study.set_user_attr(BUDGET_ATTR, n_trials if n_trials is not None else spec.n_trials)
+    return study
+
+
+# ------------------------------------------------------------------------------------ budget lock
+@contextlib.contextmanager
+def budget_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[None]:
+    """A lock shared by every worker of one study, held only around count-then-ask.
+
+    PostgreSQL: ``pg_advisory_lock``; MySQL/MariaDB: ``GET_LOCK``; SQLite: ``flock`` on ``<db>.lock``. Each is
+    released by the database / kernel when its holder dies, so a killed worker never leaves it taken.
+    """
+    scheme = check_url(url)
+    key = int.from_bytes(hashlib.sha256(f"regsweep:{study_name}".encode()).digest()[:8], "big", signed=True)
+    if scheme == "sqlite":
+        file = sqlite_file(url)
+        if file is None:  # in-memory: one process, nothing to share
+            yield
+            return
+        with open(f"{file}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    import sqlalchemy
+    import sqlalchemy.exc
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            if scheme == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
+                unlock = f"SELECT pg_advisory_unlock({key})"
+            else:
+                name = f"regsweep_{key & 0xFFFFFFFFFFFF:x}"
+                got = conn.exec_driver_sql(f"SELECT GET_LOCK('{name}', {int(timeout)})").scalar()
+                if got != 1:
+                    raise SweepFailed(f"could not take the budget lock of study '{study_name}' in {timeout:.0f}s")
+                unlock = f"SELECT RELEASE_LOCK('{name}')"
+            conn.commit()
+            try:
+                yield
+            finally:
+                try:
+                    conn.exec_driver_sql(unlock)
+                    conn.commit()
+                except sqlalchemy.exc.SQLAlchemyError:
+                    pass  # the connection died: the server released the lock with it
+    finally:
+        engine.dispose()
