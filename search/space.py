@@ -234,9 +234,36 @@ def order_params(params: Mapping[str, Param], source: str) -> list[Param]:
     return ordered
 
 
+def _holds(q: Param, value: Any) -> bool:
+    """Can the space param ``q`` take ``value``?"""
+    if q.type == "categorical":
+        return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in q.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not q.low <= value <= q.high:
+        return False
+    return q.type == "float" or float(value) == int(value)
+
+
+def _check_condition(p: Param, dep: str, values: tuple, q: Optional[Param], base: TrainConfig, source: str) -> None:
+    """A ``when`` value no choice has (or a base value the condition never matches) would leave the param
+    never sampled, silently."""
+    fld = f"space.{p.path}.when.{dep}"
+    if q is not None:
+        for v in values:
+            if not _holds(q, v):
+                takes = (f"choices: {', '.join(map(repr, q.choices))}" if q.type == "categorical"
+                         else f"{q.type} values in [{q.low}, {q.high}]")
+                raise _err(source, fld, v, f"{dep} is a space param that never takes it ({takes})")
+        return
+    current = get_path(base.to_dict(), dep)
+    if current not in values:
+        raise _err(source, fld, list(values) if len(values) > 1 else values[0],
+                   f"{dep} is not sampled and the base config has {current!r}, so {p.path} would never be sampled")
+
+
 def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
     """Every path exists in TrainConfig, its type fits the field, every bound/choice is a valid value."""
     fields = config_paths()
+    by_path = {p.path: p for p in params}
     for p in params:
         fld = f"space.{p.path}"
         if p.path not in fields:
@@ -252,6 +279,7 @@ def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
         for dep, values in p.when:
             if dep not in fields:
                 raise SpaceError(f"{source}: {fld}.when: {dep!r} is not a config path")
+            _check_condition(p, dep, values, by_path.get(dep), base, source)
         probes = list(p.choices) if p.type == "categorical" else [p.low, p.high]
         for value in probes:
             try:
