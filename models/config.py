@@ -407,7 +407,8 @@ def _validate(cfg: TrainConfig) -> None:
            "must be in (0, 1)")
 
     t = cfg.train
-    check(1 <= t.epochs <= MAX_EPOCHS, "train.epochs", t.epochs, f"must be in [1, {MAX_EPOCHS}]")
+    check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    check(t.epochs <= MAX_EPOCHS, "train.epochs", t.epochs, f"must be <= {MAX_EPOCHS}")
     check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
            "must be >= 1 or null")
     check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")

@@ -254,8 +254,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _dry_run_once(spec: StudySpec, sampler_args: dict[str, Any]) -> Optional[tuple[str, BaseException]]:
-    """DRY_RUN_TRIALS ask/report/should_prune/tell cycles of the real space on an in-memory study; returns
-    ('sampler' | 'pruner', the exception) of the first failure, else None."""
+    """DRY_RUN_TRIALS trials of the real space on an in-memory study (ask, sample, report + should_prune each
+    step, tell), through ``optimize`` as a sweep runs them; returns ('sampler' | 'pruner', the exception) of
+    the first failure, else None."""
     import random
     import warnings
 
@@ -266,28 +267,27 @@ def _dry_run_once(spec: StudySpec, sampler_args: dict[str, Any]) -> Optional[tup
     rng = random.Random(0)
     base = spec.base.to_dict()
     steps = max(1, min(spec.base.train.epochs, 4))
+    phase = ["sampler"]  # who runs now: ask/tell (and sampling) are the sampler's, should_prune the pruner's
+
+    def objective(trial) -> float:
+        spec.space.sample(trial, base)
+        phase[0] = "pruner"
+        for step in range(steps):
+            trial.report(rng.random(), step)
+            if trial.should_prune():
+                break
+        phase[0] = "sampler"
+        return rng.random()
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        study = optuna.create_study(direction=spec.objective.direction, pruner=spec.make_pruner(),
-                                    sampler=make_sampler(spec.sampler["name"], spec.sampler.get("seed"),
-                                                         sampler_args, spec.space))
-        for _ in range(DRY_RUN_TRIALS):
-            try:
-                trial = study.ask()
-                spec.space.sample(trial, base)
-            except Exception as exc:  # noqa: BLE001 - any failure of the sampler is the spec's
-                return "sampler", exc
-            try:
-                for step in range(steps):
-                    trial.report(rng.random(), step)
-                    if trial.should_prune():
-                        break
-            except Exception as exc:  # noqa: BLE001
-                return "pruner", exc
-            try:
-                study.tell(trial, rng.random())
-            except Exception as exc:  # noqa: BLE001 - tell runs the sampler's after_trial
-                return "sampler", exc
+        try:
+            study = optuna.create_study(direction=spec.objective.direction, pruner=spec.make_pruner(),
+                                        sampler=make_sampler(spec.sampler["name"], spec.sampler.get("seed"),
+                                                             sampler_args, spec.space))
+            study.optimize(objective, n_trials=DRY_RUN_TRIALS)
+        except Exception as exc:  # noqa: BLE001 - any failure of the sampler or pruner is the spec's
+            return phase[0], exc
     return None
 
 

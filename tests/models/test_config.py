@@ -284,3 +284,10 @@ def test_load_bad_file_names_the_path(tmp_path):
     msg = str(err.value)
     assert msg.startswith(f"{path}: train.epochs:") and "'ten'" in msg
 
+
+
+def test_epochs_have_a_sane_bound():
+    """Before: 10**9 epochs was accepted."""
+    with pytest.raises(ConfigError, match=r"train.epochs: 1000000000 is not allowed; must be <= 100000"):
+        TrainConfig.from_dict({"train": {"epochs": 10 ** 9}})
+    assert TrainConfig.from_dict({"train": {"epochs": 100_000}}).train.epochs == 100_000
