@@ -150,7 +150,8 @@ def _load_study(args: argparse.Namespace):
                               f"{len(names)} studies: {', '.join(names) or 'none'}")
         name = names[0]
     if name not in names:
-        raise ConfigError(f"--study-name: {_shown(name)} not found in {mask(url)}; studies: {', '.join(names) or 'none'}")
+        raise ConfigError(f"--study-name: {_shown(name)} not found in {mask(url)}; "
+                          f"studies: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=storage), url
 
 
