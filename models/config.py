@@ -495,6 +495,9 @@ def check_choice(path: str, value: Any, names: list[str]) -> None:
     check(value in names, path, value, f"choose one of: {', '.join(names)}")
 
 
+MAX_EPOCHS = 100_000  # a sane bound: 10**9 epochs was accepted and ran "forever"
+
+
 def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -558,6 +561,7 @@ def _validate(cfg: TrainConfig) -> None:
 
     t = cfg.train
     check(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    check(t.epochs <= MAX_EPOCHS, "train.epochs", t.epochs, f"must be <= {MAX_EPOCHS}")
     check(t.num_threads is None or t.num_threads >= 1, "train.num_threads", t.num_threads,
            "must be >= 1 or null")
     check(t.precision in PRECISIONS, "train.precision", t.precision, f"choose one of: {', '.join(PRECISIONS)}")

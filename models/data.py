@@ -118,6 +118,47 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+
+
+def _idx_place(root: Path, folder_name: str) -> tuple[Path, str]:
+    raw = root / folder_name / "raw"
+    return raw, (f"put the {folder_name} IDX files ({', '.join(IDX_FILES)}; .gz accepted) there, "
+                 "or set data.download: true")
+
+
+def _cifar_place(root: Path) -> tuple[Path, str]:
+    folder = root / "cifar-10-batches-py"
+    return folder, ("extract cifar-10-python.tar.gz there (data_batch_1..5, test_batch), "
+                    "or set data.download: true")
+
+
+def check_files(cfg: DataConfig) -> None:
+    """Cheap (nothing is read): the files a file-based dataset (mnist, fashion_mnist, cifar10, image_folder)
+    loads are there, so `validate` and `run` say so before any trial; nothing to check with data.download."""
+    if cfg.name not in (*IDX_FOLDERS, "cifar10", "image_folder") or (cfg.download and cfg.name != "image_folder"):
+        return
+    root = _root(cfg)
+    if not root.is_dir():
+        how = ("give a folder with one sub-folder per class" if cfg.name == "image_folder"
+               else "give the directory that holds its files, or set data.download: true")
+        raise ConfigError(f"data.root: {cfg.root!r} is not an existing directory ({root}); {how}")
+    if cfg.name in IDX_FOLDERS:
+        folder, how = _idx_place(root, IDX_FOLDERS[cfg.name])
+        files: tuple[str, ...] = IDX_FILES
+    elif cfg.name == "cifar10":
+        (folder, how), files = _cifar_place(root), CIFAR_FILES
+    else:
+        if not any(p.is_dir() for p in root.iterdir()):
+            raise ConfigError(f"data.root: {root} has no class sub-folders; give a folder with one sub-folder per "
+                              "class (or train/ and test/ holding them)")
+        return
+    for name in files:
+        _find(folder, name, how)
+
+
 def _idx_dataset(cfg: DataConfig, folder_name: str, tv_class: str) -> RawData:
     root = _root(cfg)
     if cfg.download:
@@ -125,11 +166,8 @@ def _idx_dataset(cfg: DataConfig, folder_name: str, tv_class: str) -> RawData:
 
         for train in (True, False):
             getattr(tvd, tv_class)(str(root), train=train, download=True)
-    raw = root / folder_name / "raw"
-    how = (f"put the {folder_name} IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-           f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; .gz accepted) in {raw}, or set data.download: true")
-    arrays = [read_idx(_find(raw, f, how)) for f in (
-        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    raw, how = _idx_place(root, folder_name)
+    arrays = [read_idx(_find(raw, f, how)) for f in IDX_FILES]
     x, y, xt, yt = (torch.from_numpy(a.copy()) for a in arrays)
     return RawData(x.float().div_(255).unsqueeze(1), y.long(), 10, xt.float().div_(255).unsqueeze(1), yt.long())
 
@@ -178,9 +216,7 @@ def _cifar10(cfg: DataConfig) -> RawData:
         import torchvision.datasets as tvd
 
         tvd.CIFAR10(str(root), train=True, download=True)
-    folder = root / "cifar-10-batches-py"
-    how = (f"extract cifar-10-python.tar.gz so that {folder} holds data_batch_1..5 and test_batch, "
-           "or set data.download: true")
+    folder, how = _cifar_place(root)
     train = [_cifar_batch(_find(folder, f"data_batch_{i}", how)) for i in range(1, 6)]
     xt, yt = _cifar_batch(_find(folder, "test_batch", how))
     x = torch.from_numpy(np.concatenate([a for a, _ in train])).float().div_(255)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -21,6 +23,91 @@ from regsweep.search.study import SweepFailed
 from regsweep.search.urls import mask, sqlite_file
 
 DEFAULT_STUDIES_DIR = Path("studies")
+DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:[0-9]+|mps|auto)$")
+MESSAGE_MAX = 300  # an argparse message (which echoes the value) is cut to this many characters
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as ONE line (``error: regsweep run: argument --n-trials: invalid int value:
+    'many'``) and exit 2, instead of a usage block; sub-parsers are made of this class too."""
+
+    def error(self, message: str):
+        if len(message) > MESSAGE_MAX:
+            message = message[:MESSAGE_MAX] + "..."
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())}\n")
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """repr of a user value, cut to an excerpt."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+# ------------------------------------------------------------------------------------ flag checks
+def check_device(device: Optional[str], *, local: bool = True) -> None:
+    """cpu, cuda, cuda:N or mps (auto: cuda when available); cuda/mps only when this machine has it."""
+    if device is None:
+        return
+    if not DEVICE_RE.match(device):
+        raise ConfigError(f"--device: {_shown(device)} is not allowed; use cpu, cuda, cuda:N or mps")
+    if not local or device in ("cpu", "auto"):
+        return
+    import torch
+
+    if device == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("--device: 'mps' is not allowed; MPS (Apple GPU) is not available on this machine; "
+                              "use --device cpu")
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--device: {device!r} is not allowed; CUDA is not available on this machine "
+                          "(no GPU visible); use --device cpu")
+    if ":" in device and int(device.split(":")[1]) >= count:
+        raise ConfigError(f"--device: {device!r} is not allowed; {count} CUDA device(s) visible "
+                          f"(cuda:0..cuda:{count - 1})")
+
+
+def check_study_name(name: Optional[str]) -> None:
+    from regsweep.search.spec import NAME_MAX, NAME_RE
+
+    if name is not None and (len(name) > NAME_MAX or not NAME_RE.match(name)):
+        raise ConfigError(f"--study-name: {_shown(name)} is not allowed; give 1 to {NAME_MAX} letters, digits, "
+                          "'_', '.', '-' (starting with a letter or digit)")
+
+
+def _at_least(flag: str, value, low: int) -> None:
+    if value is not None and value < low:
+        raise ConfigError(f"{flag}: {value} is not allowed; must be >= {low}")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every command-line value, checked before anything is read, created or started."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731 - flags only some commands have
+    timeout = get("timeout")
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"--timeout: {timeout!r} is not allowed; must be a finite number of seconds > 0")
+    _at_least("--n-trials", get("n_trials"), 1)
+    _at_least("--workers", get("workers"), 1)
+    _at_least("--trials-per-gpu", get("trials_per_gpu"), 1)
+    _at_least("--cpus-per-trial", get("cpus_per_trial"), 1)
+    _at_least("--trial", get("trial"), 0)
+    gpt = get("gpus_per_trial")
+    if gpt is not None and not (math.isfinite(gpt) and gpt >= 0):
+        raise ConfigError(f"--gpus-per-trial: {gpt!r} is not allowed; must be a finite number >= 0")
+    if get("gpus") is not None:
+        from regsweep.search.backends.optuna_backend import parse_gpus
+
+        parse_gpus(args.gpus)
+    port = get("port")
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--port: {port} is not allowed; must be 0..65535 (0 picks a free port)")
+    check_study_name(get("study_name"))
+    # a remote Ray cluster's GPUs are not this machine's
+    check_device(get("device"), local=not (get("backend") == "ray" and get("address") is not None))
+    if get("artifacts") is not None:
+        from regsweep.search.artifacts import normalize
+
+        normalize(args.artifacts)  # a file, a missing parent or a bad scheme: before any study is created
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -40,16 +127,24 @@ def _storage_url(args: argparse.Namespace, spec=None) -> str:
     return url
 
 
-def _load_study(args: argparse.Namespace):
-    """The study named by --study-name in the storage, or the only study there."""
+def _study_names(storage) -> list[str]:
     import optuna
 
-    from regsweep.search.storage import open_storage
+    if storage is None:  # a database without Optuna's tables holds no study
+        return []
+    return list(optuna.get_all_study_names(storage))  # summaries would load every trial of every study
+
+
+def _load_study(args: argparse.Namespace):
+    """The study named by --study-name in the storage, or the only study there (creates nothing)."""
+    import optuna
+
+    from regsweep.search.storage import open_readonly
     from regsweep.search.urls import mask
 
     url = _storage_url(args)
-    storage = open_storage(url, heartbeat=False)
-    names = optuna.get_all_study_names(storage)  # summaries would load every trial of every study
+    storage = open_readonly(url)
+    names = _study_names(storage)
     name = args.study_name
     if name is None:
         if len(names) != 1:
@@ -57,7 +152,8 @@ def _load_study(args: argparse.Namespace):
                               f"{len(names)} studies: {', '.join(names) or 'none'}")
         name = names[0]
     if name not in names:
-        raise ConfigError(f"--study-name: {name!r} not found in {mask(url)}; studies: {', '.join(names) or 'none'}")
+        raise ConfigError(f"--study-name: {_shown(name)} not found in {mask(url)}; "
+                          f"studies: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=storage), url
 
 
@@ -69,6 +165,20 @@ def _warn_sampler_limits(spec) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
 
+def check_data_files(spec) -> None:
+    """The dataset files of the base config (and of every data.* choice of the space) are present, so a
+    missing dataset root is found by validate/run, not by every trial."""
+    from regsweep.models.data import check_files
+
+    configs = [spec.base] + [spec.base.with_overrides({p.path: c}) for p in spec.space
+                             if p.type == "categorical" and p.path.startswith("data.") for c in p.choices]
+    for cfg in configs:
+        try:
+            check_files(cfg.data)
+        except ConfigError as exc:
+            raise ConfigError(f"{spec.source}: base.{exc}") from None
+
+
 def check_reachable(url: str) -> None:
     """Connect (and write nothing): an unreachable database or a missing driver is bad input."""
     from regsweep.search.storage import check_reachable as reach
@@ -78,6 +188,10 @@ def check_reachable(url: str) -> None:
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_train(args: argparse.Namespace) -> int:
+    from regsweep.models.build import load_config
+    from regsweep.models.data import check_files
+
+    check_files(load_config(args.config).data)
     from regsweep.models.train import run_training
 
     return run_training(args.config, args.device, args.out)
@@ -89,6 +203,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from regsweep.search.urls import mask
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
+    check_data_files(spec)
     url = _storage_url(args, spec)
     check_reachable(url)
     check_existing_study(spec, url, spec.name)  # the spec-hash rule of run, read-only
@@ -105,6 +220,7 @@ def _load_spec_and_storage(args: argparse.Namespace):
     from regsweep.search.spec import load_spec
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
+    check_data_files(spec)
     url = _storage_url(args, spec)
     check_reachable(url)
     return spec, url
@@ -237,9 +353,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from regsweep.search.dashboard import serve
+    from regsweep.search.storage import require_sqlite_file
 
     url = _storage_url(args)
     check_reachable(url)
+    require_sqlite_file(url)  # the dashboard reads a study: it never creates a database file
     return serve(url, host=args.host, port=args.port, artifacts=args.artifacts)
 
 
@@ -257,13 +375,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
     from regsweep.search.report import format_summary, study_summary
-    from regsweep.search.storage import open_storage
+    from regsweep.search.storage import open_readonly
     from regsweep.search.urls import mask
 
     if args.study_name is None:
         url = _storage_url(args)
-        storage = open_storage(url, heartbeat=False)
-        names = optuna.get_all_study_names(storage)  # summaries would load every trial of every study
+        storage = open_readonly(url)
+        names = _study_names(storage)
         print(f"{mask(url)}: {len(names)} studies")
         for name in names:
             print(format_summary(study_summary(optuna.load_study(study_name=name, storage=storage))))
@@ -314,7 +432,7 @@ def _storage_flags(p: argparse.ArgumentParser, study: bool = True) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The CLI table: one ``add_argument`` line per flag (long: a flat table reads better than pieces)."""
-    p = argparse.ArgumentParser(prog="regsweep", description="Hyperparameter search for the regularisation "
+    p = Parser(prog="regsweep", description="Hyperparameter search for the regularisation "
                                 "of image classifiers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -398,11 +516,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(argv)  # a bad flag: one line, exit 2 (Parser.error)
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # `kill -USR1 PID`: stacks
     try:
         _check_env(args.command)
+        check_flags(args)
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -114,6 +114,22 @@ def _cmaes(seed, args, space):
         return optuna.samplers.CmaEsSampler(seed=seed, **{"warn_independent_sampling": False, **args})
 
 
+# name -> the Optuna class its factory builds (what sampler.args are checked against)
+CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "qmc": "QMCSampler",
+           "gp": "GPSampler", "cmaes": "CmaEsSampler"}
+RESERVED = {"seed": "give the seed as sampler.seed", "search_space": "grid enumerates the space's own values"}
+
+
+def check_args(name: str, args: dict[str, Any]) -> None:
+    """``sampler.args`` against the sampler class's constructor: names and simple types (ConfigError)."""
+    import optuna
+
+    from regsweep.models.registry import check_kwargs
+
+    if name in CLASSES:
+        check_kwargs(getattr(optuna.samplers, CLASSES[name]), args, "sampler.args", RESERVED)
+
+
 def make_sampler(name: str, seed: int | None, args: dict[str, Any], space: Any):
     return SAMPLERS.get(name)(seed, dict(args), space)
 

@@ -268,9 +268,31 @@ def order_params(params: Mapping[str, Param], source: str) -> list[Param]:
     return ordered
 
 
+def _holds(q: Param, value: Any) -> bool:
+    """Can the space param ``q`` take ``value``?"""
+    if q.type == "categorical":
+        return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in q.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not q.low <= value <= q.high:
+        return False
+    return q.type == "float" or float(value) == int(value)
+
+
+def _check_condition(p: Param, dep: str, values: tuple, q: Optional[Param], source: str) -> None:
+    """A ``when`` value the conditioning space param never takes would leave ``p`` never sampled, silently.
+    (A condition on a base-config value may be off on purpose: a shared space file serves several bases.)"""
+    if q is None:
+        return
+    for v in values:
+        if not _holds(q, v):
+            takes = (f"choices: {', '.join(map(repr, q.choices))}" if q.type == "categorical"
+                     else f"{q.type} values in [{q.low}, {q.high}]")
+            raise _err(source, f"space.{p.path}.when.{dep}", v, f"{dep} is a space param that never takes it ({takes})")
+
+
 def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
     """Every path exists in TrainConfig, its type fits the field, every bound/choice is a valid value."""
     fields = config_paths()
+    by_path = {p.path: p for p in params}
     for p in params:
         fld = f"space.{clip(p.path, 120)}"
         if p.path not in fields:
@@ -286,6 +308,7 @@ def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
         for dep, values in p.when:
             if dep not in fields:
                 raise SpaceError(f"{source}: {fld}.when: {excerpt(dep)} is not a config path")
+            _check_condition(p, dep, values, by_path.get(dep), source)
         probes = list(p.choices) if p.type == "categorical" else [p.low, p.high]
         for value in probes:
             try:

@@ -37,8 +37,9 @@ SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "
 # metric -> the only direction that makes sense for it
 OBJECTIVES = {"val_loss": "minimize", "val_acc": "maximize"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-NAME_MAX = 512  # Optuna's RDB study_name column
+NAME_MAX = 128  # study names: Optuna's column holds 512, a 10,000-character name broke PostgreSQL/MariaDB
 DESCRIPTION_MAX = 10_000  # characters: the description is a few lines shown on the dashboard
+DRY_RUN_TRIALS = 12  # ask/report/tell cycles of the sampler and pruner on the real space, in memory
 
 
 class SpecError(ConfigError):
@@ -213,8 +214,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
         raise _fail(source, clip(unknown[0], 60), data[unknown[0]], f"allowed fields: {', '.join(SPEC_FIELDS)}")
     name = data.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > NAME_MAX:
-        raise _fail(source, "name", name, f"must be a study name of letters, digits, '_', '.', '-' (at most "
-                    f"{NAME_MAX} characters)")
+        raise _fail(source, "name", name, f"must be a study name of 1 to {NAME_MAX} letters, digits, '_', '.', '-'")
     description = data.get("description") or ""
     if not isinstance(description, str):
         raise _fail(source, "description", description, "must be a string")
@@ -242,7 +242,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
                                 or not math.isfinite(timeout) or timeout <= 0):
         raise _fail(source, "budget.timeout", timeout, "must be a number of seconds > 0 or null")
 
-    enqueue = _parse_enqueue(data.get("enqueue", [{}]), space, source)
+    enqueue = _parse_enqueue(data.get("enqueue", [{}]), space, source, base)
     storage = data.get("storage")
     if storage is not None and not isinstance(storage, str):
         raise _fail(source, "storage", storage, "must be a storage URL string")
@@ -258,7 +258,78 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
         raise SpecError(f"{source}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {clip(exc)}") from None
+    dry_run(spec)
     return spec
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{exc.__class__.__name__}: {text[:160]}" if text else exc.__class__.__name__
+
+
+def _dry_run_once(spec: StudySpec, sampler_args: dict[str, Any]) -> Optional[tuple[str, BaseException]]:
+    """DRY_RUN_TRIALS trials of the real space on an in-memory study (ask, sample, report + should_prune each
+    step, tell), through ``optimize`` as a sweep runs them; returns ('sampler' | 'pruner', the exception) of
+    the first failure, else None."""
+    import random
+    import warnings
+
+    import optuna
+
+    from regsweep.search.samplers import make_sampler
+
+    rng = random.Random(0)
+    base = spec.base.to_dict()
+    steps = max(1, min(spec.base.train.epochs, 4))
+    phase = ["sampler"]  # who runs now: ask/tell (and sampling) are the sampler's, should_prune the pruner's
+
+    def objective(trial) -> float:
+        spec.space.sample(trial, base)
+        phase[0] = "pruner"
+        for step in range(steps):
+            trial.report(rng.random(), step)
+            if trial.should_prune():
+                break
+        phase[0] = "sampler"
+        return rng.random()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            study = optuna.create_study(direction=spec.objective.direction, pruner=spec.make_pruner(),
+                                        sampler=make_sampler(spec.sampler["name"], spec.sampler.get("seed"),
+                                                             sampler_args, spec.space))
+            study.optimize(objective, n_trials=DRY_RUN_TRIALS)
+        except Exception as exc:  # noqa: BLE001 - any failure of the sampler or pruner is the spec's
+            return phase[0], exc
+    return None
+
+
+def dry_run(spec: StudySpec) -> None:
+    """Run the sampler and pruner on the real space for a dozen trials in memory (constructors alone accept
+    wrong values); a failure is one line naming ``sampler.args.X`` / ``pruner``."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        failure = _dry_run_once(spec, spec.sampler["args"])
+        if failure is None:
+            return
+        who, exc = failure
+        source = spec.source or str(spec.path)
+        if who == "pruner":
+            raise _fail(source, "pruner", spec.pruner, f"it fails on this space: {_first_line(exc)}")
+        args = spec.sampler["args"]
+        # name the argument: the first one that fails on its own
+        culprit = next((k for k in args if len(args) == 1 or _dry_run_once(spec, {k: args[k]}) is not None), None)
+        if culprit is None:
+            raise SpecError(f"{source}: sampler: {spec.sampler['name']} fails on this space "
+                            f"({_first_line(exc)})")
+        raise _fail(source, f"sampler.args.{culprit}", args[culprit],
+                    f"{spec.sampler['name']} fails with it: {_first_line(exc)}")
+    finally:
+        optuna.logging.set_verbosity(level)
 
 
 def _parse_objective(value: Any, source: str) -> Objective:
@@ -284,6 +355,12 @@ def _parse_sampler(value: Any, source: str) -> dict[str, Any]:
         raise _fail(source, "sampler.name", sampler["name"], f"choose one of: {', '.join(SAMPLERS.names())}")
     if sampler["seed"] is not None and (isinstance(sampler["seed"], bool) or not isinstance(sampler["seed"], int)):
         raise _fail(source, "sampler.seed", sampler["seed"], "must be an integer or null")
+    from regsweep.search.samplers import check_args
+
+    try:
+        check_args(sampler["name"], sampler["args"])  # names and simple types; a dry run follows
+    except ConfigError as exc:
+        raise SpecError(f"{source}: {exc}") from None
     return sampler
 
 
@@ -314,12 +391,13 @@ def _load_base(base: Any, spec_path: Path, source: str, roots: Sequence[Path]) -
     raise _fail(source, "base", base, "must be a TrainConfig file path or an inline mapping")
 
 
-def _parse_enqueue(enqueue: Any, space: Space, source: str) -> list[dict[str, Any]]:
+def _parse_enqueue(enqueue: Any, space: Space, source: str, base: TrainConfig) -> list[dict[str, Any]]:
     if enqueue is None:
         return []
     if not isinstance(enqueue, list):
         raise _fail(source, "enqueue", enqueue, "must be a list of params mappings ({} = the base config)")
     params = {p.path: p for p in space}
+    base_values = base.to_dict()
     out = []
     for i, entry in enumerate(enqueue):
         if not isinstance(entry, Mapping):
@@ -334,6 +412,18 @@ def _parse_enqueue(enqueue: Any, space: Space, source: str) -> list[dict[str, An
                 inside = False
             if not inside:
                 raise _fail(source, f"enqueue[{i}].{key}", value, f"outside the param's range {params[key].to_dict()}")
+        for key, value in entry.items():  # a value whose condition is off would be dropped silently
+            for dep, allowed in params[key].when:
+                if dep in entry:
+                    current, where = entry[dep], "this entry sets it to"
+                elif dep in params:
+                    continue  # sampled in the trial: the condition may hold
+                else:
+                    current, where = get_path(base_values, dep), "the base config has"
+                if current not in allowed:
+                    raise _fail(source, f"enqueue[{i}].{key}", value,
+                                f"{key} is sampled only when {dep} is {' or '.join(map(repr, allowed))}, and "
+                                f"{where} {current!r}")
         out.append(dict(entry))
     return out
 

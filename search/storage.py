@@ -122,6 +122,23 @@ def open_existing(url: str):
         raise ConfigError(f"storage: cannot open {mask(url)}: {reason(exc, url)}") from None
 
 
+def require_sqlite_file(url: str) -> None:
+    """A command that reads a study refuses a missing SQLite file (SQLite would create an empty one)."""
+    file = sqlite_file(url)
+    if check_url(url) == "sqlite" and file is not None and not file.is_file():
+        raise ConfigError(f"storage: {mask(url)}: the SQLite file {file} does not exist (nothing was created); "
+                          "give the database a run wrote")
+
+
+def open_readonly(url: str):
+    """The storage of a command that only reads studies (status, export, report): never creates a file, table
+    or study. A missing SQLite file is a ConfigError; a database without Optuna's tables gives None."""
+    require_sqlite_file(url)
+    if check_url(url) == "sqlite" and sqlite_file(url) is None:
+        return None  # in-memory SQLite: empty by definition
+    return open_existing(url)
+
+
 def open_storage(url: str, *, heartbeat: bool = True):
     """An Optuna RDBStorage with engine options fit for many worker processes."""
     import optuna

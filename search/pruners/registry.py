@@ -44,6 +44,7 @@ def _optuna(cls_name: str, defaults: Callable[[PrunerContext], dict[str, Any]] =
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return getattr(optuna.pruners, cls_name)(**{**defaults(ctx), **args})
 
+    factory.optuna_class = cls_name  # what check_kwargs reads the args' names and types from
     return factory
 
 
@@ -108,6 +109,17 @@ def build_pruner(spec: Any, ctx: PrunerContext, fld: str = "pruner"):
     if not isinstance(args, Mapping):
         raise _fail(ctx, f"{fld}.args", args, "must be a mapping of keyword arguments")
     args = dict(args)
+    cls_name = getattr(PRUNERS.get(name), "optuna_class", None)
+    if cls_name is not None:
+        import optuna
+
+        from regsweep.models.registry import check_kwargs
+
+        try:
+            check_kwargs(getattr(optuna.pruners, cls_name), args, f"{fld}.args",
+                         {"wrapped_pruner": "give the wrapped pruner as wrapped: SPEC"})
+        except ConfigError as exc:
+            raise ConfigError(f"{ctx.source}: {exc}") from None
     if name == "patient":
         if "wrapped" not in spec:
             raise ConfigError(f"{ctx.source}: {fld}.wrapped: missing; patient wraps another pruner spec")

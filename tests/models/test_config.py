@@ -384,3 +384,10 @@ def test_huge_values_are_echoed_as_an_excerpt():
             TrainConfig.from_dict(data)
         msg = str(err.value)
         assert msg.startswith(fld) and len(msg) < 400, msg[:500]
+
+
+def test_epochs_have_a_sane_bound():
+    """Before: 10**9 epochs was accepted."""
+    with pytest.raises(ConfigError, match=r"train.epochs: 1000000000 is not allowed; must be <= 100000"):
+        TrainConfig.from_dict({"train": {"epochs": 10 ** 9}})
+    assert TrainConfig.from_dict({"train": {"epochs": 100_000}}).train.epochs == 100_000

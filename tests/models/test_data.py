@@ -190,3 +190,23 @@ def test_missing_files_give_one_line_naming_the_path(tmp_path, name, needle):
 def test_real_dataset_without_root_is_an_error():
     with pytest.raises(ConfigError, match="data.root: required"):
         data_mod.load(DataConfig(name="mnist"))
+
+
+def test_check_files_finds_a_missing_dataset_before_any_trial(tmp_path):
+    """Before: a missing root surfaced only when a trial loaded the data (every trial FAIL)."""
+    cfg = DataConfig(name="cifar10", root=str(tmp_path / "data"))
+    with pytest.raises(ConfigError, match=r"data.root: .* is not an existing directory.*data.download: true"):
+        data_mod.check_files(cfg)
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"):
+        (folder / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"test_batch not found"):
+        data_mod.check_files(cfg)
+    (folder / "test_batch").write_bytes(b"")
+    data_mod.check_files(cfg)
+    data_mod.check_files(DataConfig(name="mnist", root=str(tmp_path / "nope"), download=True))  # fetched later
+    data_mod.check_files(DataConfig(name="digits"))
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(ConfigError, match=r"no class sub-folders"):
+        data_mod.check_files(DataConfig(name="image_folder", root=str(tmp_path / "imgs"), shape=[3, 8, 8]))

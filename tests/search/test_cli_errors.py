@@ -301,3 +301,108 @@ def test_validate_applies_the_spec_hash_rule_read_only(tmp_path, capsys):
     assert main(["validate", str(spec), "--storage", url]) == 2
     one_error_line(capsys, "space.model.dropout.high: 0.5 -> 0.4", "--allow-spec-change")
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------- issue 16: every CLI value checked first
+def test_argparse_errors_are_one_line_naming_the_command(tmp_path, capsys):
+    spec = spec_with(tmp_path / "study.yaml")
+    with pytest.raises(SystemExit) as exc:
+        main(["run", str(spec), "--n-trials", "many"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: regsweep run: argument --n-trials: invalid int value: 'many'\n"
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: regsweep: the following arguments are required: COMMAND\n"
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--timeout", "-1"], ("--timeout: -1.0 is not allowed", "finite number of seconds > 0")),
+    (["--timeout", "nan"], ("--timeout: nan is not allowed",)),
+    (["--study-name", ""], ("--study-name: '' is not allowed", "1 to 128")),
+    (["--study-name", "x" * 10_000], ("--study-name: 'xxxx", "(10000 characters)", "1 to 128")),
+    (["--device", "bogus"], ("--device: 'bogus' is not allowed", "cpu, cuda, cuda:N or mps")),
+    (["--workers", "0"], ("--workers: 0 is not allowed", ">= 1")),
+    (["--artifacts", "ftp://host/x"], ("--artifacts: 'ftp://host/x' is not allowed",)),
+])
+def test_bad_run_flags_exit_2_before_the_study_exists(flags, fragments, tmp_path, capsys):
+    """Before: --timeout -1/nan exited 0 having run nothing; '' and 10,000-character names, --device bogus
+    and a bad --artifacts got as far as creating the study (or a traceback)."""
+    spec = spec_with(tmp_path / "study.yaml")
+    before = snapshot(tmp_path)
+    assert main(["run", str(spec), "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}", *flags]) == 2
+    line = one_error_line(capsys, *fragments)
+    assert len(line) < 300
+    assert snapshot(tmp_path) == before
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    spec = spec_with(tmp_path / "study.yaml")
+    before = snapshot(tmp_path)
+    assert main(["run", str(spec), "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}", "--device", "cuda"]) == 2
+    one_error_line(capsys, "--device: 'cuda' is not allowed", "CUDA is not available")
+    assert snapshot(tmp_path) == before
+
+
+def test_bad_artifacts_location_creates_no_study(tmp_path, capsys):
+    """Before: the study was created (and its budget written) before --artifacts was looked at."""
+    spec = spec_with(tmp_path / "study.yaml")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    for workers in ("1", "2"):
+        assert main(["run", str(spec), "--storage", f"sqlite:///{tmp_path / 'db.sqlite'}", "--workers", workers,
+                     "--artifacts", str(a_file)]) == 2
+        one_error_line(capsys, "--artifacts", "is a file")
+        assert not (tmp_path / "db.sqlite").exists()
+
+
+@pytest.mark.parametrize("command", [["status"], ["status", "--study-name", "tiny"], ["export"],
+                                     ["report", "--out", "REP"], ["dashboard", "--port", "0"]])
+def test_commands_that_read_a_study_never_create_a_database(command, tmp_path, capsys):
+    """Before: each of them left an empty SQLite file behind (and the dashboard served it)."""
+    missing = tmp_path / "nope.db"
+    argv = [a.replace("REP", str(tmp_path / "rep")) for a in command]
+    assert main([*argv, "--storage", f"sqlite:///{missing}"]) == 2
+    one_error_line(capsys, str(missing), "does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_status_export_of_an_existing_database_still_read_it(done_study, capsys):
+    capsys.readouterr()
+    assert main(["status", "--storage", done_study]) == 0
+    out = capsys.readouterr().out
+    assert "1 studies" in out and "tiny" in out
+    assert main(["export", "--storage", done_study, "--format", "params"]) == 0
+
+
+def test_missing_dataset_root_is_found_by_validate_and_run(tmp_path, capsys):
+    """Before: validate said ok and run recorded one FAIL trial after another."""
+    root = tmp_path / "data"
+    spec = spec_with(tmp_path / "study.yaml",
+                     _set("base/data", {"name": "mnist", "root": str(root), "batch_size": 64}))
+    before = snapshot(tmp_path)
+    for command in ("validate", "run"):
+        assert run_cli(command, spec, tmp_path) == 2
+        one_error_line(capsys, str(spec), "data.root", str(root), "data.download: true")
+    assert snapshot(tmp_path) == before
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte.gz"):
+        (raw / name).write_bytes(b"")
+    assert run_cli("validate", spec, tmp_path) == 2
+    one_error_line(capsys, "t10k-labels-idx1-ubyte not found")
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"")
+    assert run_cli("validate", spec, tmp_path) == 0  # present (their contents are read by the trial)
+
+
+def test_a_wrong_sampler_argument_type_fails_validate_not_every_trial(tmp_path, capsys):
+    """Before: TPESampler(n_startup_trials='3') was accepted and every trial then failed with no reason."""
+    spec = spec_with(tmp_path / "study.yaml", _set("sampler/args", {"n_startup_trials": "3"}))
+    for command in ("validate", "run"):
+        assert run_cli(command, spec, tmp_path) == 2
+        one_error_line(capsys, "sampler.args.n_startup_trials: '3' is not allowed", "TPESampler's", "int")
+    assert not (tmp_path / "db.sqlite").exists()

@@ -130,7 +130,7 @@ def test_composites_build_children_with_labels():
     ({"name": "guillotine"}, ("pruner.name: 'guillotine'", "median", "any_of")),
     ({"name": "percentile"}, ("pruner.args:", "percentile")),
     ({"name": "threshold"}, ("pruner.args:", "threshold: Either lower or upper")),
-    ({"name": "median", "args": {"bogus": 1}}, ("pruner.args: {'bogus': 1}", "median:")),
+    ({"name": "median", "args": {"bogus": 1}}, ("pruner.args.bogus: 1", "MedianPruner takes:")),
     ({"name": "median", "args": [1]}, ("pruner.args:", "mapping")),
     ({"name": "patient", "args": {"patience": 1}}, ("pruner.wrapped: missing",)),
     ({"name": "median", "wrapped": "median"}, ("pruner.wrapped:", "only the patient")),

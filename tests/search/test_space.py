@@ -345,3 +345,23 @@ def test_long_values_in_a_space_are_echoed_as_an_excerpt():
             load_space({"model.dropout": spec}, "/x/inline.yaml")
         msg = one_line_error(exc, "/x/inline.yaml")
         assert f": {fld}:" in msg and len(msg) < 400, msg[:500]
+
+
+# ------------------------------------------------------------------- issue 16: when values against the choices
+@pytest.mark.parametrize("when, fragment", [
+    ({"model.bn": "batch"}, "'batch' is not allowed; model.bn is a space param that never takes it"),
+    ({"model.bn": ["before_act", "after"]}, "'after' is not allowed"),
+    ({"model.hidden": 1000}, "1000 is not allowed; model.hidden is a space param"),
+    ({"model.hidden": 32.5}, "32.5 is not allowed"),
+])
+def test_when_value_the_conditioning_param_never_takes(when, fragment):
+    """Before: accepted, and the param was never sampled."""
+    spec = {"model.bn": {"type": "categorical", "choices": ["none", "before_act"]},
+            "model.hidden": {"type": "int", "low": 16, "high": 128},
+            "model.dropout": {"type": "float", "low": 0.0, "high": 0.5, "when": when}}
+    with pytest.raises(SpaceError) as exc:
+        build_space(spec, TrainConfig(), "inline.yaml")
+    msg = one_line_error(exc, "inline.yaml")
+    assert f"space.model.dropout.when.{next(iter(when))}" in msg and fragment in msg, msg
+    spec["model.dropout"]["when"] = {"model.bn": "before_act", "model.hidden": 64}
+    build_space(spec, TrainConfig(), "inline.yaml")

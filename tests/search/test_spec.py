@@ -114,7 +114,8 @@ BAD = [
     ("any_of_not_list", spec_with(pruner={"any_of": {"name": "median"}}), ("pruner:", "any_of")),
     ("patient_without_wrapped", spec_with(pruner={"name": "patient", "args": {"patience": 2}}),
      ("pruner.wrapped: missing",)),
-    ("median_bogus_arg", spec_with(pruner={"name": "median", "args": {"bogus": 1}}), ("pruner.args:", "bogus")),
+    ("median_bogus_arg", spec_with(pruner={"name": "median", "args": {"bogus": 1}}),
+     ("pruner.args.bogus: 1", "MedianPruner takes: n_startup_trials")),
     ("n_trials_zero", spec_with(budget={"n_trials": 0}), ("budget.n_trials:", "0")),
     ("timeout_negative", spec_with(budget={"n_trials": 3, "timeout": -1}), ("budget.timeout:", "-1")),
     ("enqueue_unknown_param", spec_with(enqueue=[{"model.hidden": 32}]), ("enqueue[0].model.hidden:",)),
@@ -149,7 +150,7 @@ def test_sampler_args_that_optuna_rejects(tmp_path):
     path = write_spec(tmp_path / "bad_spec.yaml", spec_with(sampler={"name": "random", "args": {"bogus": 1}}))
     with pytest.raises(SpecError) as exc:
         load_spec(path)
-    assert_one_line(exc, path, "sampler.args:", "random:", "bogus")
+    assert_one_line(exc, path, "sampler.args.bogus: 1", "RandomSampler takes:")
 
 
 def test_bad_base_file_names_the_base_file(tmp_path):
@@ -294,10 +295,10 @@ def test_long_description_and_name_are_refused_with_an_excerpt(tmp_path):
     msg = assert_one_line(exc, path, "description:", "(10,001 chars)", "at most 10,000 characters")
     assert len(msg) < 300
     assert load_spec(write_spec(tmp_path / "ok.yaml", spec_with(description="d" * 10_000))).description
-    path = write_spec(tmp_path / "name.yaml", spec_with(name="n" * 513))
+    path = write_spec(tmp_path / "name.yaml", spec_with(name="n" * 129))
     with pytest.raises(SpecError) as exc:
         load_spec(path)
-    assert len(assert_one_line(exc, path, "name:", "(513 chars)", "at most 512")) < 300
+    assert len(assert_one_line(exc, path, "name:", "(129 chars)", "1 to 128")) < 300
 
 
 def test_oversized_spec_file_is_refused(tmp_path):
@@ -404,3 +405,88 @@ def test_cli_allow_outside_on_validate(tmp_path, capsys):
     assert main(["validate", str(path), "--storage", db, "--allow-outside", str(tmp_path / "x"),
                  "--allow-outside", str(shared)]) == 2
     assert capsys.readouterr().err.startswith("error: --allow-outside: ")
+
+
+# ------------------------------------------------------------ issue 16: sampler/pruner args, enqueue conditions
+@pytest.mark.parametrize("sampler, fragments", [
+    ({"name": "tpe", "args": {"n_startup_trials": "ten"}}, ("sampler.args.n_startup_trials: 'ten'", "int")),
+    ({"name": "tpe", "args": {"multivariate": "yes"}}, ("sampler.args.multivariate: 'yes'", "bool | None")),
+    ({"name": "tpe", "args": {"prior_weight": True}}, ("sampler.args.prior_weight: True", "float")),
+    ({"name": "cmaes", "args": {"popsize": 2.5}}, ("sampler.args.popsize: 2.5", "int | None")),
+    ({"name": "tpe", "args": {"seed": 3}}, ("sampler.args.seed: 3", "sampler.seed")),
+    # constructors accept these; the dry run of the real space does not
+    ({"name": "tpe", "args": {"n_ei_candidates": 0, "n_startup_trials": 2}}, ("sampler.args.n_ei_candidates: 0",)),
+    ({"name": "tpe", "args": {"gamma": 5}}, ("sampler.args.gamma: 5", "fails with it")),
+])
+def test_sampler_args_are_checked_by_type_then_by_a_dry_run(sampler, fragments, tmp_path):
+    path = write_spec(tmp_path / "bad_spec.yaml", spec_with(sampler={"seed": 0, **sampler}))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, *fragments)
+
+
+@pytest.mark.parametrize("pruner, fragments", [
+    ({"name": "median", "args": {"n_warmup_steps": "3"}}, ("pruner.args.n_warmup_steps: '3'", "int")),
+    ({"any_of": [{"name": "median"}, {"name": "percentile", "args": {"percentile": "50"}}]},
+     ("pruner.any_of[1].args.percentile: '50'", "float")),
+])
+def test_pruner_args_are_checked_by_type(pruner, fragments, tmp_path):
+    path = write_spec(tmp_path / "bad_spec.yaml", spec_with(pruner=pruner))
+    with pytest.raises(ConfigError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, *fragments)
+
+
+def test_good_sampler_args_of_every_kind_pass(tmp_path):
+    path = write_spec(tmp_path / "s.yaml", spec_with(sampler={"name": "tpe", "seed": 0, "args": {
+        "n_startup_trials": 3, "prior_weight": 2, "consider_endpoints": True, "multivariate": None}}))
+    assert load_spec(path).sampler["args"]["prior_weight"] == 2  # an integer is a float
+
+
+def test_simple_types_reads_string_and_real_annotations():
+    from typing import Optional
+
+    from regsweep.models.registry import simple_types
+
+    assert simple_types("int") == ("int",)
+    assert simple_types("float | None") == ("float", "None")
+    assert simple_types(Optional[bool]) == ("bool", "None")
+    assert simple_types(int) == ("int",)
+    assert simple_types("Callable[[int], int] | None") is None
+
+
+COND_SPACE = {
+    "model.bn": {"type": "categorical", "choices": ["none", "before_act"]},
+    "model.dropout": {"type": "float", "low": 0.0, "high": 0.5, "when": {"model.bn": "before_act"}},
+}
+
+
+def test_enqueued_value_whose_condition_is_off_is_refused(tmp_path):
+    """Before: the value was dropped silently (the param is not sampled when its condition is off)."""
+    path = write_spec(tmp_path / "bad_spec.yaml", spec_with(space=COND_SPACE, enqueue=[
+        {"model.bn": "before_act", "model.dropout": 0.2}, {"model.bn": "none", "model.dropout": 0.1}]))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    assert_one_line(exc, path, "enqueue[1].model.dropout: 0.1 is not allowed",
+                    "only when model.bn is 'before_act'", "this entry sets it to 'none'")
+
+
+def test_enqueued_value_whose_condition_reads_the_base(tmp_path):
+    space = {"model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+             "optim.momentum": {"type": "float", "low": 0.5, "high": 0.99, "when": {"optim.name": "sgd"}}}
+    path = write_spec(tmp_path / "bad_spec.yaml", spec_with(space=space, enqueue=[{"optim.momentum": 0.9}]))
+    with pytest.raises(SpecError) as exc:  # the base's optimizer is adamw
+        load_spec(path)
+    assert_one_line(exc, path, "enqueue[0].optim.momentum", "the base config has 'adamw'")
+    # a condition on a param the trial samples may hold: allowed
+    path = write_spec(tmp_path / "ok.yaml", spec_with(space=COND_SPACE, enqueue=[{"model.dropout": 0.1}]))
+    assert load_spec(path).enqueue == [{"model.dropout": 0.1}]
+
+
+def test_study_name_over_128_characters_is_refused(tmp_path):
+    path = write_spec(tmp_path / "bad_spec.yaml", spec_with(name="n" * 10_000))
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    msg = assert_one_line(exc, path, "name:", "(10,000 chars)", "1 to 128")
+    assert len(msg) < 300
+    assert load_spec(write_spec(tmp_path / "ok.yaml", spec_with(name="n" * 128))).name == "n" * 128
