@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -18,96 +16,12 @@ from pathlib import Path
 from typing import Optional
 
 from regsweep.models.config import ConfigError
+from regsweep.search import cli_checks
 from regsweep.search.signals import Terminated
 from regsweep.search.study import SweepFailed
 from regsweep.search.urls import mask, sqlite_file
 
 DEFAULT_STUDIES_DIR = Path("studies")
-DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:[0-9]+|mps|auto)$")
-MESSAGE_MAX = 300  # an argparse message (which echoes the value) is cut to this many characters
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors as ONE line (``error: regsweep run: argument --n-trials: invalid int value:
-    'many'``) and exit 2, instead of a usage block; sub-parsers are made of this class too."""
-
-    def error(self, message: str):
-        if len(message) > MESSAGE_MAX:
-            message = message[:MESSAGE_MAX] + "..."
-        self.exit(2, f"error: {self.prog}: {' '.join(message.split())}\n")
-
-
-def _shown(value: str, limit: int = 60) -> str:
-    """repr of a user value, cut to an excerpt."""
-    return repr(value) if len(value) <= limit else f"{value[:limit]!r}... ({len(value)} characters)"
-
-
-# ------------------------------------------------------------------------------------ flag checks
-def check_device(device: Optional[str], *, local: bool = True) -> None:
-    """cpu, cuda, cuda:N or mps (auto: cuda when available); cuda/mps only when this machine has it."""
-    if device is None:
-        return
-    if not DEVICE_RE.match(device):
-        raise ConfigError(f"--device: {_shown(device)} is not allowed; use cpu, cuda, cuda:N or mps")
-    if not local or device in ("cpu", "auto"):
-        return
-    import torch
-
-    if device == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError("--device: 'mps' is not allowed; MPS (Apple GPU) is not available on this machine; "
-                              "use --device cpu")
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise ConfigError(f"--device: {device!r} is not allowed; CUDA is not available on this machine "
-                          "(no GPU visible); use --device cpu")
-    if ":" in device and int(device.split(":")[1]) >= count:
-        raise ConfigError(f"--device: {device!r} is not allowed; {count} CUDA device(s) visible "
-                          f"(cuda:0..cuda:{count - 1})")
-
-
-def check_study_name(name: Optional[str]) -> None:
-    from regsweep.search.spec import NAME_MAX, NAME_RE
-
-    if name is not None and (len(name) > NAME_MAX or not NAME_RE.match(name)):
-        raise ConfigError(f"--study-name: {_shown(name)} is not allowed; give 1 to {NAME_MAX} letters, digits, "
-                          "'_', '.', '-' (starting with a letter or digit)")
-
-
-def _at_least(flag: str, value, low: int) -> None:
-    if value is not None and value < low:
-        raise ConfigError(f"{flag}: {value} is not allowed; must be >= {low}")
-
-
-def check_flags(args: argparse.Namespace) -> None:
-    """Every command-line value, checked before anything is read, created or started."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731 - flags only some commands have
-    timeout = get("timeout")
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise ConfigError(f"--timeout: {timeout!r} is not allowed; must be a finite number of seconds > 0")
-    _at_least("--n-trials", get("n_trials"), 1)
-    _at_least("--workers", get("workers"), 1)
-    _at_least("--trials-per-gpu", get("trials_per_gpu"), 1)
-    _at_least("--cpus-per-trial", get("cpus_per_trial"), 1)
-    _at_least("--trial", get("trial"), 0)
-    gpt = get("gpus_per_trial")
-    if gpt is not None and not (math.isfinite(gpt) and gpt >= 0):
-        raise ConfigError(f"--gpus-per-trial: {gpt!r} is not allowed; must be a finite number >= 0")
-    if get("gpus") is not None:
-        from regsweep.search.backends.optuna_backend import parse_gpus
-
-        parse_gpus(args.gpus)
-    port = get("port")
-    if port is not None and not 0 <= port <= 65535:
-        raise ConfigError(f"--port: {port} is not allowed; must be 0..65535 (0 picks a free port)")
-    check_study_name(get("study_name"))
-    # a remote Ray cluster's GPUs are not this machine's
-    check_device(get("device"), local=not (get("backend") == "ray" and get("address") is not None))
-    if get("artifacts") is not None:
-        from regsweep.search.artifacts import normalize
-
-        normalize(args.artifacts)  # a file, a missing parent or a bad scheme: before any study is created
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -152,38 +66,9 @@ def _load_study(args: argparse.Namespace):
                               f"{len(names)} studies: {', '.join(names) or 'none'}")
         name = names[0]
     if name not in names:
-        raise ConfigError(f"--study-name: {_shown(name)} not found in {mask(url)}; "
+        raise ConfigError(f"--study-name: {cli_checks.shown(name)} not found in {mask(url)}; "
                           f"studies: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=storage), url
-
-
-def _warn_sampler_limits(spec) -> None:
-    from regsweep.search.samplers import limitation_warning
-
-    line = limitation_warning(spec.sampler["name"], spec.space)
-    if line:
-        print(f"warning: {line}", file=sys.stderr)
-
-
-def check_data_files(spec) -> None:
-    """The dataset files of the base config (and of every data.* choice of the space) are present, so a
-    missing dataset root is found by validate/run, not by every trial."""
-    from regsweep.models.data import check_files
-
-    configs = [spec.base] + [spec.base.with_overrides({p.path: c}) for p in spec.space
-                             if p.type == "categorical" and p.path.startswith("data.") for c in p.choices]
-    for cfg in configs:
-        try:
-            check_files(cfg.data)
-        except ConfigError as exc:
-            raise ConfigError(f"{spec.source}: base.{exc}") from None
-
-
-def check_reachable(url: str) -> None:
-    """Connect (and write nothing): an unreachable database or a missing driver is bad input."""
-    from regsweep.search.storage import check_reachable as reach
-
-    reach(url)
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -203,11 +88,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from regsweep.search.urls import mask
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
-    check_data_files(spec)
+    cli_checks.check_data_files(spec)
     url = _storage_url(args, spec)
-    check_reachable(url)
+    cli_checks.check_reachable(url)
     check_existing_study(spec, url, spec.name)  # the spec-hash rule of run, read-only
-    _warn_sampler_limits(spec)
+    cli_checks.warn_sampler_limits(spec)
     cond = spec.space.conditional()
     print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"
           f"{f' ({len(cond)} conditional)' if cond else ''}, sampler {spec.sampler['name']}, "
@@ -220,16 +105,16 @@ def _load_spec_and_storage(args: argparse.Namespace):
     from regsweep.search.spec import load_spec
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
-    check_data_files(spec)
+    cli_checks.check_data_files(spec)
     url = _storage_url(args, spec)
-    check_reachable(url)
+    cli_checks.check_reachable(url)
     return spec, url
 
 
 def _run_setup(args: argparse.Namespace):
     """What both backends of `run` start from: the spec, its reachable storage and the study name."""
     spec, url = _load_spec_and_storage(args)
-    _warn_sampler_limits(spec)
+    cli_checks.warn_sampler_limits(spec)
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials: {args.n_trials} is not allowed; must be >= 1")
     return spec, url, args.study_name or spec.name
@@ -289,35 +174,11 @@ def _progress(spec, url: str, name: str):
     from regsweep.search.dashboard import write_note
     from regsweep.search.progress import Progress
 
-    mode = _progress_mode()
+    mode = cli_checks.progress_mode()
     if mode == "off":
         return contextlib.nullcontext()
     return Progress(url, name, live=None if mode == "auto" else mode == "live",
                     on_change=lambda study: write_note(study, spec))
-
-
-def _progress_mode() -> str:
-    mode = os.environ.get("REGSWEEP_PROGRESS", "auto")
-    if mode not in ("auto", "live", "plain", "off"):
-        raise ConfigError(f"$REGSWEEP_PROGRESS: {mode[:40]!r} is not allowed; use auto, live, plain or off")
-    return mode
-
-
-def _check_env(command: str) -> None:
-    """The REGSWEEP_* environment a command reads, checked before it creates anything ($REGSWEEP_STORAGE is
-    checked with the URL itself, naming where it came from)."""
-    from regsweep.search.loop import thread_share
-    from regsweep.search.storage import check_env
-
-    if command in ("validate", "run", "worker", "status", "export", "dashboard", "report"):
-        check_env()
-    if command in ("validate", "run", "worker"):
-        thread_share()
-        _progress_mode()
-    results = os.environ.get("REGSWEEP_RAY_RESULTS")
-    if command == "run" and results and Path(results).expanduser().exists() and not Path(results).expanduser().is_dir():
-        raise ConfigError(f"$REGSWEEP_RAY_RESULTS: {results[:120]!r} is not allowed; it is a file, not a directory "
-                          "for Ray's experiments")
 
 
 def _run_on_ray(args: argparse.Namespace) -> int:
@@ -356,7 +217,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from regsweep.search.storage import require_sqlite_file
 
     url = _storage_url(args)
-    check_reachable(url)
+    cli_checks.check_reachable(url)
     require_sqlite_file(url)  # the dashboard reads a study: it never creates a database file
     return serve(url, host=args.host, port=args.port, artifacts=args.artifacts)
 
@@ -432,7 +293,7 @@ def _storage_flags(p: argparse.ArgumentParser, study: bool = True) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The CLI table: one ``add_argument`` line per flag (long: a flat table reads better than pieces)."""
-    p = Parser(prog="regsweep", description="Hyperparameter search for the regularisation "
+    p = cli_checks.Parser(prog="regsweep", description="Hyperparameter search for the regularisation "
                                 "of image classifiers.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -520,8 +381,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # `kill -USR1 PID`: stacks
     try:
-        _check_env(args.command)
-        check_flags(args)
+        cli_checks.check_environment(args.command)
+        cli_checks.check_flags(args)
         return args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

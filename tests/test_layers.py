@@ -238,7 +238,7 @@ def test_every_table_entry_has_a_module_file(entry):
 
 
 # ------------------------------------------------------------------------- the checker fails when it must
-PLANTED_CONFIG = '''"""A planted models/config.py."""
+PLANTED_CONFIG = '''"""A planted models/yamlio.py (the module marked "imports nothing of ours")."""
 import yaml
 
 
@@ -248,20 +248,20 @@ def validate(cfg):
 '''
 
 
-def _planted(module: str, source: str, path: str = "models/config.py") -> list[str]:
+def _planted(module: str, source: str, path: str = "models/yamlio.py") -> list[str]:
     return check_module(module, path, source, ENTRIES, set(FILES))
 
 
 def test_a_planted_upward_import_is_reported_with_file_and_line():
-    found = _planted("regsweep.models.config", PLANTED_CONFIG)
-    assert any(v.startswith("models/config.py:6: upward import: regsweep.models.config (models.schema) imports "
+    found = _planted("regsweep.models.yamlio", PLANTED_CONFIG)
+    assert any(v.startswith("models/yamlio.py:6: upward import: regsweep.models.yamlio (models.schema) imports "
                             "regsweep.search.spec (search.spec)") for v in found), found
-    assert any(v.startswith("models/config.py:6:") and "models never imports search" in v for v in found), found
-    assert any(v.startswith("models/config.py:6:") and NOTHING_OF_OURS in v for v in found), found
+    assert any(v.startswith("models/yamlio.py:6:") and "models never imports search" in v for v in found), found
+    assert any(v.startswith("models/yamlio.py:6:") and NOTHING_OF_OURS in v for v in found), found
 
 
 @pytest.mark.parametrize("module,path,source,line,says", [
-    ("regsweep.models.config", "models/config.py", "def f():\n    from . import cnn\n", 2,
+    ("regsweep.models.yamlio", "models/yamlio.py", "def f():\n    from . import cnn\n", 2,
      "imports regsweep.models.cnn; the table says it imports nothing of ours"),
     ("regsweep.models.cnn", "models/cnn.py", "import regsweep.models.build\n", 1,
      "upward import: regsweep.models.cnn (models.parts) imports regsweep.models.build (models.build)"),

@@ -347,7 +347,7 @@ def test_duplicate_keys_are_an_error_naming_file_line_and_key(text, line, key):
 
 
 def test_oversized_text_and_file_are_refused_before_parsing(tmp_path):
-    from regsweep.models.config import MAX_FILE_BYTES, load_yaml_file
+    from regsweep.models.yamlio import MAX_FILE_BYTES, load_yaml_file
 
     big = tmp_path / "big.yaml"
     big.write_text("description: '" + "x" * MAX_FILE_BYTES + "'\n")
