@@ -294,6 +294,8 @@ def _finite(x: float) -> bool:
 
 
 def _validate(cfg: TrainConfig) -> None:
+    """Every range check of every section; long because it is a flat table, one ``check`` per field, which
+    reads (and diffs) better than one helper per section."""
     m = cfg.model
     check(all(w >= 1 for w in m.widths), "model.widths", m.widths, "must be positive integers ([] = default)")
     check(m.hidden >= 0, "model.hidden", m.hidden, "must be >= 0")

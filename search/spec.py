@@ -31,6 +31,8 @@ from regsweep.models.config import ConfigError, TrainConfig, clip, config_paths,
 from regsweep.search.optuna_internals import distribution_contains
 from regsweep.search.record import Objective
 from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root
+from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section
+from regsweep.search.spec_checks import fail as _fail
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
                "storage", "ray")
@@ -39,11 +41,6 @@ OBJECTIVES = {"val_loss": "minimize", "val_acc": "maximize"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 NAME_MAX = 128  # study names: Optuna's column holds 512, a 10,000-character name broke PostgreSQL/MariaDB
 DESCRIPTION_MAX = 10_000  # characters: the description is a few lines shown on the dashboard
-DRY_RUN_TRIALS = 12  # ask/report/tell cycles of the sampler and pruner on the real space, in memory
-
-
-class SpecError(ConfigError):
-    """A bad study spec (one line: file, field, value, what is allowed)."""
 
 
 # TrainConfig's leaf fields in regsweep 0.1.0. A field added later is left out of the spec hash while it is at
@@ -148,10 +145,6 @@ def spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
         elif a != b:
             diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return diffs
-
-
-def _fail(source: str, fld: str, value: Any, allowed: str) -> SpecError:
-    return SpecError(f"{source}: {fld}: {excerpt(value)} is not allowed; {allowed}")
 
 
 def _mapping(source: str, fld: str, value: Any, allowed_keys: tuple[str, ...]) -> Mapping[str, Any]:
@@ -262,76 +255,6 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
     return spec
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{exc.__class__.__name__}: {text[:160]}" if text else exc.__class__.__name__
-
-
-def _dry_run_once(spec: StudySpec, sampler_args: dict[str, Any]) -> Optional[tuple[str, BaseException]]:
-    """DRY_RUN_TRIALS trials of the real space on an in-memory study (ask, sample, report + should_prune each
-    step, tell), through ``optimize`` as a sweep runs them; returns ('sampler' | 'pruner', the exception) of
-    the first failure, else None."""
-    import random
-    import warnings
-
-    import optuna
-
-    from regsweep.search.samplers import make_sampler
-
-    rng = random.Random(0)
-    base = spec.base.to_dict()
-    steps = max(1, min(spec.base.train.epochs, 4))
-    phase = ["sampler"]  # who runs now: ask/tell (and sampling) are the sampler's, should_prune the pruner's
-
-    def objective(trial) -> float:
-        spec.space.sample(trial, base)
-        phase[0] = "pruner"
-        for step in range(steps):
-            trial.report(rng.random(), step)
-            if trial.should_prune():
-                break
-        phase[0] = "sampler"
-        return rng.random()
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            study = optuna.create_study(direction=spec.objective.direction, pruner=spec.make_pruner(),
-                                        sampler=make_sampler(spec.sampler["name"], spec.sampler.get("seed"),
-                                                             sampler_args, spec.space))
-            study.optimize(objective, n_trials=DRY_RUN_TRIALS)
-        except Exception as exc:  # noqa: BLE001 - any failure of the sampler or pruner is the spec's
-            return phase[0], exc
-    return None
-
-
-def dry_run(spec: StudySpec) -> None:
-    """Run the sampler and pruner on the real space for a dozen trials in memory (constructors alone accept
-    wrong values); a failure is one line naming ``sampler.args.X`` / ``pruner``."""
-    import optuna
-
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        failure = _dry_run_once(spec, spec.sampler["args"])
-        if failure is None:
-            return
-        who, exc = failure
-        source = spec.source or str(spec.path)
-        if who == "pruner":
-            raise _fail(source, "pruner", spec.pruner, f"it fails on this space: {_first_line(exc)}")
-        args = spec.sampler["args"]
-        # name the argument: the first one that fails on its own
-        culprit = next((k for k in args if len(args) == 1 or _dry_run_once(spec, {k: args[k]}) is not None), None)
-        if culprit is None:
-            raise SpecError(f"{source}: sampler: {spec.sampler['name']} fails on this space "
-                            f"({_first_line(exc)})")
-        raise _fail(source, f"sampler.args.{culprit}", args[culprit],
-                    f"{spec.sampler['name']} fails with it: {_first_line(exc)}")
-    finally:
-        optuna.logging.set_verbosity(level)
-
-
 def _parse_objective(value: Any, source: str) -> Objective:
     obj = _mapping(source, "objective", value, ("metric", "direction"))
     metric = obj.get("metric", "val_loss")
@@ -428,94 +351,3 @@ def _parse_enqueue(enqueue: Any, space: Space, source: str, base: TrainConfig) -
     return out
 
 
-# ------------------------------------------------------------------------------------ the ray: section
-# read by the Ray backend only (search/backends/ray/); parsed here so a bad section fails `validate` and Ray is
-# never imported to check it
-SCHEDULERS = ("fifo", "asha", "median", "hyperband")
-REFUSED = {
-    "pbt": "PBT changes a trial's params mid-run (no single Optuna record) and Ray refuses search algorithms "
-           "with it; use asha, median or fifo",
-    "pb2": "PB2 changes a trial's params mid-run (no single Optuna record) and Ray refuses search algorithms "
-           "with it; use asha, median or fifo",
-}
-# scheduler -> {arg: (kind, check, what is allowed)}; time is counted in epochs (Ray's training_iteration)
-SCHEDULER_ARGS: dict[str, dict[str, tuple[str, str]]] = {
-    "fifo": {},
-    "asha": {"grace_period": ("int", "an integer in [1, train.epochs]"),
-             "reduction_factor": ("float", "a number > 1"),
-             "brackets": ("int", "an integer >= 1")},
-    "median": {"grace_period": ("int", "an integer in [1, train.epochs]"),
-               "min_samples_required": ("int", "an integer >= 1")},
-    "hyperband": {"reduction_factor": ("float", "a number > 1")},
-}
-SCHEDULER_DEFAULTS = {"asha": {"grace_period": 1, "reduction_factor": 2, "brackets": 1},
-                      "median": {"grace_period": 1, "min_samples_required": 3},
-                      "hyperband": {"reduction_factor": 3}}
-RAY_KEYS = ("scheduler", "overfit")
-
-
-def parse_scheduler(value: Any, source: str, epochs: int, fld: str = "ray.scheduler") -> dict[str, Any]:
-    """``NAME`` or ``{name, args}`` -> ``{name, args}`` (args checked; Ray is not imported)."""
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, Mapping):
-        raise _fail(source, fld, value, f"must be a scheduler name or {{name, args}}; names: {', '.join(SCHEDULERS)}")
-    unknown = sorted(set(value) - {"name", "args"})
-    if unknown:
-        raise _fail(source, f"{fld}.{unknown[0]}", value[unknown[0]], "allowed keys: name, args")
-    name = value.get("name")
-    if name in REFUSED:
-        raise _fail(source, f"{fld}.name", name, REFUSED[name])
-    if name not in SCHEDULERS:
-        raise _fail(source, f"{fld}.name", name, f"choose one of: {', '.join(SCHEDULERS)}")
-    args = value.get("args") or {}
-    if not isinstance(args, Mapping):
-        raise _fail(source, f"{fld}.args", args, "must be a mapping of keyword arguments")
-    allowed = SCHEDULER_ARGS[name]
-    for key, v in args.items():
-        if key not in allowed:
-            raise _fail(source, f"{fld}.args.{key}", v, f"{name} takes: {', '.join(allowed) or 'no args'}")
-        kind, what = allowed[key]
-        number = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-        ok = number and (kind == "float" or float(v) == int(v))
-        if ok and key == "grace_period":
-            ok = 1 <= v <= epochs
-        elif ok and key == "reduction_factor":
-            ok = v > 1
-        elif ok:
-            ok = v >= 1
-        if not ok:
-            raise _fail(source, f"{fld}.args.{key}", v,
-                        f"must be {what}" + (f" ({epochs})" if "epochs" in what else ""))
-    return {"name": name, "args": {k: (int(v) if allowed[k][0] == "int" else float(v)) for k, v in args.items()}}
-
-
-def parse_ray_section(value: Any, source: str, epochs: int) -> dict[str, Any]:
-    """The spec's ``ray:`` section, checked; {} when absent (then the spec hash is unchanged)."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise _fail(source, "ray", value, f"must be a mapping with keys: {', '.join(RAY_KEYS)}")
-    unknown = [k for k in value if k not in RAY_KEYS]
-    if unknown:
-        raise _fail(source, f"ray.{unknown[0]}", value[unknown[0]], f"allowed keys: {', '.join(RAY_KEYS)}")
-    out: dict[str, Any] = {}
-    if value.get("scheduler") is not None:
-        out["scheduler"] = parse_scheduler(value["scheduler"], source, epochs)
-    if "overfit" in value:
-        args = value["overfit"] or {}
-        if not isinstance(args, Mapping):
-            raise _fail(source, "ray.overfit", args, "must be a mapping of overfit args (warmup, patience, "
-                       "min_delta, window, on_fire)")
-        from regsweep.search.pruners.overfit import OverfitPruner
-
-        try:
-            OverfitPruner(**args)
-        except (TypeError, ValueError) as exc:
-            raise _fail(source, "ray.overfit", dict(args), str(exc).splitlines()[0]) from None
-        out["overfit"] = dict(args)
-    return out
-
-
-def scheduler_label(sched: Mapping[str, Any]) -> str:
-    return str(sched["name"])

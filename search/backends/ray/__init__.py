@@ -16,7 +16,8 @@ writes every trial:
   (PRUNED) when Ray's scheduler stopped it, ``stopped:overfit:<rule>@<epoch>`` (COMPLETE) or
   ``pruned:overfit:...`` when the overfit stopper did, ``failed:...`` when its process died after Ray's retries.
 
-The spec's optional ``ray:`` section is parsed by search/spec.py (``parse_ray_section``)::
+The spec's optional ``ray:`` section is parsed by search/spec_checks.py (``parse_ray_section``, called by
+search/spec.py)::
 
     ray:
       scheduler: {name: asha, args: {grace_period: 1, reduction_factor: 2}}   # fifo (default) | asha | median

@@ -18,7 +18,8 @@ from regsweep.search.backends.optuna_backend import RunResult
 from regsweep.search.backends.ray import FORMAT_ATTR, RAY_FORMAT, RESULTS_ENV, STORAGE_ENV
 from regsweep.search.backends.ray.driver import RayDriver, fail_dead_driver
 from regsweep.search.backends.ray.trainable import storage_fingerprint, train_trial
-from regsweep.search.spec import SCHEDULER_DEFAULTS, StudySpec, parse_scheduler
+from regsweep.search.spec import StudySpec
+from regsweep.search.spec_checks import SCHEDULER_DEFAULTS, parse_scheduler
 from regsweep.search.study import budget, done_count, open_study_locked
 from regsweep.search.urls import check_url, mask, sqlite_file
 
