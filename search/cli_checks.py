@@ -95,8 +95,9 @@ def check_flags(args: argparse.Namespace) -> None:
     if port is not None and not 0 <= port <= 65535:
         raise ConfigError(f"--port: {port} is not allowed; must be 0..65535 (0 picks a free port)")
     check_study_name(get("study_name"))
-    # a remote Ray cluster's GPUs are not this machine's
-    check_device(get("device"), local=not (get("backend") == "ray" and get("address") is not None))
+    # under Ray the trials run where Ray places them (a cluster's GPUs are not this machine's): the Ray backend
+    # checks --device against --gpus-per-trial itself, with its documented message
+    check_device(get("device"), local=get("backend") != "ray")
     if get("artifacts") is not None:
         from regsweep.search.artifacts import normalize
 
