@@ -65,9 +65,12 @@ def make_app(url: str, artifacts: Optional[str] = None):
     """optuna-dashboard's WSGI app on the storage; returns (app, artifact locations)."""
     import optuna_dashboard
 
-    from regsweep.search.storage import open_storage
+    from regsweep.search.storage import open_readonly
+    from regsweep.search.urls import mask
 
-    storage = open_storage(url, heartbeat=False)
+    storage = open_readonly(url)  # the dashboard reads: it never creates a database file or Optuna's tables
+    if storage is None:
+        raise ConfigError(f"--storage: {mask(url)} holds no Optuna study yet (no Optuna tables); run a study first")
     store, locations = study_stores(storage, artifacts)
     return optuna_dashboard.wsgi(dashboard_storage(storage), artifact_store=store), locations
 

@@ -28,6 +28,14 @@ TIER_BY_TEST = {  # (file name, test function) -> tiers
 SERVER_KINDS = ("postgresql", "mysql")  # storage_url's params on the shared servers
 
 
+# The MariaDB copies of the longest multi-process runs (their PostgreSQL and SQLite copies stay in `make test`),
+# to keep .ci/run's pytest part near its 6-minute budget.
+SLOW_IN_CI = {
+    "test_workers_survive_dropped_connections[mysql]",
+    "test_four_workers_make_exactly_the_budget[mysql-24]",
+}
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects: the markers must be on the items by then
 def pytest_collection_modifyitems(config, items):
     for item in items:
@@ -38,6 +46,8 @@ def pytest_collection_modifyitems(config, items):
         if callspec is not None and callspec.params.get("storage_url") in SERVER_KINDS:
             tiers.add("db")
         tiers.update(TIER_BY_TEST.get((item.path.name, getattr(item, "originalname", item.name)), ()))
+        if item.name in SLOW_IN_CI:  # a second server's copy of a long run: `make test-all` runs it
+            tiers.add("slow")
         for tier in sorted(tiers - {m.name for m in item.iter_markers()}):
             item.add_marker(tier)
 
