@@ -65,6 +65,7 @@ def make_app(url: str, artifacts: Optional[str] = None):
     """optuna-dashboard's WSGI app on the storage; returns (app, artifact locations)."""
     import optuna_dashboard
 
+    from regsweep.search.optuna_internals import fast_trial_serializer
     from regsweep.search.storage import open_readonly
     from regsweep.search.urls import mask
 
@@ -72,6 +73,7 @@ def make_app(url: str, artifacts: Optional[str] = None):
     if storage is None:
         raise ConfigError(f"--storage: {mask(url)} holds no Optuna study yet (no Optuna tables); run a study first")
     store, locations = study_stores(storage, artifacts)
+    fast_trial_serializer()
     return optuna_dashboard.wsgi(dashboard_storage(storage), artifact_store=store), locations
 
 

@@ -142,11 +142,11 @@ def test_the_checker_finds_planted_private_uses():
     assert not [w for line, w in found if line == 7 and w != "private attribute ._CachedStorage"]  # self/cls/dunder
 
 
-def test_optuna_internals_imports_only_optuna_sqlalchemy_and_the_stdlib():
+def test_optuna_internals_imports_only_optuna_its_dashboard_sqlalchemy_and_the_stdlib():
     tree = ast.parse((ROOT / INTERNALS).read_text(encoding="utf-8"))
     tops = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     tops |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert tops <= {"optuna", "sqlalchemy"} | set(sys.stdlib_module_names), tops
+    assert tops <= {"optuna", "optuna_dashboard", "sqlalchemy"} | set(sys.stdlib_module_names), tops
 
 
 def test_every_private_use_in_optuna_internals_says_why():
@@ -224,3 +224,28 @@ def test_beating_ids_and_adopting_orphans(storage_url):
 ])
 def test_distribution_contains(dist, value, inside):
     assert internals.distribution_contains(dist, value) is inside
+
+
+def test_the_fast_trial_serializer_gives_optuna_dashboards_very_payload():
+    """The wrapped serializer (search/dashboard.py installs it) returns exactly what optuna-dashboard's own does:
+    nan/inf/-inf as strings, steps sorted, empty curves, params and attrs untouched; installing it twice is one
+    wrap; the trial it is given is not modified."""
+    import json
+
+    from optuna.trial import create_trial
+    from optuna_dashboard import _serializer
+
+    internals.fast_trial_serializer()
+    internals.fast_trial_serializer()
+    fast = _serializer.serialize_frozen_trial
+    assert fast.regsweep_fast and not getattr(fast.original, "regsweep_fast", False)
+    curves = [{}, {3: 0.5, 0: float("nan"), 1: float("inf"), 2: -float("inf"), 7: 1e-300, 5: 2}, {0: 1.0}]
+    for i, curve in enumerate(curves):
+        trial = create_trial(value=0.25, params={"x": 0.5}, distributions={"x": FloatDistribution(0, 1)},
+                             user_attrs={"a": [1, None]}, intermediate_values=curve)
+        trial._trial_id, trial.number = i + 1, i
+        before = dict(trial.intermediate_values)
+        got, want = fast(7, trial, {}), fast.original(7, trial, {})
+        assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+        assert trial.intermediate_values == before or curve is curves[1]  # nan != nan
+        assert list(trial.intermediate_values) == list(before)
