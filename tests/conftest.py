@@ -28,11 +28,15 @@ TIER_BY_TEST = {  # (file name, test function) -> tiers
 SERVER_KINDS = ("postgresql", "mysql")  # storage_url's params on the shared servers
 
 
-# The MariaDB copies of the longest multi-process runs (their PostgreSQL and SQLite copies stay in `make test`),
+# Second-server copies of the longest multi-process runs (a PostgreSQL copy of each stays in `make test`),
 # to keep .ci/run's pytest part near its 6-minute budget.
 SLOW_IN_CI = {
     "test_workers_survive_dropped_connections[mysql]",
     "test_four_workers_make_exactly_the_budget[mysql-24]",
+    "test_four_workers_make_exactly_the_budget[sqlite-24]",  # SQLite's multi-worker runs: run_n_trials, same_instant
+    "test_two_workers_started_at_the_same_instant_make_one_study[mysql]",
+    "test_a_database_outage_fails_trials_with_the_reason_and_retries_them[mysql]",
+    "test_a_killed_coordinator_leaves_its_workers_running_to_the_budget[mysql]",
 }
 
 
@@ -198,3 +202,35 @@ def chromium():
     require(binary is not None and driver is not None,
             "chromium and chromedriver (apt-get install -y chromium chromium-driver)")
     return binary, driver
+
+
+# ------------------------------------------------------------------------------------ time per tier
+# Printed after every run (the figures docs/architecture.md's test-time table quotes): each test's setup + call +
+# teardown seconds counted once, under its heaviest tier.
+TIER_ORDER = ("slow", "browser", "ray", "bench", "procs", "db")
+_SECONDS: dict[str, float] = {}
+_TIER: dict[str, str] = {}
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        names = {m.name for m in item.iter_markers()}
+        _TIER[item.nodeid] = next((t for t in TIER_ORDER if t in names), "(none)")
+
+
+def pytest_runtest_logreport(report):
+    _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _SECONDS:
+        return
+    rows: dict[str, list[float]] = {}
+    for nodeid, seconds in _SECONDS.items():
+        rows.setdefault(_TIER.get(nodeid, "(none)"), []).append(seconds)
+    terminalreporter.section("seconds per tier (each test under its heaviest tier)")
+    for tier in ("(none)",) + tuple(reversed(TIER_ORDER)):
+        if tier in rows:
+            terminalreporter.write_line(f"{tier:8s} {len(rows[tier]):5d} tests {sum(rows[tier]):8.1f} s")
+    terminalreporter.write_line(f"{'total':8s} {sum(map(len, rows.values())):5d} tests "
+                                f"{sum(map(sum, rows.values())):8.1f} s")

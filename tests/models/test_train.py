@@ -184,12 +184,12 @@ def test_bad_config_exits_2_with_one_line(tmp_path, capsys, text, needle):
     assert not out.exists()
 
 
-def test_cli_trains_resnet20_on_synthetic_cifar_shaped_data(tmp_path, capsys):
+def test_cli_trains_resnet20_on_small_synthetic_rgb_data(tmp_path, capsys):
     from regsweep.search.cli import main as cli_main
 
     cfg = TrainConfig.from_dict({
         "model": {"name": "resnet20", "bn": "before_act", "init": "kaiming_normal", "dropout": 0.1},
-        "data": {"name": "synthetic", "shape": [3, 32, 32], "n_samples": 160, "batch_size": 32, "augment": True},
+        "data": {"name": "synthetic", "shape": [3, 16, 16], "n_samples": 96, "batch_size": 32, "augment": True},
         "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
         "scheduler": {"name": "onecycle"},
         "train": {"epochs": 2, "num_threads": 2, "train_eval_size": 32},

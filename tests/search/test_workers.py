@@ -190,7 +190,7 @@ def test_workers_survive_dropped_connections(own_database, tmp_path):
 
     kind, url = own_database
     name = "conn-kill"
-    spec = write_spec(tmp_path, name, 30, epochs=2)
+    spec = write_spec(tmp_path, name, 16, epochs=2)
     proc = cli("run", str(spec), "--storage", url, "--workers", "2",
                env={"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"})
     running_with_history(url, name)
@@ -202,7 +202,7 @@ def test_workers_survive_dropped_connections(own_database, tmp_path):
     engine.dispose()
     wait_ok(proc)
     assert killed > 0
-    assert_exact(url, name, 30)
+    assert_exact(url, name, 16)
 
 
 @pytest.mark.procs
