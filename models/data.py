@@ -166,22 +166,38 @@ def check_files(cfg: DataConfig, base_dir: Optional[str | Path] = None) -> None:
     decodes (one directory listing per folder, never a walk of the tree); a torchvision class or a user dataset
     opens (downloading when data.download says so) and the first item of each split is an (image, int) pair.
     Every failure is one ConfigError line."""
+    if cfg.args and cfg.name in DATASETS.names():
+        raise ConfigError(f"data.args: {excerpt(cfg.args)} is not allowed for data.name {cfg.name!r}; "
+                          "data.args are for datasets given by import path or torchvision:CLASS")
     if cfg.name == "image_folder":
         _check_image_folder(cfg)
         return
     if cfg.name in DATASETS.names():
         _check_registered_files(cfg)
         return
-    source = open_dataset(cfg, base_dir)
+    import sys
+
+    before, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # a check writes nothing, no __pycache__ either
+    try:
+        source = open_dataset(cfg, base_dir)
+    finally:
+        sys.dont_write_bytecode = before
     for which, ds in (("train", source.train), ("test", source.test)):
         if ds is not None:
             first_item(ds, f"data.name: {cfg.name!r}: its {which} set")
 
 
 def _check_registered_files(cfg: DataConfig) -> None:
-    if cfg.name not in (*IDX_FOLDERS, "cifar10") or cfg.download:
+    if cfg.name not in (*IDX_FOLDERS, "cifar10"):
         return
     root = _root(cfg)
+    if cfg.download:  # download now (torchvision skips files already there): a failure is one line here
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, IDX_FOLDERS.get(cfg.name, "CIFAR10"))
+        for train in (True, False):
+            downloading(root, cls.__name__, lambda: cls(str(root), train=train, download=True))
+        return
     if not root.is_dir():
         raise ConfigError(f"data.root: {cfg.root!r} is not an existing directory ({root}); give the directory that "
                           "holds its files, or set data.download: true")
@@ -514,8 +530,7 @@ def open_dataset(cfg: DataConfig, base_dir: Optional[str | Path] = None) -> "Raw
         return _torchvision(cfg)
     if cfg.name in DATASETS.names():
         if cfg.args:
-            raise ConfigError(f"data.args: {excerpt(cfg.args)} is not allowed for data.name {cfg.name!r}; "
-                              "data.args are for datasets given by import path or torchvision:CLASS")
+            check_files(cfg)  # says data.args are not for it
         return DATASETS.get(cfg.name)(cfg)
     return _user_dataset(cfg, base_dir)
 
