@@ -1,5 +1,6 @@
 """The bad-input table (issue 16; the data category: issue 18): at least 250 cases, at least 15 in each category,
-about ten of them through the real console script in a subprocess. Each category's module holds ``CASES``; this counts them."""
+about ten of them through the real console script in a subprocess. Each category's module holds ``CASES``; this
+counts them."""
 
 from __future__ import annotations
 
