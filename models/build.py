@@ -51,6 +51,9 @@ def check_names(cfg: TrainConfig, source: str | None = None) -> TrainConfig:
     try:
         data = cfg.to_dict()
         for path in NAMED_FIELDS:  # the schema says which fields are names; this layer knows the registries
+            if path == "data.name":  # also torchvision:CLASS, an import path or an entry point (models/data.py)
+                data_mod.check_name(get_path(data, path))
+                continue
             check_choice(path, get_path(data, path), REGISTRIES[path].names())
         m = cfg.model
         stages = getattr(MODELS.get(m.name), "STAGES", 0)
@@ -100,33 +103,44 @@ class Parts:
     regularize_batch: Optional[BatchRegularizer]
     device: torch.device
     config: TrainConfig
-    _train_loader: Optional[data_mod.BatchLoader] = field(default=None, init=False, repr=False)
-    _train_eval: Optional[data_mod.Split] = field(default=None, init=False, repr=False)
+    _train_loader: Optional[data_mod.BatchLoader | data_mod.StreamLoader] = field(default=None, init=False,
+                                                                                  repr=False)
+    _train_eval: Optional[data_mod.Split | data_mod.StreamSplit] = field(default=None, init=False, repr=False)
 
-    def train_loader(self) -> data_mod.BatchLoader:
+    def _loader(self, split, batch_size: int, **kwargs):
+        """A BatchLoader over tensors (residency device/host) or a StreamLoader (residency stream)."""
+        if self.data.residency == "stream":
+            return data_mod.StreamLoader(split, batch_size, mean=self.data.mean, std=self.data.std,
+                                         device=self.device, num_workers=self.config.data.num_workers, **kwargs)
+        return data_mod.BatchLoader(split, batch_size, device=self.device, **kwargs)
+
+    def train_loader(self) -> data_mod.BatchLoader | data_mod.StreamLoader:
         """The shuffled training batches (seeded by train.seed), augmented when data.augment is on."""
         if self._train_loader is None:
             # on the training device: augmentation draws its offsets there (on the CPU the same stream as before)
             gen = torch.Generator(device=self.device).manual_seed(self.config.train.seed + 1)
             aug = data_mod.Augment(self.data.in_shape, self.data.flip, gen) if self.config.data.augment else None
-            self._train_loader = data_mod.BatchLoader(self.data.train, self.config.data.batch_size, shuffle=True,
-                                                      seed=self.config.train.seed, transform=aug,
-                                                      device=self.device)
+            self._train_loader = self._loader(self.data.train, self.config.data.batch_size, shuffle=True,
+                                              seed=self.config.train.seed, transform=aug)
         return self._train_loader
 
-    def eval_loader(self, split: str) -> data_mod.BatchLoader:
+    def eval_loader(self, split: str) -> data_mod.BatchLoader | data_mod.StreamLoader:
         """Unshuffled batches of 'val', 'test' or 'train_eval' (a fixed training subset)."""
         bs = max(self.config.data.batch_size, 512)
         if split == "train_eval":
-            return data_mod.BatchLoader(self.train_eval_split(), bs, device=self.device)
-        return data_mod.BatchLoader(getattr(self.data, split), bs, device=self.device)
+            return self._loader(self.train_eval_split(), bs)
+        return self._loader(getattr(self.data, split), bs)
 
-    def train_eval_split(self) -> data_mod.Split:
+    def train_eval_split(self) -> data_mod.Split | data_mod.StreamSplit:
         if self._train_eval is None:
             n, k = len(self.data.train), self.config.train.train_eval_size
             idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k].sort().values
-            idx = idx.to(self.data.train.x.device)
-            self._train_eval = data_mod.Split(self.data.train.x[idx], self.data.train.y[idx])
+            if isinstance(self.data.train, data_mod.StreamSplit):
+                self._train_eval = data_mod.StreamSplit(torch.utils.data.Subset(self.data.train.dataset,
+                                                                                idx.tolist()))
+            else:
+                idx = idx.to(self.data.train.x.device)
+                self._train_eval = data_mod.Split(self.data.train.x[idx], self.data.train.y[idx])
         return self._train_eval
 
 
@@ -135,10 +149,14 @@ def build(cfg: TrainConfig, device: str | torch.device | None = None,
     """Model (seeded by train.seed, initialised, on device), optimizer, LR schedule, loss, penalty, data.
 
     ``data`` may be passed in to reuse an already loaded (device-resident) bundle of the same data config.
+    ``data.residency: auto`` is resolved here when the bundle is loaded; ``Parts.config`` holds the resolved
+    value (what a run records and saves, so a replay never depends on this machine's memory).
     """
     check_names(cfg)
     dev = resolve_device(device)
     bundle = data if data is not None else data_mod.load(cfg.data, dev)
+    if cfg.data.residency != bundle.residency:
+        cfg = cfg.with_overrides({"data.residency": bundle.residency})
     torch.manual_seed(cfg.train.seed)
     model = make_model(cfg, bundle.in_shape, bundle.num_classes).to(dev)
     if cfg.train.channels_last:

@@ -30,6 +30,7 @@ from regsweep.models.yamlio import ConfigError, clip, dump_yaml, excerpt, load_y
 
 BN_PLACEMENTS = ("none", "before_act", "after_act")
 PRECISIONS = ("fp32", "bf16", "fp16")
+RESIDENCIES = ("auto", "device", "host", "stream")
 # monitor -> +1 when lower is better, -1 when higher is better (one sign, applied at the edge)
 MONITORS = {"val_loss": 1.0, "val_acc": -1.0, "train_loss": 1.0, "train_eval_loss": 1.0, "train_acc": -1.0}
 # The fields whose value names a registry entry: checked by regsweep.models.build.check_names, not here.
@@ -63,6 +64,10 @@ class DataConfig:
     shape: list[int] = field(default_factory=lambda: [1, 8, 8])  # synthetic only: C, H, W
     num_classes: int = 10  # synthetic only
     label_noise: float = 0.0  # fraction of TRAINING labels replaced at random (seeded by split_seed)
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of a dataset given by import path
+    train_fraction: float = 1.0  # seeded subset of the training split (from split_seed); val/test unchanged
+    residency: str = "auto"  # auto | device | host | stream; resolved once at trial start and recorded
+    memory_budget_mb: Optional[float] = None  # auto: largest dataset held whole; null = a default per device
 
 
 @dataclass
@@ -221,6 +226,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " or null"
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
     if dataclasses.is_dataclass(tp):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
@@ -238,6 +245,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {excerpt(value)}")
         return _build(tp, value, f"{path}.")
+    if origin is dict:  # free-form keyword arguments (data.args): plain YAML values, string keys
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{path}: expected a mapping with string keys, got {excerpt(value)}")
+        return copy.deepcopy(dict(value))
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a {_type_name(tp)}, got {excerpt(value)}")
@@ -317,6 +328,11 @@ def _validate(cfg: TrainConfig) -> None:
     check(d.num_classes >= 2, "data.num_classes", d.num_classes, "must be >= 2")
     check(_finite(d.label_noise) and 0.0 <= d.label_noise <= 1.0, "data.label_noise", d.label_noise,
            "must be in [0, 1]")
+    check(_finite(d.train_fraction) and 0.0 < d.train_fraction <= 1.0, "data.train_fraction", d.train_fraction,
+           "must be in (0, 1]")
+    check(d.residency in RESIDENCIES, "data.residency", d.residency, f"choose one of: {', '.join(RESIDENCIES)}")
+    check(d.memory_budget_mb is None or (_finite(d.memory_budget_mb) and d.memory_budget_mb > 0),
+           "data.memory_budget_mb", d.memory_budget_mb, "must be > 0 or null (a default per device)")
 
     o = cfg.optim
     check(_finite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be > 0")

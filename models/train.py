@@ -35,6 +35,7 @@ from torch import nn
 from regsweep.models.build import Parts, build, load_config, make_model, resolve_device
 from regsweep.models.config import MONITORS, ConfigError, TrainConfig
 from regsweep.models.data import BatchLoader
+from regsweep.models.plugins import add_search_path
 
 Report = Callable[[int, dict[str, Any]], Any]
 Checkpoint = Callable[[dict[str, Any]], None]  # called with train()'s state at the end of an epoch
@@ -349,6 +350,7 @@ def format_row(record: dict[str, Any]) -> str:
 def run_training(config_path: str, device: str | None = None, out: str | None = None) -> int:
     """Load, train with a per-epoch table, write config.yaml, history.json and checkpoint.pt to ``out``."""
     cfg = load_config(config_path)
+    add_search_path(Path(config_path).parent)  # a dataset by import path may live beside the config
     dev = resolve_device(device)
     out_dir = Path(out) if out else Path("runs") / Path(config_path).stem
     print(f"training {cfg.model.name} on {cfg.data.name} ({dev}); output: {out_dir.resolve()}", flush=True)
@@ -358,6 +360,7 @@ def run_training(config_path: str, device: str | None = None, out: str | None = 
         print(format_row(record), flush=True)
 
     parts, hist = train(cfg, dev, report=show)
+    cfg = parts.config  # data.residency resolved: the saved config replays the same way on any machine
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")
     (out_dir / "history.json").write_text(json.dumps(hist.to_dict(), indent=2) + "\n", encoding="utf-8")

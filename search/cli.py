@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from regsweep.models.build import load_config
     from regsweep.models.data import check_files
 
-    check_files(load_config(args.config).data)
+    check_files(load_config(args.config).data, base_dir=Path(args.config).parent)
     from regsweep.models.train import run_training
 
     return run_training(args.config, args.device, args.out)

@@ -121,7 +121,7 @@ def check_data_files(spec) -> None:
                              if p.type == "categorical" and p.path.startswith("data.") for c in p.choices]
     for cfg in configs:
         try:
-            check_files(cfg.data)
+            check_files(cfg.data, base_dir=spec.path.parent)
         except ConfigError as exc:
             raise ConfigError(f"{spec.source}: base.{exc}") from None
 

@@ -17,13 +17,14 @@ import socket
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
 import torch
 
 from regsweep.models.build import build, resolve_device
 from regsweep.models.config import ConfigError, DataConfig, TrainConfig
-from regsweep.models.data import DataBundle, load
+from regsweep.models.data import DataBundle, load, open_dataset, resolve_residency
 from regsweep.models.train import fit
 from regsweep.search.optuna_internals import latest_trial
 from regsweep.search.record import FAIL, PRUNED, Recorder, failure_reason
@@ -42,22 +43,42 @@ class TrialFailed(RuntimeError):
 
 
 class DataCache:
-    """Loaded (device-resident) datasets by data config, most recent first."""
+    """Loaded datasets by data config, most recent first: the opened dataset (to resolve ``data.residency``)
+    and the split, normalised bundle on its residency. ``base_dir`` (the spec's folder) is where a dataset by
+    import path is looked for, after ``sys.path``."""
 
-    def __init__(self, size: int = 2):
+    def __init__(self, size: int = 2, base_dir: Optional[str | Path] = None):
         self.size = size
+        self.base_dir = base_dir
         self._items: OrderedDict[str, DataBundle] = OrderedDict()
+        self._opened: OrderedDict[str, Any] = OrderedDict()
+
+    def _put(self, cache: OrderedDict, key: str, value: Any) -> Any:
+        cache[key] = value
+        while len(cache) > self.size:
+            cache.popitem(last=False)
+        return value
+
+    def opened(self, cfg: DataConfig) -> Any:
+        key = json.dumps({k: v for k, v in vars(cfg).items() if k not in (*LOADER_ONLY, "residency")},
+                         sort_keys=True, default=str)
+        if key in self._opened:
+            self._opened.move_to_end(key)
+            return self._opened[key]
+        return self._put(self._opened, key, open_dataset(cfg, self.base_dir))
+
+    def resolve(self, cfg: TrainConfig, device: torch.device) -> TrainConfig:
+        """``cfg`` with ``data.residency`` resolved on ``device`` (once, at trial start; the trial records it)."""
+        residency = resolve_residency(cfg.data, self.opened(cfg.data), device)
+        return cfg if residency == cfg.data.residency else cfg.with_overrides({"data.residency": residency})
 
     def get(self, cfg: DataConfig, device: torch.device) -> DataBundle:
-        key = json.dumps({k: v for k, v in vars(cfg).items() if k not in LOADER_ONLY}, sort_keys=True) + str(device)
+        key = json.dumps({k: v for k, v in vars(cfg).items() if k not in LOADER_ONLY}, sort_keys=True,
+                         default=str) + str(device)
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        bundle = load(cfg, device)
-        self._items[key] = bundle
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
-        return bundle
+        return self._put(self._items, key, load(cfg, device, opened=self.opened(cfg)))
 
 
 def config_for(spec: StudySpec, trial) -> TrainConfig:
@@ -126,6 +147,12 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
             after_epoch(cfg, epoch, record, reason)
         return reason
 
+    try:
+        cfg = data.resolve(cfg, device)  # data.residency, once: the recorded config says where the data lived
+    except Exception as exc:  # the dataset could not be opened here: FAIL with the reason, the sweep goes on
+        recorder.start(cfg.to_dict(), extra)
+        record_failure(recorder, f"failed:config: {exc}" if isinstance(exc, ConfigError) else failure_reason(exc))
+        return Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
     recorder.start(cfg.to_dict(), extra)
     try:
         parts = build(cfg, device, data=data.get(cfg.data, device))
@@ -168,7 +195,7 @@ class OptunaObjective:
         self.spec = spec
         self.metric = spec.objective.metric
         self.device = resolve_device(device)
-        self.data = data_cache or DataCache()
+        self.data = data_cache or DataCache(base_dir=spec.path.parent)
         self.artifact_store = None  # set by make_objective: search.artifacts.open_store(location)
         self.storage_label = ""  # the masked storage URL, for the exported config's provenance
 

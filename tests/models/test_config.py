@@ -23,7 +23,9 @@ CUSTOM = {
               "init": "kaiming_normal", "activation": "gelu"},
     "data": {"name": "synthetic", "root": "/tmp/some data", "val_fraction": 0.15, "test_fraction": 0.1,
              "split_seed": 7, "batch_size": 32, "augment": True, "num_workers": 1, "download": True,
-             "n_samples": 123, "shape": [3, 16, 12], "num_classes": 4, "label_noise": 0.05},
+             "n_samples": 123, "shape": [3, 16, 12], "num_classes": 4, "label_noise": 0.05,
+             "args": {"fold": 1, "names": ["a", "b"]}, "train_fraction": 0.5, "residency": "stream",
+             "memory_budget_mb": 512.0},
     "optim": {"name": "sgd", "lr": 3e-4, "momentum": 0.85, "nesterov": True, "betas": [0.8, 0.95],
               "weight_decay": 5e-4},
     "regularization": {"l1": 1e-5, "l2": 2.5e-6, "label_smoothing": 0.1, "mixup_alpha": 0.2,
@@ -38,7 +40,7 @@ CUSTOM = {
 
 def _leaves(d, prefix=""):
     for k, v in d.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and k != "args":  # data.args is one free-form leaf
             yield from _leaves(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v

@@ -162,7 +162,8 @@ def test_cli_train_writes_history_config_and_checkpoint(tmp_path, tiny_cfg, caps
     assert "val_loss" in printed and "best epoch" in printed
     hist = json.loads((out / "history.json").read_text())
     assert len(hist["epochs"]) == 3 and hist["stop_reason"] == "completed"
-    assert TrainConfig.load(out / "config.yaml") == tiny_cfg
+    # the saved config is the one trained, data.residency resolved (auto -> device for digits)
+    assert TrainConfig.load(out / "config.yaml") == tiny_cfg.with_overrides({"data.residency": "device"})
     assert (out / "checkpoint.pt").stat().st_size > 0
 
 

@@ -64,7 +64,8 @@ def test_run_records_every_trial_by_the_contract(study_env, capsys):
     assert base.user_attrs["regsweep:base"] is True and base.params == {}
     from regsweep.search.spec import load_spec
 
-    assert base.user_attrs["config"] == load_spec(spec).base.to_dict()
+    # the base config as trained: data.residency resolved at trial start (auto -> device for digits)
+    assert base.user_attrs["config"] == load_spec(spec).base.with_overrides({"data.residency": "device"}).to_dict()
     assert forced.params["model.dropout"] == 0.25
     for t in study.trials:
         hist = history(t)
