@@ -281,6 +281,20 @@ def dashboard_api(app, study_id: int) -> int:
     return body.tell()
 
 
+@contextlib.contextmanager
+def original_serializer():
+    """optuna-dashboard's own per-trial serializer while the block runs (``make_app`` installs regsweep's faster,
+    output-identical one process-wide: search/optuna_internals.py ``fast_trial_serializer``)."""
+    from optuna_dashboard import _serializer
+
+    installed = _serializer.serialize_frozen_trial
+    _serializer.serialize_frozen_trial = getattr(installed, "original", installed)
+    try:
+        yield
+    finally:
+        _serializer.serialize_frozen_trial = installed
+
+
 def read_bench(url: str, name: str, report: bool, tmp: Path) -> dict[str, dict[str, float]]:
     """{before|after: {status, export, report, dashboard, dashboard_mb, get_trials}} in seconds."""
     import optuna
@@ -302,7 +316,8 @@ def read_bench(url: str, name: str, report: bool, tmp: Path) -> dict[str, dict[s
                 row["report"] = timed(lambda: cli("report", *args, "--out", str(tmp / f"report-{when}")))
         app = optuna_dashboard.wsgi(open_storage(url, heartbeat=False)) if when == "before" else make_app(url)[0]
         size = [0]
-        row["dashboard"] = timed(lambda: size.__setitem__(0, dashboard_api(app, sid)))
+        with original_serializer() if when == "before" else contextlib.nullcontext():
+            row["dashboard"] = timed(lambda: size.__setitem__(0, dashboard_api(app, sid)))
         row["dashboard_mb"] = size[0] / 1e6
         out[when] = row
     study = optuna.load_study(study_name=name, storage=url)
