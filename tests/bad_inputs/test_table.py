@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 HERE = Path(__file__).parent
-CATEGORIES = ("spec", "config", "cli", "urls", "env", "files")
+CATEGORIES = ("spec", "config", "cli", "urls", "env", "files", "models")
 
 
 def load_cases(category: str) -> list:
