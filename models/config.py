@@ -13,6 +13,11 @@ scheduler.name) and the stage count of ``model.widths`` are checked against the 
 ``load_checkpoint``), the spec parser's ``base:`` (``regsweep validate``/``run``, search/spec.py) and the
 search-space check of every bound and choice (search/space.py). The messages have the same shape either way:
 ``path: value is not allowed; choose one of: ...``.
+
+``model.name`` may also name a model by import path (``module:Factory``) or an installed ``regsweep.models`` plugin;
+``model.args`` (a free mapping, :data:`FREE_MAPPINGS`) holds its keyword arguments as plain YAML data. Both are
+resolved and checked against the factory's signature by ``regsweep.models.build`` (never here: this layer imports
+no user code).
 """
 
 from __future__ import annotations

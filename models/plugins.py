@@ -61,12 +61,13 @@ def load_ref(ref: str, field: str, base_dir: Folders = None) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        folders = _folders(base_dir)
+        folders = list(dict.fromkeys(_folders(base_dir)))
         where = f" (searched sys.path, which ends with {', '.join(map(str, folders))})" if folders else ""
         if exc.name and module_name != exc.name and not module_name.startswith(f"{exc.name}."):
             raise ConfigError(f"{field}: {ref!r} is not allowed; importing {module_name} raised "
                               f"ModuleNotFoundError: {first_line(exc)}") from None
-        raise ConfigError(f"{field}: {ref!r} is not allowed; no module named {exc.name!r}{where}") from None
+        raise ConfigError(f"{field}: {ref!r} is not allowed; no module named {exc.name!r}{where}; put it beside the "
+                          "spec or config, or install it") from None
     except Exception as exc:  # noqa: BLE001 - the user's module raised while importing: one line, its reason
         raise ConfigError(f"{field}: {ref!r} is not allowed; importing {module_name} raised "
                           f"{type(exc).__name__}: {first_line(exc)}") from None

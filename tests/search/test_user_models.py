@@ -143,6 +143,7 @@ budget: {n_trials: 1}
 """
 
 
+@pytest.mark.slow  # ~10 s of Ray Tune start-up for one trial (the --address refusal alone is in the bad-input table)
 def test_the_ray_backend_runs_a_user_model_locally_and_refuses_it_on_a_cluster(ray_session, tmp_path, capsys):
     """A local Ray's workers append the spec's folder as the driver does; joining a cluster (--address) with a model
     from the spec's folder is one line, exit 2, before Ray is touched or a study is created."""
