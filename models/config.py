@@ -13,6 +13,11 @@ scheduler.name) and the stage count of ``model.widths`` are checked against the 
 ``load_checkpoint``), the spec parser's ``base:`` (``regsweep validate``/``run``, search/spec.py) and the
 search-space check of every bound and choice (search/space.py). The messages have the same shape either way:
 ``path: value is not allowed; choose one of: ...``.
+
+``model.name`` may also name a model by import path (``module:Factory``) or an installed ``regsweep.models`` plugin;
+``model.args`` (a free mapping, :data:`FREE_MAPPINGS`) holds its keyword arguments as plain YAML data. Both are
+resolved and checked against the factory's signature by ``regsweep.models.build`` (never here: this layer imports
+no user code).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,6 +41,10 @@ RESIDENCIES = ("auto", "device", "host", "stream")
 MONITORS = {"val_loss": 1.0, "val_acc": -1.0, "train_loss": 1.0, "train_eval_loss": 1.0, "train_acc": -1.0}
 # The fields whose value names a registry entry: checked by regsweep.models.build.check_names, not here.
 NAMED_FIELDS = ("model.name", "model.init", "model.activation", "data.name", "optim.name", "scheduler.name")
+# Mappings whose keys are free (keyword arguments of user code): a space may search ``model.args.KEY`` and
+# ``with_overrides`` may set a key that is not there yet. Their values are plain YAML data (_plain).
+FREE_MAPPINGS = ("model.args", "data.args")
+KWARG_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # -------------------------------------------------------------------------------------------- sections
@@ -47,6 +57,8 @@ class ModelConfig:
     bn: str = "none"  # none | before_act (conv->BN->act) | after_act (conv->act->BN)
     init: str = "default"  # registry: models.init
     activation: str = "relu"  # relu | gelu | silu | elu | leaky_relu
+    # keyword arguments of a model by import path or plugin (model.name "pkg.mod:Factory"); {} for built-ins
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,7 +198,10 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
     keys = path.split(".")
     node: Any = data
     for i, key in enumerate(keys):
-        if not isinstance(node, dict) or key not in node:
+        free = i == len(keys) - 1 and ".".join(keys[:i]) in FREE_MAPPINGS and isinstance(node, dict)
+        if free and not KWARG_RE.fullmatch(key):
+            raise ConfigError(f"{path}: {clip(key, 60)!r} is not a keyword argument name (letters, digits, _)")
+        if not free and (not isinstance(node, dict) or key not in node):
             raise ConfigError(f"{path}: unknown config path; '{'.'.join(keys[: i + 1])}' does not exist")
         if i == len(keys) - 1:
             node[key] = copy.deepcopy(value)
@@ -245,10 +260,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {excerpt(value)}")
         return _build(tp, value, f"{path}.")
-    if origin is dict:  # free-form keyword arguments (data.args): plain YAML values, string keys
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{path}: expected a mapping with string keys, got {excerpt(value)}")
-        return copy.deepcopy(dict(value))
+    if origin is dict:  # a free mapping of keyword arguments (model.args, data.args)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of keyword arguments, got {excerpt(value)}")
+        for key in value:
+            if not isinstance(key, str) or not KWARG_RE.fullmatch(key):
+                raise ConfigError(f"{path}: {excerpt(key)} is not a keyword argument name (letters, digits, _)")
+        return _plain(value, path)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a {_type_name(tp)}, got {excerpt(value)}")
@@ -271,6 +289,20 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     else:  # pragma: no cover - every annotation above is covered
         raise TypeError(f"unsupported config type {tp!r} at {path}")
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {excerpt(value)}")
+
+
+def _plain(value: Any, path: str) -> Any:
+    """A deep copy of plain YAML data (null, booleans, finite numbers, strings, lists, string-keyed mappings)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, f"{path}.{k}") for k, v in value.items()}
+    raise ConfigError(f"{path}: {excerpt(value)} is not allowed; use plain YAML data (null, booleans, finite "
+                      "numbers, strings, lists, mappings with string keys)")
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:

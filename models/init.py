@@ -1,5 +1,7 @@
-"""Weight-init registry. Every scheme (except ``default``, which keeps PyTorch's own) sets conv and linear
-weights by its rule, biases to 0, and BatchNorm weight 1 / bias 0."""
+"""Weight-init registry. Every scheme (except ``default``, which keeps PyTorch's own) sets conv (1d/2d/3d,
+transposed) and linear weights by its rule, their biases to 0, and every affine norm (BatchNorm, GroupNorm,
+LayerNorm, InstanceNorm) to weight 1 / bias 0, in any ``nn.Module`` (a user's model by import path included);
+other modules (embeddings, attention, a user's own layers) keep their own initialisation."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from torch import nn
 from regsweep.models.registry import Registry
 
 INITS: Registry[Callable[[nn.Module], None]] = Registry("init")
-_WEIGHTED = (nn.Conv2d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d,
+          nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
 def _scheme(weight_fn: Callable[[nn.Parameter], object]) -> Callable[[nn.Module], None]:
@@ -23,7 +26,8 @@ def _scheme(weight_fn: Callable[[nn.Parameter], object]) -> Callable[[nn.Module]
                     nn.init.zeros_(m.bias)
             elif isinstance(m, _NORMS) and getattr(m, "weight", None) is not None:
                 nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                if getattr(m, "bias", None) is not None:  # LayerNorm(bias=False)
+                    nn.init.zeros_(m.bias)
 
     return apply
 

@@ -17,9 +17,9 @@ import re
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from regsweep.models.yamlio import ConfigError, excerpt
+from regsweep.models.yamlio import ConfigError, clip, excerpt
 
 REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 GROUPS = {"model": "regsweep.models", "dataset": "regsweep.datasets"}
@@ -30,30 +30,49 @@ def is_ref(name: Any) -> bool:
     return isinstance(name, str) and ":" in name
 
 
-def add_search_path(folder: Optional[str | Path]) -> None:
-    """Append ``folder`` to ``sys.path`` once (never prepend)."""
-    if folder is None:
-        return
-    text = str(Path(folder).resolve())
-    if text not in sys.path:
-        sys.path.append(text)
+Folders = Optional[str | Path | Sequence[str | Path]]
 
 
-def load_ref(ref: str, field: str, base_dir: Optional[str | Path] = None) -> Any:
-    """The object ``ref`` (``module:attr``) names; ``base_dir`` (the spec's or config's folder) is appended to
-    ``sys.path`` first. Raises one ConfigError line: ``FIELD: 'ref' is not allowed; <why>``."""
+def _folders(base_dir: Folders) -> list[Path]:
+    if base_dir is None:
+        return []
+    items = [base_dir] if isinstance(base_dir, (str, Path)) else list(base_dir)
+    return [Path(f).resolve() for f in items]
+
+
+def add_search_path(folder: Folders) -> None:
+    """Append ``folder`` (or each of several) to ``sys.path`` once (never prepend)."""
+    for path in _folders(folder):
+        if str(path) not in sys.path:
+            sys.path.append(str(path))
+
+
+def load_ref(ref: str, field: str, base_dir: Folders = None) -> Any:
+    """The object ``ref`` (``module:attr``) names; ``base_dir`` (the spec's or config's folder, or several) is
+    appended to ``sys.path`` first. Raises one ConfigError line: ``FIELD: 'ref' is not allowed; <why>``.
+
+    The import writes no ``__pycache__`` into the user's folder (``validate`` writes nothing)."""
     if not isinstance(ref, str) or not REF.fullmatch(ref):
         raise ConfigError(f"{field}: {excerpt(ref)} is not allowed; an import path is 'package.module:name'")
     module_name, attr = ref.split(":", 1)
     add_search_path(base_dir)
+    no_bytecode = sys.dont_write_bytecode
+    sys.dont_write_bytecode = True
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        where = f" (searched sys.path and {Path(base_dir).resolve()})" if base_dir is not None else ""
-        raise ConfigError(f"{field}: {ref!r} is not allowed; no module named {exc.name!r}{where}") from None
+        folders = list(dict.fromkeys(_folders(base_dir)))
+        where = f" (searched sys.path, which ends with {', '.join(map(str, folders))})" if folders else ""
+        if exc.name and module_name != exc.name and not module_name.startswith(f"{exc.name}."):
+            raise ConfigError(f"{field}: {ref!r} is not allowed; importing {module_name} raised "
+                              f"ModuleNotFoundError: {first_line(exc)}") from None
+        raise ConfigError(f"{field}: {ref!r} is not allowed; no module named {exc.name!r}{where}; put it beside the "
+                          "spec or config, or install it") from None
     except Exception as exc:  # noqa: BLE001 - the user's module raised while importing: one line, its reason
         raise ConfigError(f"{field}: {ref!r} is not allowed; importing {module_name} raised "
-                          f"{type(exc).__name__}: {_first_line(exc)}") from None
+                          f"{type(exc).__name__}: {first_line(exc)}") from None
+    finally:
+        sys.dont_write_bytecode = no_bytecode
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{field}: {ref!r} is not allowed; {module_name} has no attribute {attr!r}")
@@ -62,6 +81,13 @@ def load_ref(ref: str, field: str, base_dir: Optional[str | Path] = None) -> Any
         raise ConfigError(f"{field}: {ref!r} is not allowed; {attr} is a {type(obj).__name__}, not a class or "
                           "function")
     return obj
+
+
+def module_file(ref: str) -> Optional[Path]:
+    """The file of the (already imported) module ``ref`` names, or None (a namespace or built-in module)."""
+    module = sys.modules.get(ref.split(":", 1)[0])
+    path = getattr(module, "__file__", None)
+    return Path(path).resolve() if path else None
 
 
 def entry_points(kind: str) -> dict[str, Any]:
@@ -78,9 +104,9 @@ def load_entry_point(kind: str, name: str, field: str) -> Any:
         return ep.load()
     except Exception as exc:  # noqa: BLE001 - a broken plugin: one line with its reason
         raise ConfigError(f"{field}: {name!r} is not allowed; loading entry point {ep.value} raised "
-                          f"{type(exc).__name__}: {_first_line(exc)}") from None
+                          f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return excerpt(text[0]) if text else "(no message)"
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's first message line, cut to ``limit`` characters (for a one-line error)."""
+    return clip(str(exc).strip(), limit) or "(no message)"

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from regsweep.models.build import Parts, build, load_config, make_model, resolve_device
+from regsweep.models.build import Parts, build, check_model, load_config, make_model, resolve_device
 from regsweep.models.config import MONITORS, ConfigError, TrainConfig
 from regsweep.models.data import BatchLoader
 from regsweep.models.plugins import add_search_path
@@ -351,6 +351,10 @@ def run_training(config_path: str, device: str | None = None, out: str | None = 
     """Load, train with a per-epoch table, write config.yaml, history.json and checkpoint.pt to ``out``."""
     cfg = load_config(config_path)
     add_search_path(Path(config_path).parent)  # a dataset by import path may live beside the config
+    try:  # a model by import path: built once first, so that a factory's error is one line before any output
+        check_model(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
     dev = resolve_device(device)
     out_dir = Path(out) if out else Path("runs") / Path(config_path).stem
     print(f"training {cfg.model.name} on {cfg.data.name} ({dev}); output: {out_dir.resolve()}", flush=True)

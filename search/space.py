@@ -16,13 +16,15 @@ trial runs: unknown paths, types that do not match the field, and bounds the con
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from regsweep.models.build import check_names
-from regsweep.models.config import ConfigError, TrainConfig, clip, config_paths, excerpt, get_path, load_yaml_file
+from regsweep.models.build import check_names, searched_knob_error
+from regsweep.models.config import FREE_MAPPINGS, KWARG_RE, ConfigError, TrainConfig, clip, config_paths, get_path
+from regsweep.models.yamlio import excerpt, load_yaml_file
 
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
@@ -289,38 +291,65 @@ def _check_condition(p: Param, dep: str, values: tuple, q: Optional[Param], sour
             raise _err(source, f"space.{p.path}.when.{dep}", v, f"{dep} is a space param that never takes it ({takes})")
 
 
-def check_space(params: list[Param], base: TrainConfig, source: str) -> None:
-    """Every path exists in TrainConfig, its type fits the field, every bound/choice is a valid value."""
+def free_path(path: str) -> bool:
+    """``model.args.KEY``: a key of a free mapping (config.FREE_MAPPINGS), which any space may search."""
+    prefix, _, key = path.rpartition(".")
+    return prefix in FREE_MAPPINGS and bool(KWARG_RE.fullmatch(key))
+
+
+def _check_model_knob(p: Param, params: list[Param], base: TrainConfig, source: str,
+                      base_dir: Optional[Path]) -> None:
+    """A searched model knob (``model.bn``) or argument (``model.args.depth``) must be one that the model (each
+    searched ``model.name`` choice) takes."""
+    names = [base.model.name] + [c for q in params if q.path == "model.name" for c in q.choices]
+    for name in dict.fromkeys(n for n in names if isinstance(n, str)):
+        try:
+            why = searched_knob_error(dataclasses.replace(base.model, name=name, args={}), p.path, base_dir)
+        except ConfigError as exc:
+            raise SpaceError(f"{source}: space.model.name.choices: {exc}") from None
+        if why:
+            raise SpaceError(f"{source}: space.{clip(p.path, 120)}: searched, but {why}; remove it from the space")
+
+
+def check_space(params: list[Param], base: TrainConfig, source: str, base_dir: Optional[Path] = None) -> None:
+    """Every path exists in TrainConfig (or is ``model.args.KEY``), its type fits the field, a searched model knob
+    is one the model takes, every bound/choice is a valid value. ``base_dir``: the spec's folder (searched
+    ``model.name`` import paths are looked for there)."""
     fields = config_paths()
     by_path = {p.path: p for p in params}
     for p in params:
         fld = f"space.{clip(p.path, 120)}"
-        if p.path not in fields:
+        if p.path.startswith("model.") and p.path != "model.name":
+            _check_model_knob(p, params, base, source, base_dir)
+        if free_path(p.path):
+            pass  # any value the model's signature takes (checked by the probes below)
+        elif p.path not in fields:
             near = [f for f in fields if f.split(".")[-1] == p.path.split(".")[-1]]
             hint = f"; did you mean {near[0]}?" if near else "; see models/config.py for the fields"
             raise SpaceError(f"{source}: {fld}: unknown config path{hint}")
-        tp = fields[p.path]
+        tp = fields.get(p.path, Any)
         tname = getattr(tp, "__name__", str(tp))
-        if p.type == "float" and tp not in (float,) and "float" not in str(tp):
+        if tp is not Any and p.type == "float" and tp not in (float,) and "float" not in str(tp):
             raise _err(source, f"{fld}.type", p.type, f"{p.path} is {tname}, not a float")
-        if p.type == "int" and tp is not int and "int" not in str(tp):
+        if tp is not Any and p.type == "int" and tp is not int and "int" not in str(tp):
             raise _err(source, f"{fld}.type", p.type, f"{p.path} is {tname}, not an int")
         for dep, values in p.when:
-            if dep not in fields:
+            if dep not in fields and not (free_path(dep) and (dep in by_path or dep.split(".")[-1] in base.model.args)):
                 raise SpaceError(f"{source}: {fld}.when: {excerpt(dep)} is not a config path")
             _check_condition(p, dep, values, by_path.get(dep), source)
         probes = list(p.choices) if p.type == "categorical" else [p.low, p.high]
         for value in probes:
             try:
-                check_names(base.with_overrides({p.path: value}))  # ranges, then registry names
+                check_names(base.with_overrides({p.path: value}), base_dir=base_dir)  # ranges, then registry names
             except ConfigError as exc:
                 what = "choices" if p.type == "categorical" else ("low" if value == p.low else "high")
                 raise SpaceError(f"{source}: {fld}.{what}: {excerpt(value)} would be rejected by the config "
                                  f"({exc})") from None
 
 
-def build_space(spec: Any, base: TrainConfig, source: str, roots: Optional[Sequence[Path]] = None) -> Space:
+def build_space(spec: Any, base: TrainConfig, source: str, roots: Optional[Sequence[Path]] = None,
+                base_dir: Optional[Path] = None) -> Space:
     params = load_space(spec, source, roots=roots)
     ordered = order_params(params, source)
-    check_space(ordered, base, source)
+    check_space(ordered, base, source, base_dir)
     return Space(ordered)

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from regsweep.models.build import check_names
+from regsweep.models.build import check_model, check_names
 from regsweep.models.config import ConfigError, TrainConfig, clip, config_paths, excerpt, get_path, load_yaml_file
+from regsweep.models.plugins import is_ref
 from regsweep.search.optuna_internals import distribution_contains
 from regsweep.search.record import Objective
 from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root
@@ -98,6 +99,13 @@ class StudySpec:
     @property
     def directory(self) -> Path:
         return self.path.parent
+
+    @property
+    def user_models(self) -> list[str]:
+        """The models by import path this spec trains (its base's and every searched ``model.name`` choice): they
+        are imported from ``sys.path`` with the spec's folder appended (plugins.load_ref)."""
+        names = [self.base.model.name] + [c for p in self.space if p.path == "model.name" for c in p.choices]
+        return [n for n in dict.fromkeys(names) if is_ref(n)]
 
     def canonical(self) -> dict[str, Any]:
         """What defines the search (not the budget, name or storage): hashed and stored in the study."""
@@ -220,9 +228,13 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
 
     if "space" not in data:
         raise SpecError(f"{source}: space: missing; give params or include: a file from spaces/")
-    space = build_space(data["space"], base, source, roots)
+    space = build_space(data["space"], base, source, roots, path.parent)
     if len(space) == 0:
         raise _fail(source, "space", data["space"], "must define at least one param")
+    try:  # a model by import path: built once with the base's args, one zero batch through it
+        check_model(base)
+    except ConfigError as exc:
+        raise SpecError(f"{source}: base: {exc}") from None
 
     sampler = _parse_sampler(data.get("sampler"), source)
 
@@ -303,12 +315,13 @@ def _load_base(base: Any, spec_path: Path, source: str, roots: Sequence[Path]) -
             if data is not None and not isinstance(data, Mapping):  # (an empty file: the defaults, as before)
                 raise SpecError(f"{target}: the document is a {type(data).__name__}, not a TrainConfig mapping "
                                 f"(base of {source})")
-            return check_names(TrainConfig.from_dict(data, str(target)), str(target))  # structure, ranges, names
+            # structure, ranges, names (a model by import path: imported with the spec's folder on sys.path)
+            return check_names(TrainConfig.from_dict(data, str(target)), str(target), base_dir=spec_path.parent)
         except ConfigError as exc:
             raise SpecError(str(exc)) from None
     if isinstance(base, Mapping):
         try:
-            return check_names(TrainConfig.from_dict(base))
+            return check_names(TrainConfig.from_dict(base), base_dir=spec_path.parent)
         except ConfigError as exc:
             raise SpecError(f"{source}: base.{exc}") from None
     raise _fail(source, "base", base, "must be a TrainConfig file path or an inline mapping")

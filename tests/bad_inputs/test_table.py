@@ -8,7 +8,7 @@ import importlib.util
 from pathlib import Path
 
 HERE = Path(__file__).parent
-CATEGORIES = ("spec", "config", "cli", "urls", "env", "files", "data")
+CATEGORIES = ("spec", "config", "cli", "urls", "env", "files", "data", "models")
 
 
 def load_cases(category: str) -> list:

@@ -20,7 +20,8 @@ from regsweep.models.schedulers import SCHEDULERS
 # Every field differs from its default, every type (list, Optional, nested section) is exercised.
 CUSTOM = {
     "model": {"name": "resnet20", "widths": [8, 16, 32], "hidden": 12, "dropout": 0.25, "bn": "after_act",
-              "init": "kaiming_normal", "activation": "gelu"},
+              "init": "kaiming_normal", "activation": "gelu",
+              "args": {"depth": 3, "block": {"width": 2.5, "norm": None, "kind": "gn"}, "tags": ["a", 1, True]}},
     "data": {"name": "synthetic", "root": "/tmp/some data", "val_fraction": 0.15, "test_fraction": 0.1,
              "split_seed": 7, "batch_size": 32, "augment": True, "num_workers": 1, "download": True,
              "n_samples": 123, "shape": [3, 16, 12], "num_classes": 4, "label_noise": 0.05,
@@ -69,9 +70,10 @@ def _same_leaves(a: dict, b: dict):
 @pytest.fixture
 def custom() -> TrainConfig:
     cfg = TrainConfig.from_dict(CUSTOM)
-    default = TrainConfig().to_dict()
-    changed = [p for p, v in _leaves(cfg.to_dict()) if dict(_leaves(default))[p] != v]
-    assert len(changed) == len(dict(_leaves(default))), "CUSTOM should change every field"
+    default = dict(_leaves(TrainConfig().to_dict()))  # model.args ({}) has no leaves
+    leaves = dict(_leaves(cfg.to_dict()))
+    assert all(leaves[p] != v for p, v in default.items()), "CUSTOM should change every field"
+    assert cfg.model.args != TrainConfig().model.args
     return cfg
 
 

@@ -490,3 +490,12 @@ def test_study_name_over_128_characters_is_refused(tmp_path):
     msg = assert_one_line(exc, path, "name:", "(10,000 chars)", "1 to 128")
     assert len(msg) < 300
     assert load_spec(write_spec(tmp_path / "ok.yaml", spec_with(name="n" * 128))).name == "n" * 128
+
+
+def test_model_args_at_their_default_leave_the_spec_hash_and_a_set_one_changes_it():
+    """Issue 18: model.args ({}) joins the hash only when set, so studies made before it resume unchanged."""
+    from regsweep.models.config import TrainConfig
+    from regsweep.search.spec import hashable_config
+
+    assert "args" not in hashable_config(TrainConfig())["model"]
+    assert hashable_config(TrainConfig().with_overrides({"model.args.depth": 2}))["model"]["args"] == {"depth": 2}

@@ -47,6 +47,23 @@ def init_ray(url: str, address: Optional[str] = None, num_cpus: Optional[int] = 
                  log_to_driver=False)
 
 
+def check_user_models(spec: StudySpec, address: Optional[str]) -> None:
+    """A model by import path from the spec's folder runs on a local Ray only (its workers see the driver's
+    files, and the trainable appends that folder to ``sys.path`` as the driver does); joining a cluster
+    (``--address``) with one is refused: the folder is not shipped. A model importable from an installed package
+    (or a ``regsweep.models`` plugin) is assumed installed on every node."""
+    from regsweep.models.plugins import module_file
+
+    if address is None:
+        return
+    for ref in spec.user_models:
+        path = module_file(ref)
+        if path is None or path.is_relative_to(spec.directory):
+            raise ConfigError(f"--address: {address!r} is not allowed with model.name {ref!r} from the spec's folder "
+                              f"{spec.directory}: Ray does not ship it to a cluster; install it as a package on every "
+                              "node (a regsweep.models entry point gives it a short name) or leave out --address")
+
+
 def _check_workers_env(url: str) -> None:
     """The running Ray's workers must see this storage in $REGSWEEP_RAY_STORAGE (a Ray started elsewhere)."""
     import ray
@@ -207,6 +224,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     from regsweep.search.artifacts import resolve as resolve_artifacts
 
     out = out or sys.stdout
+    check_user_models(spec, address)
     resources = check_run_args(url, n_trials=n_trials, device=device, address=address,
                                gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
     sched = parse_scheduler(scheduler, "scheduler", spec.base.train.epochs, "scheduler") if scheduler is not None \

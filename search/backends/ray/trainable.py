@@ -104,7 +104,10 @@ def train_trial(config: dict[str, Any], spec: Optional[StudySpec] = None, device
     from ray import tune
 
     from regsweep.models.build import resolve_device
+    from regsweep.models.plugins import add_search_path
 
+    if spec.user_models:  # a local Ray's workers share the driver's files: the spec's folder, appended as there
+        add_search_path(spec.directory)
     study = PROCESS.study(spec, config["study"], config["storage"])
     trial = optuna.trial.Trial(study, config["trial_id"])
     dev = resolve_device(device)
