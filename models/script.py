@@ -412,22 +412,27 @@ class Collector:
         if entry not in registry:
             raise ScriptError(f"{path}: {entry!r} is not a built-in {registry.kind}; --format python writes "
                               "built-in models and datasets only (export --format yaml and train it with regsweep)")
-        obj = registry.get(entry)
-        module = inspect.getmodule(obj).__name__
-        tree, lines, mod = self._module(module)
-        var = next((k for k, v in vars(mod).items() if v is registry), None)
-        for node in tree.body:
-            if var is not None and _registration_name(node, var) == entry:
-                binds = _binds(node)
-                if binds:
-                    return self.need(module, binds[0])
-                lineno, text = _statement_text(lines, node)
-                key = (module, f"<{var}[{entry!r}]>")
-                unit = Unit(self.short(module), lineno, text, ())
-                self.units[key] = unit
-                self._process(module, unit, mod)
-                return
-        raise ScriptError(f"{path}: no registration statement of {entry!r} found in {module}")
+        # the statement is in a regsweep.models module holding the registry (by any name): where the entry's object
+        # was defined first (a lambda, a decorated class), else every loaded module (`ACTIVATIONS.add("gelu", nn.GELU)`)
+        home = getattr(inspect.getmodule(registry.get(entry)), "__name__", "")
+        candidates = [home] if home.startswith(PACKAGE + ".") else []
+        candidates += sorted(m for m in sys.modules if m.startswith(PACKAGE + ".") and m not in candidates)
+        for module in candidates:
+            tree, lines, mod = self._module(module)
+            for var in [k for k, v in vars(mod).items() if v is registry]:
+                for node in tree.body:
+                    if _registration_name(node, var) != entry:
+                        continue
+                    binds = _binds(node)
+                    if binds:
+                        return self.need(module, binds[0])
+                    lineno, text = _statement_text(lines, node)
+                    key = (module, f"<{var}[{entry!r}]>")
+                    unit = Unit(self.short(module), lineno, text, ())
+                    self.units[key] = unit
+                    self._process(module, unit, mod)
+                    return
+        raise ScriptError(f"{path}: no registration statement of {entry!r} found in {PACKAGE}")
 
     # -- output
     def ordered(self) -> list[Unit]:
