@@ -639,7 +639,9 @@ def render_snippet(cfg: TrainConfig, header: list[str]) -> str:
         f"# Your model: {m.name}{f' widths {m.widths}' if m.widths else ''}, model.dropout={m.dropout!r}, "
         f"model.bn={m.bn!r}, model.activation={m.activation!r}; call torch.manual_seed({cfg.train.seed}) before "
         "building it.",
-        "# Needs: `model`, `train_loader` and `validate()` (your validation loss) from your code.",
+        "# Needs: `model`, `train_loader` and `validate()` (your validation loss) from your code. For an exact "
+        "replay give DataLoader",
+        "# generator=torch.Generator() (else it draws its seed from the global RNG that dropout and mixup use).",
     ]
     mixing = [k for k in ("mixup_alpha", "cutmix_alpha", "input_noise_std") if getattr(r, k)]
     if mixing:
