@@ -15,8 +15,17 @@ import torch
 
 from regsweep.models.build import REGISTRIES
 from regsweep.models.config import TrainConfig
-from regsweep.models.script import (ScriptError, decide, drop_calls, flatten_module_attrs, fold, free_names,
-                                    render_script, render_snippet, value_origins)
+from regsweep.models.script import (
+    ScriptError,
+    decide,
+    drop_calls,
+    flatten_module_attrs,
+    fold,
+    free_names,
+    render_script,
+    render_snippet,
+    value_origins,
+)
 from regsweep.models.train import train
 
 # ------------------------------------------------------------------------------------------ transformations
@@ -83,7 +92,8 @@ def test_drop_calls_and_flatten_module_attrs():
 
 
 def test_free_names_split_runtime_and_annotation_names():
-    runtime, annotated = free_names("def f(a: Foo, b=DEFAULT) -> Bar:\n    x: Baz = g(a)\n    return [h(y) for y in x]\n")
+    source = "def f(a: Foo, b=DEFAULT) -> Bar:\n    x: Baz = g(a)\n    return [h(y) for y in x]\n"
+    runtime, annotated = free_names(source)
     assert runtime == {"DEFAULT", "g", "h"} and annotated == {"Foo", "Bar", "Baz"}
 
 
