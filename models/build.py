@@ -21,6 +21,8 @@ the spec parser and the search-space check (search/spec.py, search/space.py).
 from __future__ import annotations
 
 import inspect
+import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -321,3 +323,16 @@ def build(cfg: TrainConfig, device: str | torch.device | None = None,
     penalty, batch_reg = penalty_and_batch(model, cfg.regularization, bundle.num_classes)
     return Parts(model, optimizer, schedule, loss_function(cfg.regularization).to(dev), penalty, bundle,
                  batch_reg, dev, cfg)
+
+
+class CallableModule(types.ModuleType):
+    """This module is also the public ``regsweep.models.build`` function: a submodule and a package attribute of
+    the same name are one object in Python, so ``from regsweep.models import build; build(cfg)`` calls
+    :func:`build` whichever was imported first, and ``regsweep.models.build.load_config`` still works.
+    (Setting a module's ``__class__`` is Python's documented way to customise a module object.)"""
+
+    def __call__(self, *args, **kwargs) -> Parts:
+        return build(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = CallableModule

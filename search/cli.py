@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from regsweep import __version__
 from regsweep.models.config import ConfigError
 from regsweep.search import cli_checks
 from regsweep.search.signals import Terminated
@@ -295,6 +296,7 @@ def parser() -> argparse.ArgumentParser:
     """The CLI table: one ``add_argument`` line per flag (long: a flat table reads better than pieces)."""
     p = cli_checks.Parser(prog="regsweep", description="Hyperparameter search for the regularisation "
                                 "of image classifiers.")
+    p.add_argument("--version", action="version", version=f"regsweep {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one TrainConfig YAML and write its history and checkpoint")
@@ -349,7 +351,9 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a trial's complete TrainConfig (default: the best trial)")
     _storage_flags(e)
     e.add_argument("--trial", type=int, default=None, metavar="N", help="trial number (default: best)")
-    e.add_argument("--format", default="yaml", choices=("yaml", "json", "params"))
+    e.add_argument("--format", default="yaml", choices=("yaml", "json", "params", "python", "snippet"),
+                   help="yaml/json: the TrainConfig; params: the sampled params; python: a standalone PyTorch "
+                        "script (no regsweep import); snippet: lines for your own loop (default yaml)")
     e.add_argument("--out", metavar="FILE", default=None, help="output file (default: stdout)")
     e.set_defaults(func=cmd_export)
 
@@ -377,13 +381,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader of our output went away (`regsweep export | head`): as Python's docs recommend (signal module,
+        # "Note on SIGPIPE"), point stdout at devnull so the interpreter's final flush does not raise again, and
+        # exit 1 without a traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Optional[list[str]]) -> int:
     args = parser().parse_args(argv)  # a bad flag: one line, exit 2 (Parser.error)
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # `kill -USR1 PID`: stacks
     try:
         cli_checks.check_environment(args.command)
         cli_checks.check_flags(args)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe raises here, inside main, not in the interpreter's exit
+        return code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,9 @@
   comment header, so the file stays one plain TrainConfig.
 - ``json``: ``{"config": {...}, "provenance": {...}}``.
 - ``params``: the trial's sampled params, flat dotted paths (what ``TrainConfig.with_overrides`` takes).
+- ``python``: a standalone PyTorch script that trains the trial again without regsweep, generated from the
+  regsweep.models source the trial ran (``regsweep.models.script``), the config inlined as ``CONFIG``.
+- ``snippet``: the lines to paste into an existing training loop, on ``regsweep.models``' public API.
 
 ``train.num_threads`` is set to the threads the trial actually ran with, so a CPU replay gives the same
 per-epoch metrics.
@@ -18,7 +21,7 @@ from typing import Any, Optional
 from regsweep import __version__ as regsweep_version
 from regsweep.models.config import ConfigError, TrainConfig, dump_yaml
 
-FORMATS = ("yaml", "json", "params")
+FORMATS = ("yaml", "json", "params", "python", "snippet")
 
 
 def pick_trial(study, number: Optional[int]):
@@ -81,6 +84,8 @@ def render(study, trial, fmt: str, storage_masked: str) -> str:
         return json.dumps(dict(trial.params), indent=2, sort_keys=True) + "\n"
     cfg = trial_config(trial)
     prov = provenance(study, trial, storage_masked)
+    if fmt in ("python", "snippet"):
+        return code(cfg, trial, prov, fmt)
     if fmt == "json":
         return json.dumps({"config": cfg.to_dict(), "provenance": prov}, indent=2) + "\n"
     return config_yaml(cfg, prov)
@@ -91,3 +96,42 @@ def config_yaml(cfg: TrainConfig, prov: dict[str, Any]) -> str:
     header = "".join(f"# {line}\n" for line in dump_yaml({"provenance": prov}).splitlines())
     title = "# regsweep export: a complete TrainConfig. Train it with: regsweep train THIS_FILE\n"
     return title + header + cfg.to_yaml()
+
+
+def code_header(prov: dict[str, Any], fmt: str) -> list[str]:
+    """Where the exported code comes from: study, trial, its value, what was recorded."""
+    value = prov["value"]
+    shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+    lines = [
+        f"Trial {prov['trial']} of study '{prov['study']}', exported by `regsweep export --format {fmt}` "
+        f"(regsweep {prov['regsweep_version']}).",
+        f"Storage {prov['storage']}; trial {prov['trial']} ({prov['state']}, {prov['stop_reason']}): "
+        f"{prov['objective']} {shown} at epoch {prov['best_epoch']}.",
+        f"Recorded: torch {prov['torch_version']}, device {prov['device_type']}, {prov['num_threads']} thread(s), "
+        f"split fingerprint {prov['split_fingerprint']}; exported {prov['exported_at']}.",
+    ]
+    if fmt == "python":
+        lines += [
+            "Generated from the regsweep.models source the trial ran (inspect.getsource, see "
+            "regsweep.models.script); it does not import regsweep.",
+            "Run: python THIS_FILE [--device cpu] [--save weights.pt]: one JSON line per epoch, then a summary "
+            "line.",
+            "On the CPU, with the same torch version and train.num_threads, it reproduces the trial's per-epoch "
+            "metrics exactly.",
+            "Edit CONFIG to train a variant: it is the whole TrainConfig.",
+        ]
+    return lines
+
+
+def code(cfg: TrainConfig, trial, prov: dict[str, Any], fmt: str) -> str:
+    """The ``python`` script or the ``snippet`` for the trial's config (regsweep.models.script)."""
+    from regsweep.models.script import render_script, render_snippet, value_origins
+
+    header = code_header(prov, fmt)
+    if fmt == "snippet":
+        return render_snippet(cfg, header)
+    filled = {}
+    if trial.user_attrs.get("config", {}).get("train", {}).get("num_threads") is None:
+        filled["train.num_threads"] = f"the threads trial {trial.number} ran with (recorded)"
+    return render_script(cfg, header, value_origins(cfg, dict(trial.params), trial.number, filled),
+                         regsweep_version)

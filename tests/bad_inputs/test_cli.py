@@ -125,6 +125,11 @@ CASES = [
     # export's own flags
     Case("export-format-bogus", ["export", "--storage", DB, "--format", "bogus"], setup=a_study,
          expect=("--format", "'bogus'", "yaml")),
+    Case("export-python-trial-without-config", ["export", "--storage", DB, "--format", "python", "--out",
+                                                "{d}/train_best.py"], setup=a_study,
+         expect=("trial 0", "no recorded config")),
+    Case("export-snippet-trial-without-config", ["export", "--storage", DB, "--format", "snippet"], setup=a_study,
+         expect=("trial 0", "no recorded config")),
     Case("export-trial-negative", ["export", "--storage", DB, "--trial", "-3"], setup=a_study,
          expect=("--trial", "-3")),
     Case("export-trial-missing", ["export", "--storage", DB, "--trial", "7"], setup=a_study,
