@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from regsweep.models import build as build_mod
 from regsweep.models import train as train_mod
-from regsweep.models.config import ConfigError, TrainConfig, get_path
+from regsweep.models.config import FREE_MAPPINGS, ConfigError, TrainConfig, get_path
 
 PACKAGE = "regsweep.models"
 # The config's dataclass sections: in the script the config is a namespace, so annotations naming them
@@ -518,9 +518,28 @@ def value_origins(cfg: TrainConfig, params: Mapping[str, Any], trial: Optional[i
 DRIVER = '''
 
 # ------------------------------------------------------------------------------------------------ driver
-def namespace(d):
+FREE_MAPPINGS = __FREE_MAPPINGS__  # keyword-argument mappings: they stay dicts
+
+
+class Config(SimpleNamespace):
     """CONFIG as attribute-access sections (cfg.optim.lr), the shape of regsweep's TrainConfig."""
-    return SimpleNamespace(**{k: namespace(v) if isinstance(v, dict) else v for k, v in d.items()})
+
+    def with_overrides(self, overrides):  # TrainConfig.with_overrides: a copy with dotted paths set
+        import copy
+
+        out = copy.deepcopy(self)
+        for path, value in overrides.items():
+            *sections, leaf = path.split(".")
+            node = out
+            for name in sections:
+                node = getattr(node, name)
+            setattr(node, leaf, value)
+        return out
+
+
+def namespace(d, prefix=""):
+    return Config(**{k: namespace(v, f"{prefix}{k}.") if isinstance(v, dict) and f"{prefix}{k}" not in FREE_MAPPINGS
+                     else v for k, v in d.items()})
 
 
 def main(argv=None):
@@ -600,7 +619,7 @@ def render_script(cfg: TrainConfig, header: list[str], comment: Callable[[str], 
         body += ["", ""] if body[-1].strip() else [""]
         body += [f"# {note}" for note in unit.notes]
         body += unit.text.split("\n")
-    text = "\n".join(doc + body).rstrip() + "\n" + DRIVER
+    text = "\n".join(doc + body).rstrip() + "\n" + DRIVER.replace("__FREE_MAPPINGS__", repr(FREE_MAPPINGS))
     text = re.sub(r"\n{4,}", "\n\n\n", text)
     compile(text, "train_best.py", "exec")  # a transformation that broke the syntax fails here, not at the user
     return text
