@@ -257,6 +257,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
     prefix = f"[{label}] " if label else ""
     deadline = None if timeout is None else time.monotonic() + timeout
     streak, ran = FailureStreak(), 0
+    idle = IDLE_FIRST  # waits while others hold the rest of the budget: short at first, growing to ``poll``
     while True:
         check_signals()
         if deadline is not None and time.monotonic() >= deadline:
@@ -273,14 +274,19 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
             # others hold the rest of the budget; a dead one's trial goes stale (and an orphan is adopted so it can)
             with contextlib.suppress(*transient), budget_lock(url, study.study_name):  # fail + requeue as one
                 retry_transient(adopt_orphans, study, ORPHAN_AFTER)
-            time.sleep(poll)
+            time.sleep(min(idle, poll))  # the last trials usually end within seconds: a worker notices soon
+            idle *= IDLE_GROWTH
             continue
+        idle = IDLE_FIRST
         frozen = run_one(study, trial, objective)
         ran += 1
         print(prefix + trial_line(frozen, getattr(objective, "metric", "value")), file=out, flush=True)
         streak.add(frozen)
         if streak.broken:
             raise streak.error()
+
+
+IDLE_FIRST, IDLE_GROWTH = 0.2, 1.5  # worker_loop's idle waits: 0.2, 0.3, 0.45, ... s up to its ``poll`` (2 s)
 
 
 def run_one(study, trial, objective):

@@ -89,7 +89,7 @@ CASES = [
     Case("config-section-not-mapping", T, cfg("optim: adam"), expect=("cfg.yaml", "optim", "'adam'")),
     Case("config-huge-value", T, cfg("data: {name: " + "x" * 5000 + "}"),
          expect=("cfg.yaml", "data.name", "(5,000 chars)")),
-    Case("config-duplicate-key", T, cfg("optim: {name: adamw, lr: 0.1, lr: 0.2}"), subprocess=True,
+    Case("config-duplicate-key", T, cfg("optim: {name: adamw, lr: 0.1, lr: 0.2}"),
          expect=("cfg.yaml", "line 3", "duplicate key 'lr'")),
     Case("config-alias-bomb", T, cfg("extra:", *("  " + ln for ln in BOMB)), expect=("cfg.yaml", "alias", "100,000")),
     Case("config-python-tag", T, cfg("model: !!python/object/apply:os.system [echo pwned]"),

@@ -61,7 +61,7 @@ CASES = [
     Case("files-spec-dev-zero", ["run", "/dev/zero"], expect=("/dev/zero", "not a regular file")),
     Case("files-spec-through-a-file", ["validate", "{d}/base.yaml/tiny.yaml"], files={"base.yaml": TINY_BASE},
          expect=("base.yaml/tiny.yaml", "cannot read")),
-    Case("files-spec-binary", V, {"tiny.yaml": b"\x00\x01\x02\xff\xfe binary\n"}, subprocess=True,
+    Case("files-spec-binary", V, {"tiny.yaml": b"\x00\x01\x02\xff\xfe binary\n"},
          expect=("tiny.yaml", "not UTF-8")),
     Case("files-spec-latin1", V, {"tiny.yaml": TINY_SPEC.replace("tiny", "caf\xe9").encode("latin-1")},
          expect=("tiny.yaml", "not UTF-8")),

@@ -1,7 +1,7 @@
 """Distributed sweeps against real SQLite, PostgreSQL and MariaDB: exact budgets, crashes, signals.
 
 Workers are real `regsweep worker` / `run --workers N` processes (tier `procs`); trials are tiny CPU trainings
-through the real recording path. The default run checks exactness at 24 trials x 4 workers per storage; the
+through the real recording path. The default run checks exactness at 16 trials x 4 workers per storage; the
 100-trial runs are `slow` (`make test-all`).
 """
 
@@ -82,10 +82,10 @@ def wait_ok(proc, timeout=240):
 
 
 @pytest.mark.procs
-@pytest.mark.parametrize("size", ["24", pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("size", ["16", pytest.param("full", marks=pytest.mark.slow)])
 def test_four_workers_make_exactly_the_budget(storage_url, tmp_path, size):
     url, name = storage_url
-    n = 24 if size == "24" else 40 if url.startswith("sqlite") else 100
+    n = 16 if size == "16" else 40 if url.startswith("sqlite") else 100
     spec = write_spec(tmp_path, name, n)
     out, err = wait_ok(cli("run", str(spec), "--storage", url, "--workers", "4"))
     trials = assert_exact(url, name, n)
@@ -135,7 +135,7 @@ def test_two_workers_started_at_the_same_instant_make_one_study(storage_url, tmp
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 3, epochs=40)  # one long trial per worker: the kill lands mid-trial
+    spec = write_spec(tmp_path, name, 3, epochs=12)  # one long trial per worker: the kill lands mid-trial
     env = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
     procs = [cli("worker", str(spec), "--storage", url, env=env) for _ in range(3)]
     victim = running_with_history(url, name)
