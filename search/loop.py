@@ -41,7 +41,7 @@ from regsweep.search.storage import (
     retry_transient,
     transient_errors,
 )
-from regsweep.search.study import SweepFailed, budget, budget_lock, open_study_locked
+from regsweep.search.study import SweepFailed, budget, budget_lock, open_study_locked, seed_sampler
 from regsweep.search.trial import BASE_ATTR, TrialFailed, make_objective, worker_label
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
@@ -348,14 +348,16 @@ def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None
     """``regsweep worker``: join (or create) the study and run trials until its budget is done.
 
     The budget is the study's (set by the ``run`` that created or resumed it), else the spec's. Each worker
-    reseeds its sampler: workers built from one seeded spec would otherwise all draw the same params.
+    seeds its sampler from the spec's seed, the trials started so far and its label (study.seed_sampler), or
+    reseeds it from OS entropy: workers built from one seeded spec would otherwise all draw the same params.
     """
     apply_thread_share()
     study = retry_transient(open_study_locked, spec, url, study_name)
-    study.sampler.reseed_rng()
+    label = os.environ.get(WORKER_ENV, f"pid{os.getpid()}")
+    if not retry_transient(seed_sampler, study, spec, label):
+        study.sampler.reseed_rng()
     total = budget(study, spec)
     objective = make_objective(spec, study, url, device=device, artifacts=artifacts, coordinator=False, out=out)
-    label = os.environ.get(WORKER_ENV, f"pid{os.getpid()}")
     with terminate_on_sigterm():
         worker_loop(study, objective, url, total, timeout=timeout if timeout is not None else spec.timeout,
                     out=out, label=label)

@@ -131,11 +131,13 @@ class StudySpec:
         return SpecError(f"{self.source or self.path}: the spec differs from the one study '{study_name}' was "
                          f"started with ({shown}); use a new --study-name or pass --allow-spec-change")
 
-    def make_sampler(self):
+    def make_sampler(self, seed: Optional[int] = None):
+        """The spec's sampler, seeded by ``seed`` when given (a resumed run's, search/study.py ``seed_sampler``),
+        else by ``sampler.seed``."""
         from regsweep.search.samplers import make_sampler
 
-        return make_sampler(self.sampler["name"], self.sampler.get("seed"), self.sampler.get("args", {}),
-                            self.space)
+        return make_sampler(self.sampler["name"], self.sampler.get("seed") if seed is None else seed,
+                            self.sampler.get("args", {}), self.space)
 
     def make_pruner(self):
         from regsweep.search.pruners.registry import PrunerContext, build_pruner

@@ -84,6 +84,48 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
     return study, created
 
 
+# ------------------------------------------------------------------------------------ sampler seeds
+# Samplers whose draws depend only on their RNG and the trials so far: a resumed run (or another worker) gets a
+# seed of its own, derived from the spec's, the number of trials already started and the worker. qmc and grid
+# are never reseeded: their sequence itself is a function of the seed (a new seed would restart or reshuffle it).
+RESEEDED_SAMPLERS = ("tpe", "random", "gp", "cmaes")
+
+
+def run_seed(seed: int, started: int, worker: Optional[str]) -> int:
+    """The sampler seed of one run: the spec's ``seed`` itself for the first run of a fresh study in one process
+    (so the demo sweep stays what it was), else a 32-bit hash of (seed, trials already started, worker label).
+    Rebuilding a seeded sampler from the same seed re-proposes earlier trials' params (Optuna's known behaviour:
+    a resumed random sampler draws trial 0's params again)."""
+    if started == 0 and worker is None:
+        return seed
+    digest = hashlib.sha256(f"regsweep-seed:{seed}:{started}:{worker or ''}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def started_trials(study) -> int:
+    """Trials of the study that ever started (every state but WAITING: enqueued trials have drawn nothing)."""
+    from regsweep.search.optuna_internals import state_counts
+
+    counts = state_counts(study)
+    if counts is None:
+        from optuna.trial import TrialState
+
+        return sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    return sum(n for state, n in counts.items() if state != "WAITING")
+
+
+def seed_sampler(study, spec: StudySpec, worker: Optional[str] = None) -> bool:
+    """Give ``study`` this run's sampler seed (:func:`run_seed`); False when the sampler is not reseeded (qmc,
+    grid, or no ``sampler.seed``: then each process draws from fresh OS entropy anyway)."""
+    seed = spec.sampler.get("seed")
+    if spec.sampler["name"] not in RESEEDED_SAMPLERS or seed is None:
+        return False
+    new = run_seed(seed, started_trials(study), worker)
+    if new != seed:
+        study.sampler = spec.make_sampler(seed=new)
+    return True
+
+
 def enqueue(study, spec: StudySpec) -> None:
     for params in spec.enqueue:
         if params:

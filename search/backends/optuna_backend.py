@@ -28,7 +28,7 @@ from regsweep.models.config import ConfigError
 from regsweep.search.loop import THREADS_ENV, WORKER_ENV, worker_loop
 from regsweep.search.signals import terminate_on_sigterm
 from regsweep.search.spec import StudySpec
-from regsweep.search.study import budget, done_count, open_study_locked
+from regsweep.search.study import budget, done_count, open_study_locked, seed_sampler
 from regsweep.search.trial import make_objective
 from regsweep.search.urls import STORAGE_ENV, mask
 
@@ -49,6 +49,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out or sys.stdout
     study = open_study_locked(spec, url, study_name, allow_spec_change=allow_spec_change, n_trials=n_trials)
+    seed_sampler(study, spec)  # a resumed run draws fresh params (its own seed); a fresh study's first, the spec's
     total = budget(study, spec)
     already = done_count(study)
     print(f"study '{study_name}' in {mask(url)}: {already}/{total} trials done", file=out, flush=True)

@@ -199,3 +199,42 @@ def test_validate_prints_the_qmc_warning_once(tmp_path, capsys, monkeypatch):
                      f"random: {', '.join(sorted(CATEGORICAL + CONDITIONAL))}"]
     assert "sampler qmc" in captured.out and "(3 conditional)" in captured.out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["digits_qmc.yaml"]  # validate wrote nothing
+
+
+# ------------------------------------------------------------------------------------ resume without repeats
+@pytest.mark.parametrize("name", ["random", "tpe"])
+def test_resumed_runs_draw_fresh_params_and_a_fresh_study_keeps_the_spec_seed(name, tmp_path):
+    """Optuna's known trap: a seeded sampler rebuilt from the same seed re-proposes the earlier trials' params
+    (before the fix, a resumed random study drew trial 0's params again as trial 3). Two resumes; no sampled
+    parameter set repeats; the first run of a fresh study is what the spec's seed alone gives."""
+    data = copy.deepcopy(TINY)
+    data["base"]["data"] = {"name": "synthetic", "n_samples": 96, "shape": [1, 8, 8], "batch_size": 48}
+    data["base"]["train"] = {"epochs": 1, "num_threads": 1, "train_eval_size": 16}
+    data["space"] = {"model.dropout": {"type": "float", "low": 0.0, "high": 0.5},
+                     "regularization.l2": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}}
+    data["sampler"] = {"name": name, "seed": 3}
+    spec = tmp_path / "resume.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    db = tmp_path / "r.db"
+    for n in (3, 6, 9):  # the first run, then two resumes with a larger budget
+        study = run_study(spec, db, n)
+    drawn = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(drawn) == 9 and len(set(drawn)) == 9, drawn
+
+    fresh = run_study(spec, tmp_path / "fresh.db", 3)  # a fresh study's first run: the spec's seed, unchanged
+    loaded = load_spec(spec)
+    plain = optuna.create_study(sampler=make_sampler(name, 3, {}, loaded.space))  # Optuna alone, the spec's seed
+    trial = plain.ask()
+    loaded.space.sample(trial, loaded.base.to_dict())
+    assert [t.params for t in fresh.trials] == [t.params for t in study.trials[:3]]
+    assert fresh.trials[0].params == trial.params
+
+
+def test_run_seed_is_the_spec_seed_only_for_a_fresh_studys_first_run():
+    from regsweep.search.study import RESEEDED_SAMPLERS, run_seed
+
+    assert run_seed(5, 0, None) == 5
+    seeds = {run_seed(5, 0, "w0"), run_seed(5, 0, "w1"), run_seed(5, 20, None), run_seed(5, 40, None)}
+    assert len(seeds) == 4 and 5 not in seeds and all(0 <= s < 2 ** 32 for s in seeds)
+    assert run_seed(5, 20, None) == run_seed(5, 20, None)  # deterministic: a resumed run replays
+    assert "qmc" not in RESEEDED_SAMPLERS and "grid" not in RESEEDED_SAMPLERS
