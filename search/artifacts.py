@@ -13,6 +13,10 @@ Which location a process uses:
 
 Uploads happen once per trial, at its end (never per epoch), while the trial is still RUNNING (Optuna
 refuses attrs on a finished trial). A failed upload warns and never fails the trial.
+
+Weights (the spec's ``keep_weights``): ``trial-<n>-weights.pt``, the trial's best-epoch state_dict with its config,
+uploaded at its end when it becomes the study's best (``best``) or always (``all``); under ``best`` only the
+coordinator removes the finished non-best trials' files (and their entries) after the budget (:func:`prune_weights`).
 """
 
 from __future__ import annotations
