@@ -13,6 +13,10 @@ Which location a process uses:
 
 Uploads happen once per trial, at its end (never per epoch), while the trial is still RUNNING (Optuna
 refuses attrs on a finished trial). A failed upload warns and never fails the trial.
+
+Weights (the spec's ``keep_weights``): ``trial-<n>-weights.pt``, the trial's best-epoch state_dict with its config,
+uploaded at its end when it becomes the study's best (``best``) or always (``all``); under ``best`` only the
+coordinator removes the finished non-best trials' files (and their entries) after the budget (:func:`prune_weights`).
 """
 
 from __future__ import annotations
@@ -171,3 +175,147 @@ def trial_artifacts(study, trial) -> list[dict[str, Any]]:
     from regsweep.search.optuna_internals import study_storage
 
     return [vars(m) for m in get_all_artifact_meta(trial, storage=study_storage(study))]
+
+
+# ------------------------------------------------------------------------------------ weights (keep_weights)
+WEIGHTS_SUFFIX = "-weights.pt"
+
+
+def weights_filename(number: int) -> str:
+    return f"trial-{number}{WEIGHTS_SUFFIX}"
+
+
+def keeps_weights(policy: str, state: str, value: Optional[float], study) -> bool:
+    """Whether a trial ending with ``state``/``value`` stores its best-epoch weights under ``policy``
+    (the spec's ``keep_weights``): ``all`` every COMPLETE or PRUNED trial, ``best`` a COMPLETE trial at least
+    as good as the study's best so far (ties kept: the coordinator removes the extras after the budget)."""
+    if policy == "none" or state not in ("COMPLETE", "PRUNED") or value is None:
+        return False
+    if policy == "all":
+        return True
+    if state != "COMPLETE":
+        return False
+    try:
+        best = study.best_value
+    except ValueError:  # no COMPLETE trial yet: this one becomes the best
+        return True
+    except Exception:  # a storage hiccup: keep it; the coordinator's clean-up removes it if it is not the best
+        return True
+    minimize = study.direction.name == "MINIMIZE"
+    return value <= best if minimize else value >= best
+
+
+def upload_weights(store, trial, state_dict: dict[str, Any], config: dict[str, Any], *, best_epoch: int,
+                   value: Optional[float], in_shape: Any, num_classes: int) -> Optional[str]:
+    """Upload ``trial-<n>-weights.pt``: the best epoch's ``state_dict`` with the config beside it, in the format
+    of ``regsweep.models.train.save_checkpoint`` (so ``load_checkpoint`` rebuilds the model; every value is a
+    tensor or plain data: ``torch.load(weights_only=True)`` reads it). Errors warn and return None."""
+    import torch
+    from optuna.artifacts import upload_artifact
+
+    payload = {"state_dict": state_dict, "config": config, "in_shape": [int(x) for x in (in_shape or ())],
+               "num_classes": int(num_classes or 0), "study": trial.study.study_name, "trial": trial.number,
+               "best_epoch": best_epoch, "value": value}
+    try:
+        with tempfile.TemporaryDirectory(prefix="regsweep-weights-") as tmp:
+            path = os.path.join(tmp, weights_filename(trial.number))
+            torch.save(payload, path)
+            return upload_artifact(artifact_store=store, file_path=path, study_or_trial=trial,
+                                   mimetype="application/octet-stream")
+    except Exception as exc:  # a full disk or a gone bucket must not fail a trained trial
+        print(f"warning: trial {trial.number}: weights upload failed ({exc.__class__.__name__}: {exc})",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def weights_ids(study, trial) -> list[str]:
+    """The artifact ids of a trial's weights files (uploaded; maybe removed from the store since)."""
+    return [m["artifact_id"] for m in trial_artifacts(study, trial) if m["filename"] == weights_filename(trial.number)]
+
+
+def has_artifact(store, artifact_id: str) -> bool:
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    try:
+        reader = store.open_reader(artifact_id)
+    except ArtifactNotFound:
+        return False
+    reader.close()
+    return True
+
+
+def stored_weights(study, store) -> dict[int, str]:
+    """trial number -> artifact id of every weights file still in ``store`` (reads the trials without their
+    per-epoch records)."""
+    from regsweep.search.report import without_epochs
+
+    found: dict[int, str] = {}
+    for t in without_epochs(study).get_trials(deepcopy=False):
+        for aid in weights_ids(study, t):
+            if has_artifact(store, aid):
+                found[t.number] = aid
+    return found
+
+
+def prune_weights(study, store, out=None) -> int:
+    """``keep_weights: best``, the coordinator only, after the budget: remove the weights of every FINISHED
+    trial but the study's best (a RUNNING trial's file is never touched: its worker may be uploading it right
+    now, so two workers never delete each other's files, and no worker deletes anything). Returns how many
+    files were removed."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+    from optuna.trial import TrialState
+
+    from regsweep.search.optuna_internals import remove_artifact_meta
+    from regsweep.search.report import without_epochs
+
+    try:
+        best = study.best_trial.number
+    except ValueError:
+        best = None
+    removed = 0
+    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    for t in without_epochs(study).get_trials(deepcopy=False, states=finished):
+        if t.number == best:
+            continue
+        for aid in weights_ids(study, t):
+            try:
+                store.remove(aid)
+                removed += 1
+            except ArtifactNotFound:
+                pass  # removed before (a clean-up that stopped half-way): its entry goes now
+            except Exception as exc:  # a bucket that refuses: the file and its entry stay, the run goes on
+                print(f"warning: trial {t.number}: could not remove its weights ({exc.__class__.__name__}: {exc})",
+                      file=sys.stderr, flush=True)
+                continue
+            try:  # the trial's artifact entry too (RDB storages), so no listing names a file that is gone
+                remove_artifact_meta(study, t, aid)
+            except Exception as exc:  # the database went away: the entry stays, the file is gone
+                print(f"warning: trial {t.number}: its weights' artifact entry stays ({exc.__class__.__name__})",
+                      file=sys.stderr, flush=True)
+    if removed and out is not None:
+        print(f"keep_weights: best: removed the weights of {removed} non-best trial(s); kept trial {best}'s",
+              file=out, flush=True)
+    return removed
+
+
+def read_weights(study, trial, url: str) -> bytes:
+    """The stored weights file of ``trial`` (``regsweep export --weights``), from the study's artifact store;
+    ConfigError (one line) when there is none."""
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    location = study.user_attrs.get(ARTIFACTS_ATTR) or default_location(url)
+    why = ("its study has no artifact store (it ran with --artifacts off)" if location in (None, OFF) else
+           f"none is in the artifact store {location}")
+    if location not in (None, OFF) and (location.startswith(("s3://", "gs://")) or Path(location).is_dir()):
+        store = open_store(location)
+        for aid in weights_ids(study, trial):
+            try:
+                reader = store.open_reader(aid)
+            except ArtifactNotFound:
+                continue
+            try:
+                return reader.read()
+            finally:
+                reader.close()
+    raise ConfigError(f"--weights: trial {trial.number} of study '{study.study_name}' has no stored weights ({why}; "
+                      "keep_weights: best keeps only the best trial's, all every finished trial's, none no weights)")

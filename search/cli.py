@@ -129,10 +129,10 @@ def _print_sqlite_file(url: str) -> None:
 def _print_outcome(study, url: str, name: str) -> int:
     """The study's summary and how to export and replay its best trial; the run's exit code 0."""
     from regsweep.search.report import format_summary, study_summary
-    from regsweep.search.urls import mask
+    from regsweep.search.urls import storage_arg
 
     print(format_summary(study_summary(study)))
-    print(f"export the best config and train it with:\n  regsweep export --storage {mask(url)} --study-name {name} "
+    print(f"export the best config and train it with:\n  regsweep export {storage_arg(url)} --study-name {name} "
           f"--out best.yaml\n  regsweep train best.yaml")
     return 0
 
@@ -179,7 +179,7 @@ def _progress(spec, url: str, name: str):
     if mode == "off":
         return contextlib.nullcontext()
     return Progress(url, name, live=None if mode == "auto" else mode == "live",
-                    on_change=lambda study: write_note(study, spec))
+                    on_change=lambda study: write_note(study, spec, url))
 
 
 def _run_on_ray(args: argparse.Namespace) -> int:
@@ -259,6 +259,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     study, url = _load_study(args)
     trial = pick_trial(study, args.trial)
+    if args.weights is not None:
+        return _export_weights(args, study, trial, url)
     text = render(study, trial, args.format, mask(url))
     if args.out:
         out = Path(args.out)
@@ -273,6 +275,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_weights(args: argparse.Namespace, study, trial, url: str) -> int:
+    """`export --weights FILE`: the trial's stored best-epoch weights (keep_weights), written whole or not at all;
+    with --out, its config export too (both checked before either is written)."""
+    from regsweep.search.artifacts import read_weights
+    from regsweep.search.export import render
+
+    target = Path(args.weights)
+    if not target.parent.is_dir():
+        raise ConfigError(f"--weights: directory {target.parent} does not exist")
+    if target.is_dir():
+        raise ConfigError(f"--weights: {target} is a directory; give a file such as best.pt")
+    data = read_weights(study, trial, url)
+    text = render(study, trial, args.format, mask(url)) if args.out else None
+    if text is not None and not Path(args.out).parent.is_dir():
+        raise ConfigError(f"--out: directory {Path(args.out).parent} does not exist")
+    writes = [(target, data)] + ([(Path(args.out), text.encode("utf-8"))] if text is not None else [])
+    for path, body in writes:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(body)
+        tmp.replace(path)  # never a half-written file
+    print(f"wrote trial {trial.number}'s best-epoch weights to {target}"
+          + (f" and its config ({args.format}) to {args.out}" if text is not None else "")
+          + "; load them with torch.load(FILE, weights_only=True) or regsweep.models.train.load_checkpoint(FILE)",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from regsweep.search.bench import run_args
 
@@ -282,8 +311,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ parser
 ALLOW_OUTSIDE_HELP = ("also let the spec's base: and include: files come from DIR (repeatable; default: only "
                       "the project root, the nearest folder up with pyproject.toml or .regsweep, else the spec's)")
-ARTIFACTS_HELP = ("per-trial artifact store (curves PNG + config YAML): a directory shared by the workers, "
-                  "s3://BUCKET, gs://BUCKET or off (default: the study's; <db>-artifacts/ beside a SQLite file)")
+ARTIFACTS_HELP = ("per-trial artifact store (curves PNG, config YAML, keep_weights files): a directory shared by "
+                  "the workers, s3://BUCKET, gs://BUCKET or off (default: the study's; <db>-artifacts/ beside a "
+                  "SQLite file)")
 
 def _storage_flags(p: argparse.ArgumentParser, study: bool = True) -> None:
     p.add_argument("--storage", default=None,
@@ -355,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
                    help="yaml/json: the TrainConfig; params: the sampled params; python: a standalone PyTorch "
                         "script (no regsweep import); snippet: lines for your own loop (default yaml)")
     e.add_argument("--out", metavar="FILE", default=None, help="output file (default: stdout)")
+    e.add_argument("--weights", metavar="FILE", default=None,
+                   help="write the trial's stored best-epoch weights (spec keep_weights) to FILE, e.g. best.pt")
     e.set_defaults(func=cmd_export)
 
     d = sub.add_parser("dashboard", help="optuna-dashboard on the storage (127.0.0.1 only unless --host)")

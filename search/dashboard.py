@@ -117,9 +117,11 @@ def serve(url: str, host: str = "127.0.0.1", port: int = 8080, artifacts: Option
 
 
 # ------------------------------------------------------------------------------------ study note
-def note_body(study, spec) -> str:
-    """Markdown: the spec summary and the best trial so far."""
+def note_body(study, spec, url: Optional[str] = None) -> str:
+    """Markdown: the spec summary and the best trial so far; its reproduce command names the storage ``url``
+    (as ``$REGSWEEP_STORAGE`` when the URL holds a password: search/urls.py ``storage_arg``)."""
     from regsweep.search.report import study_summary, value_text
+    from regsweep.search.urls import STORAGE_ENV, has_password, mask, storage_arg
 
     s = study_summary(study)
     lines = [f"# {spec.name}", ""]
@@ -152,8 +154,11 @@ def note_body(study, spec) -> str:
         lines += [""] + [f"- `{k}`: {value_text(v)}" for k, v in sorted(b["params"].items())]
         if not b["params"]:
             lines.append("- (the base config itself)")
-        lines += ["", f"Reproduce: `regsweep export --study-name {study.study_name} --trial {b['number']} "
+        storage = f"{storage_arg(url)} " if url else ""
+        lines += ["", f"Reproduce: `regsweep export {storage}--study-name {study.study_name} --trial {b['number']} "
                   "--out best.yaml` then `regsweep train best.yaml`."]
+        if url and has_password(url):
+            lines.append(f"(`${STORAGE_ENV}` holds the storage URL, {mask(url)}, with its password.)")
     return "\n".join(lines) + "\n"
 
 
@@ -163,11 +168,11 @@ def _compact(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def write_note(study, spec) -> None:
+def write_note(study, spec, url: Optional[str] = None) -> None:
     """Save the study note (the coordinator only)."""
     from optuna_dashboard import save_note
 
-    save_note(study, note_body(study, spec))
+    save_note(study, note_body(study, spec, url))
 
 
 def read_note(study) -> str:

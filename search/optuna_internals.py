@@ -115,6 +115,26 @@ def set_finished_trial_user_attr(backend, trial_id_: int, key: str, value: Any) 
             row.value_json = json.dumps(value)
 
 
+def remove_artifact_meta(study, trial, artifact_id: str) -> bool:
+    """Delete a finished trial's artifact entry (the file is already gone from the store); False when the storage
+    is not an RDB storage (the entry stays)."""
+    from optuna.artifacts._upload import ARTIFACTS_ATTR_PREFIX
+    from optuna.storages._rdb import models
+
+    backend = rdb_backend(study_storage(study))
+    if backend is None or not batched_writes_supported(backend):
+        return False
+    # Optuna's artifact API uploads and lists but never deletes an entry, and every public writer refuses a
+    # finished trial's attrs (UpdateFinishedTrialError). keep_weights: best removes the weights files of finished
+    # non-best trials after the budget; without this their entries would list a file that no longer opens (the
+    # dashboard's trial page). The entry is one row of the trial system-attr table, keyed by Optuna's prefix.
+    attr = models.TrialSystemAttributeModel
+    with _session(backend, ignore_integrity_error=False) as session:
+        session.query(attr).filter(attr.trial_id == trial_id(trial),
+                                   attr.key == ARTIFACTS_ATTR_PREFIX + artifact_id).delete()
+    return True
+
+
 def _session(backend, *, ignore_integrity_error: bool):
     from optuna.storages._rdb.storage import _create_scoped_session
 

@@ -108,25 +108,54 @@ def _save_axes(ax, path, size=(8, 4.5)) -> None:
     plt.close(fig)
 
 
-def _optuna_plots(study, out) -> list[tuple[str, str, str]]:
-    """(file, title, note) of Optuna's matplotlib plots; a plot that cannot be drawn says why."""
+# The importance evaluator the report uses, named in its title: Optuna's default since 4.x, PED-ANOVA, passed
+# explicitly (the default may change again). It compares the top TARGET_QUANTILE of the COMPLETE trials with all
+# of them, so below MIN_IMPORTANCE_TRIALS the top set holds a single trial and the bars say nothing.
+IMPORTANCE_NAME = "PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator)"
+TARGET_QUANTILE = 0.1
+MIN_IMPORTANCE_TRIALS = int(1 / TARGET_QUANTILE) + 1  # ceil(0.1 * n) >= 2 from n = 11
+
+
+def importance_evaluator():
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    return PedAnovaImportanceEvaluator(target_quantile=TARGET_QUANTILE)
+
+
+def importance_note(n_complete: int) -> str:
+    """What the report says about the importances of a study with ``n_complete`` COMPLETE trials ("" = enough)."""
+    if n_complete >= MIN_IMPORTANCE_TRIALS:
+        return ""
+    return (f"too few trials for importances: {n_complete} COMPLETE trial(s); PED-ANOVA compares the top "
+            f"{TARGET_QUANTILE:.0%} of them with all, which needs at least {MIN_IMPORTANCE_TRIALS}")
+
+
+def _optuna_plots(study, out, n_complete: int) -> list[tuple[str, str, str]]:
+    """(file, title, note) of Optuna's matplotlib plots; a plot that cannot be drawn says why, and the
+    importances say which evaluator drew them and when there are too few trials for them."""
+    import functools
     import warnings
 
     import optuna
     import optuna.visualization.matplotlib as ovm
 
+    importances = functools.partial(ovm.plot_param_importances, evaluator=importance_evaluator())
     plots = [("history.png", "Optimisation history", ovm.plot_optimization_history, (8, 4.5)),
-             ("importances.png", "Parameter importances (fANOVA)", ovm.plot_param_importances, (8, 4.5)),
+             ("importances.png", f"Parameter importances ({IMPORTANCE_NAME})", importances, (8, 4.5)),
              ("parallel.png", "Parallel coordinates", ovm.plot_parallel_coordinate, (13, 5.5))]
     done = []
     for file, title, fn, size in plots:
+        note = importance_note(n_complete) if file == "importances.png" else ""
+        if note and n_complete < 2:  # nothing to compare: Optuna would draw equal bars
+            done.append(("", title, f"not drawn: {note}"))
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 warnings.simplefilter("ignore", UserWarning)
                 ax = fn(study)
             _save_axes(ax, out / file, size)
-            done.append((file, title, ""))
+            done.append((file, title, note))
         except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # e.g. importances need 2+ trials with params
             done.append(("", title, f"not drawn: {exc}"))
     return done
@@ -190,7 +219,7 @@ def write_report(study, out, storage_masked: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         sections = []
-        for file, title, note in _optuna_plots(study, tmp):
+        for file, title, note in _optuna_plots(study, tmp, len(complete)):
             sections.append((title, file, note))
         if complete:
             top = [internals.frozen_trial(study, internals.trial_id(t)) for t in complete[:TOP_CURVES]]
@@ -233,7 +262,10 @@ def _html(study, s, complete, sections, storage_masked, esc) -> str:
                                      + "".join(rows) + "</table>" if rows else "<p>No COMPLETE trial yet.</p>")]
     for title, file, note in sections:
         body.append(f"<h2>{esc(title)}</h2>")
-        body.append(f'<img src="{esc(file)}" alt="{esc(title)}">' if file else f"<p><em>{esc(note)}</em></p>")
+        if file:
+            body.append(f'<img src="{esc(file)}" alt="{esc(title)}">')
+        if note:
+            body.append(f"<p><em>{esc(note)}</em></p>")
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}img{max-width:100%}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>regsweep report: {esc(s['name'])}</title>"

@@ -12,6 +12,7 @@ Grammar (paths are relative to the spec file)::
     enqueue: [{}]                          # params dicts to try first; {} = the base config itself
     storage: null                          # optional; see search/urls.py for the precedence
     ray: {scheduler: asha, overfit: {patience: 3}}   # optional; only --backend ray reads it
+    keep_weights: best                     # best | all | none: which trials' best-epoch weights are stored
 
 Every error is one line naming the file, the field, the value and what is allowed.
 """
@@ -36,7 +37,10 @@ from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section
 from regsweep.search.spec_checks import fail as _fail
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
-               "storage", "ray")
+               "storage", "ray", "keep_weights")
+# keep_weights: best = the study's best trial's best-epoch weights only (the coordinator removes the others after
+# the budget); all = every finished trial's; none = no weights. Not in the spec hash (it does not change the search)
+KEEP_WEIGHTS = ("best", "all", "none")
 # metric -> the only direction that makes sense for it
 OBJECTIVES = {"val_loss": "minimize", "val_acc": "maximize"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -95,6 +99,7 @@ class StudySpec:
     source: str = ""  # the spec path as the user typed it (error messages)
     ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (parse_ray_section)
     builtin: bool = False  # run by bare name from regsweep.studies: default storage in the working directory
+    keep_weights: str = "best"  # KEEP_WEIGHTS; search/artifacts.py stores and prunes the weights
 
     @property
     def directory(self) -> Path:
@@ -255,8 +260,12 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
         raise _fail(source, "storage", storage, "must be a storage URL string")
 
     ray = parse_ray_section(data.get("ray"), source, base.train.epochs)
+    keep_weights = data.get("keep_weights", "best")
+    if not isinstance(keep_weights, str) or keep_weights not in KEEP_WEIGHTS:
+        raise _fail(source, "keep_weights", keep_weights, f"choose one of: {', '.join(KEEP_WEIGHTS)}")
     spec = StudySpec(name, path, base, objective, space, sampler, data.get("pruner"),
-                     n_trials, timeout, enqueue, storage, description, dict(data), source, ray)
+                     n_trials, timeout, enqueue, storage, description, dict(data), source, ray,
+                     keep_weights=keep_weights)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
     try:

@@ -12,6 +12,7 @@ loaded once per worker process (:class:`DataCache`) and reused by every trial wi
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -27,7 +28,7 @@ from regsweep.models.config import ConfigError, DataConfig, TrainConfig
 from regsweep.models.data import DataBundle, load, open_dataset, resolve_residency
 from regsweep.models.train import fit
 from regsweep.search.optuna_internals import latest_trial
-from regsweep.search.record import FAIL, PRUNED, Recorder, failure_reason
+from regsweep.search.record import FAIL, PRUNED, Objective, Recorder, failure_reason
 from regsweep.search.signals import Terminated, check_signals
 from regsweep.search.spec import StudySpec
 from regsweep.search.storage import TrialWriter, database_reason, retry_transient, transient_errors
@@ -110,6 +111,32 @@ class Outcome:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+class BestWeights:
+    """A CPU copy of the model's weights at the trial's best epoch, by the study objective and record.py's rule
+    (``record.best_epoch``: the first epoch with the best finite value), so the copy is of the very epoch the
+    trial's value and ``best_epoch`` attr come from, whatever ``train.early_stopping`` (monitor, min_delta,
+    restore_best) does. ``see`` runs in ``fit``'s report callback, right after the epoch's evaluation and
+    before any later step changes the weights. Only the search side holds it: models/ knows nothing of it."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self.model: Optional[torch.nn.Module] = None
+        self.score = float("inf")
+        self.epoch: Optional[int] = None
+        self.state: Optional[dict[str, torch.Tensor]] = None
+
+    def watch(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def see(self, epoch: int, record: dict[str, Any]) -> None:
+        value = record.get(self.objective.metric)
+        if self.model is None or value is None or not math.isfinite(value):
+            return
+        if self.objective.sign * value < self.score:
+            self.score, self.epoch = self.objective.sign * value, epoch
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+
 # called after each recorded epoch with (config, epoch, record, the stop reason the recorder returned)
 EpochHook = Callable[[TrainConfig, int, dict[str, Any], Optional[str]], None]
 # called at the trial's end with (trial, history, state, value) while it is still RUNNING
@@ -119,13 +146,15 @@ EndHook = Callable[[Any, list[dict[str, Any]], str, Optional[float]], None]
 def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, extra: dict[str, Any],
               history: Optional[list[dict[str, Any]]] = None, after_epoch: Optional[EpochHook] = None,
               on_end: Optional[EndHook] = None, state: Optional[dict[str, Any]] = None,
-              checkpoint: Optional[Callable[[dict[str, Any]], None]] = None) -> Outcome:
+              checkpoint: Optional[Callable[[dict[str, Any]], None]] = None,
+              weights: Optional[BestWeights] = None) -> Outcome:
     """Run one asked trial to its end and record it; returns its :class:`Outcome` (FAIL included).
 
     ``extra`` joins the config in the first write (``worker``, ``resumed_at``); ``history`` is what an
     earlier run of the trial recorded (a Ray trial resumed from ``state``, ``fit``'s training state);
     ``checkpoint`` is ``fit``'s per-epoch checkpoint callback. ``on_end`` (artifacts) runs when epochs were
-    recorded. KeyboardInterrupt and :class:`Terminated` end the trial FAIL and propagate.
+    recorded. ``weights`` (a :class:`BestWeights`) is shown every recorded epoch of this run.
+    KeyboardInterrupt and :class:`Terminated` end the trial FAIL and propagate.
     """
     def verdict(epoch: int) -> Optional[str]:
         check_signals()  # a SIGTERM/SIGINT swallowed somewhere during the epoch takes effect here
@@ -143,6 +172,8 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
 
     def report(epoch: int, record: dict[str, Any]) -> Optional[str]:
         reason = recorder.on_epoch(epoch, record)
+        if weights is not None:
+            weights.see(epoch, record)
         if after_epoch is not None:
             after_epoch(cfg, epoch, record, reason)
         return reason
@@ -156,6 +187,8 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
     recorder.start(cfg.to_dict(), extra)
     try:
         parts = build(cfg, device, data=data.get(cfg.data, device))
+        if weights is not None:
+            weights.watch(parts.model)
         hist = fit(cfg, device, report=report, parts=parts, state=state, checkpoint=checkpoint)
         end_state, value = recorder.finish(hist)
     except KeyboardInterrupt:  # Ctrl-C: the trial ends FAIL, never RUNNING
@@ -199,18 +232,34 @@ class OptunaObjective:
         self.artifact_store = None  # set by make_objective: search.artifacts.open_store(location)
         self.storage_label = ""  # the masked storage URL, for the exported config's provenance
 
-    def upload_artifacts(self, trial, history: list[dict[str, Any]], state: str, value: Optional[float]) -> None:
-        """The trial's curves and exported config, at its end, before it is told (search/artifacts.py)."""
-        if self.artifact_store is not None:
-            from regsweep.search.artifacts import upload_trial_end
+    @property
+    def keeps_weights(self) -> bool:
+        return self.artifact_store is not None and self.spec.keep_weights != "none"
 
-            upload_trial_end(self.artifact_store, trial, history, state, value, self.storage_label)
+    def upload_artifacts(self, trial, history: list[dict[str, Any]], state: str, value: Optional[float],
+                         weights: Optional[BestWeights] = None) -> None:
+        """The trial's curves and exported config, at its end, before it is told (search/artifacts.py); and its
+        best-epoch weights when ``keep_weights`` says so."""
+        if self.artifact_store is None:
+            return
+        from regsweep.search.artifacts import keeps_weights, upload_trial_end, upload_weights
+        from regsweep.search.export import trial_config
+
+        upload_trial_end(self.artifact_store, trial, history, state, value, self.storage_label)
+        if (weights is not None and weights.state is not None and weights.epoch == trial.user_attrs.get("best_epoch")
+                and trial.user_attrs.get("config") is not None
+                and keeps_weights(self.spec.keep_weights, state, value, trial.study)):
+            model = weights.model
+            upload_weights(self.artifact_store, trial, weights.state, trial_config(trial).to_dict(),
+                           best_epoch=weights.epoch, value=value, in_shape=getattr(model, "in_shape", ()),
+                           num_classes=getattr(model, "num_classes", 0))
 
     def __call__(self, trial) -> float:
         from optuna import TrialPruned
 
+        keeper = BestWeights(self.spec.objective) if self.keeps_weights else None
         got = run_trial(self.spec, trial, device=self.device, data=self.data, extra={"worker": worker_label()},
-                        on_end=self.upload_artifacts)
+                        on_end=lambda *end: self.upload_artifacts(*end, weights=keeper), weights=keeper)
         if got.state == PRUNED:
             raise TrialPruned(got.reason)
         if got.state == FAIL:
@@ -229,4 +278,13 @@ def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = 
     if location is not None:
         objective.artifact_store = open_store(location)
         print(f"artifacts: {location}", file=out or sys.stdout, flush=True)
+    elif coordinator:
+        warn_no_weights(spec)
     return objective
+
+
+def warn_no_weights(spec: StudySpec) -> None:
+    """The one warning of a run (the coordinator's) whose weights cannot be kept: no artifact store."""
+    if spec.keep_weights != "none":
+        print(f"warning: keep_weights: {spec.keep_weights}: no artifact store (--artifacts off), so no trial's "
+              "weights are kept", file=sys.stderr, flush=True)

@@ -89,6 +89,22 @@ def mask(url: str) -> str:
         return "***"
 
 
+def has_password(url: str) -> bool:
+    """Whether :func:`mask` would hide something in ``url``."""
+    return mask(url) != url
+
+
+def storage_arg(url: str) -> str:
+    """``--storage URL`` for a command shown to the user (the study note, the end of a run): the URL shell-quoted,
+    or ``--storage "$REGSWEEP_STORAGE"`` when it holds a password (a command line is copied, logged and shown by
+    ``ps``; the password stays in the environment, never in the text)."""
+    import shlex
+
+    if has_password(url):
+        return f'--storage "${STORAGE_ENV}"'
+    return f"--storage {shlex.quote(url)}"
+
+
 def shown(url: str) -> str:
     """The masked URL as an error line shows it: quoted, control characters escaped, cut to SHOWN_CHARS."""
     text = repr(mask(url))

@@ -62,7 +62,18 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
         ran = worker_loop(study, objective, url, total,
                           timeout=timeout if timeout is not None else spec.timeout, out=out)
     print(f"ran {ran} trials in {time.monotonic() - start:.1f}s", file=out, flush=True)
+    if objective.artifact_store is not None:
+        prune_after_budget(spec, study, total, objective.artifact_store, out)
     return RunResult(study, ran, False)
+
+
+def prune_after_budget(spec: StudySpec, study, total: int, store, out: Optional[TextIO] = None) -> None:
+    """``keep_weights: best``: the coordinator (never a worker) removes the non-best weights once the budget is
+    done (search/artifacts.py ``prune_weights``; RUNNING trials' files are left alone)."""
+    from regsweep.search.artifacts import prune_weights
+
+    if spec.keep_weights == "best" and done_count(study) >= total:
+        prune_weights(study, store, out=out or sys.stdout)
 
 
 def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str, str]], *,
@@ -71,15 +82,21 @@ def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str,
                 allow_outside: Sequence[str] = ()) -> tuple[Any, int]:
     """``run --workers N``: open the study (its budget and artifact store, which the workers read from it),
     then one worker process per env; returns (study, the worst exit code)."""
-    from regsweep.search.artifacts import resolve
+    from regsweep.search.artifacts import open_store, resolve
+    from regsweep.search.trial import warn_no_weights
 
     study = open_study_locked(spec, url, study_name, allow_spec_change=allow_spec_change, n_trials=n_trials)
     total = budget(study, spec)
     location = resolve(study, url, artifacts, coordinator=True)  # the workers read it from the study
     print(f"study '{study_name}' in {mask(url)}: {done_count(study)}/{total} trials done"
           + (f"; artifacts: {location}" if location else ""), flush=True)
-    return study, launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
-                         allow_outside=allow_outside)
+    if location is None:
+        warn_no_weights(spec)
+    code = launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
+                  allow_outside=allow_outside)
+    if code == 0 and location is not None:  # every worker exited 0: the budget is done
+        prune_after_budget(spec, study, total, open_store(location))
+    return study, code
 
 
 def parse_gpus(text: Optional[str]) -> list[str]:

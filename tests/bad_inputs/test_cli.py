@@ -134,6 +134,18 @@ CASES = [
          expect=("--trial", "-3")),
     Case("export-trial-missing", ["export", "--storage", DB, "--trial", "7"], setup=a_study,
          expect=("--trial: 7", "tiny")),
+    # export --weights (keep_weights): a trial without stored weights, a bad target; nothing written
+    Case("export-weights-none-stored", ["export", "--storage", DB, "--weights", "{d}/best.pt"], setup=a_study,
+         expect=("--weights", "trial 0", "no stored weights", "keep_weights")),
+    Case("export-weights-trial-none-stored", ["export", "--storage", DB, "--trial", "0", "--weights", "{d}/t.pt",
+                                              "--out", "{d}/t.yaml"], setup=a_study,
+         expect=("--weights", "trial 0", "no stored weights")),
+    Case("export-weights-dir-missing", ["export", "--storage", DB, "--weights", "{d}/no/dir/best.pt"],
+         setup=a_study, expect=("--weights", "does not exist")),
+    Case("export-weights-is-a-directory", ["export", "--storage", DB, "--weights", "{d}"], setup=a_study,
+         expect=("--weights", "is a directory")),
+    Case("export-weights-none-stored-subprocess", ["export", "--storage", DB, "--weights", "{d}/best.pt"],
+         setup=a_study, expect=("--weights", "no stored weights"), subprocess=True),
     # sampler / pruner arguments: types against the constructors, then a dry run of the real space
     Case("sampler-arg-wrong-type", ["validate", "{d}/tiny.yaml"],
          files=spec_files(_sampler_args({"n_startup_trials": "ten"})),

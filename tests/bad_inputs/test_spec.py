@@ -104,6 +104,10 @@ CASES = [
          expect=("tiny.yaml", "malformed YAML", "python/object/apply")),
     Case("spec-document-is-a-list", V, {"tiny.yaml": "- name\n- base\n"}, expect=("tiny.yaml", "list", "mapping")),
     Case("spec-malformed-yaml", V, spec(name="name: [tiny"), expect=("tiny.yaml", "line", "malformed YAML")),
+    Case("spec-keep-weights-unknown", ["run", "{d}/tiny.yaml"], spec(keep_weights="keep_weights: last"),
+         expect=("tiny.yaml", "keep_weights", "'last'", "best, all, none")),
+    Case("spec-keep-weights-list", V, spec(keep_weights="keep_weights: [best]"),
+         expect=("tiny.yaml", "keep_weights", "best, all, none")),
 ]
 
 

@@ -55,9 +55,12 @@ def test_every_trial_of_a_sweep_has_its_curves_and_config(swept_study):
     assert study.user_attrs[ARTIFACTS_ATTR] == str(art_dir.resolve())
     store = open_store(study.user_attrs[ARTIFACTS_ATTR])
     states = set()
+    best = study.best_trial.number
     for t in study.trials:
         metas = {m["filename"]: m for m in trial_artifacts(study, t)}
-        assert set(metas) == {f"trial-{t.number}-curves.png", f"trial-{t.number}-config.yaml"}
+        # keep_weights: best (the default): the best trial's weights too; the coordinator removed the others'
+        weights = {f"trial-{t.number}-weights.pt"} if t.number == best else set()
+        assert set(metas) == {f"trial-{t.number}-curves.png", f"trial-{t.number}-config.yaml"} | weights
         assert metas[f"trial-{t.number}-curves.png"]["mimetype"] == "image/png"
         assert _png_ok(store.open_reader(metas[f"trial-{t.number}-curves.png"]["artifact_id"]).read())
         text = store.open_reader(metas[f"trial-{t.number}-config.yaml"]["artifact_id"]).read().decode()

@@ -92,3 +92,19 @@ def test_trial_kinds(state, reason, kind):
     t = optuna.trial.create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None,
                                   user_attrs={"stop_reason": reason})
     assert _trial_kind(t) == kind
+
+
+def test_the_report_names_its_importance_evaluator_and_says_when_trials_are_too_few(swept_study, tmp_path):
+    from regsweep.search.report import MIN_IMPORTANCE_TRIALS, importance_evaluator, importance_note
+
+    _, url, _ = swept_study
+    out = tmp_path / "imp"
+    assert main(["report", "--storage", url, "--out", str(out)]) == 0
+    html = (out / "index.html").read_text()
+    assert type(importance_evaluator()).__name__ == "PedAnovaImportanceEvaluator"
+    assert "Parameter importances (PED-ANOVA (optuna.importance.PedAnovaImportanceEvaluator))" in html
+    assert "fANOVA" not in html  # the evaluator it did NOT use
+    n = sum(t.state == TrialState.COMPLETE for t in optuna.load_study(study_name="swept", storage=url).trials)
+    assert n < MIN_IMPORTANCE_TRIALS  # the 5-trial fixture: the report says so under the plot
+    assert f"too few trials for importances: {n} COMPLETE trial(s)" in html
+    assert importance_note(MIN_IMPORTANCE_TRIALS) == "" and importance_note(1).startswith("too few")

@@ -120,6 +120,9 @@ BAD = [
     ("timeout_negative", spec_with(budget={"n_trials": 3, "timeout": -1}), ("budget.timeout:", "-1")),
     ("enqueue_unknown_param", spec_with(enqueue=[{"model.hidden": 32}]), ("enqueue[0].model.hidden:",)),
     ("enqueue_out_of_range", spec_with(enqueue=[{}, {"model.dropout": 0.9}]), ("enqueue[1].model.dropout:", "0.9")),
+    ("keep_weights_unknown", spec_with(keep_weights="last"), ("keep_weights:", "'last'", "best, all, none")),
+    ("keep_weights_null", spec_with(keep_weights=None), ("keep_weights:", "None", "best, all, none")),
+    ("keep_weights_bool", spec_with(keep_weights=True), ("keep_weights:", "True", "best, all, none")),
 ]
 
 
@@ -186,6 +189,15 @@ def test_spec_hash_stable_and_sensitive_to_the_search_only(tmp_path):
     assert load_spec(write_spec(tmp_path / "e.yaml", base)).spec_hash() != h1
     pruner = load_spec(write_spec(tmp_path / "f.yaml", spec_with(pruner={"name": "none"}))).spec_hash()
     assert pruner != h1
+
+
+def test_keep_weights_defaults_to_best_and_never_changes_the_spec_hash(tmp_path):
+    default = load_spec(write_spec(tmp_path / "a.yaml", GOOD))
+    assert default.keep_weights == "best"
+    for policy in ("best", "all", "none"):
+        spec = load_spec(write_spec(tmp_path / f"{policy}.yaml", spec_with(keep_weights=policy)))
+        assert spec.keep_weights == policy
+        assert spec.spec_hash() == default.spec_hash()  # what is kept is not what is searched
 
 
 # ------------------------------------------------------------------------------ relative paths
