@@ -267,7 +267,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
-    from regsweep.search.report import format_summary, study_summary
     from regsweep.search.storage import open_readonly
     from regsweep.search.urls import mask
 
@@ -277,16 +276,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         names = _study_names(storage)
         print(f"{mask(url)}: {len(names)} studies")
         for name in names:
-            print(format_summary(study_summary(optuna.load_study(study_name=name, storage=storage))))
+            _print_status(optuna.load_study(study_name=name, storage=storage))
         return 0
     study, _ = _load_study(args)
-    print(format_summary(study_summary(study)))
-    from regsweep.search import confirm
+    _print_status(study)
+    return 0
 
-    rows = confirm.table(study)
+
+def _print_status(study) -> None:
+    """A study's summary, then its confirm table (mean ± sd per configuration) when it has a confirm study."""
+    from regsweep.search import confirm
+    from regsweep.search.report import format_summary, study_summary
+
+    print(format_summary(study_summary(study)))
+    rows = [] if study.study_name.endswith(confirm.SUFFIX) else confirm.table(study)
     if rows:
         print(confirm.format_table(rows, study.user_attrs.get("regsweep:objective", "value")))
-    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -244,7 +244,7 @@ def run_confirm(spec: StudySpec, url: str, study_name: str, *, device: Optional[
     from regsweep.search import confirm
     from regsweep.search.loop import ask, run_one, trial_line
     from regsweep.search.record import BASE_ATTR, FORMAT_ATTR, RECORD_FORMAT
-    from regsweep.search.storage import open_storage
+    from regsweep.search.storage import open_existing, open_storage
     from regsweep.search.study import SPEC_ATTR, budget_lock
     from regsweep.search.trial import OptunaObjective
 
@@ -252,9 +252,10 @@ def run_confirm(spec: StudySpec, url: str, study_name: str, *, device: Optional[
     out = out or sys.stdout
     if not spec.confirm:
         raise ConfigError(f"{spec.source or spec.path}: confirm: missing; add confirm: {{top_k: K, seeds: S}}")
-    storage = open_storage(url)
-    if study_name not in optuna.get_all_study_names(storage):
+    existing = open_existing(url)  # read-only first: confirming a study that is not there creates nothing
+    if existing is None or study_name not in optuna.get_all_study_names(existing):
         raise ConfigError(f"--study-name: {study_name!r} not found in {mask(url)}; run the study first")
+    storage = open_storage(url)
     main = optuna.load_study(study_name=study_name, storage=storage)
     old = {k: v for k, v in main.user_attrs.get(SPEC_ATTR, {}).items() if k != "confirm"}
     new = {k: v for k, v in spec.stored().items() if k != "confirm"}

@@ -93,6 +93,8 @@ def test_export_and_status_pick_the_best_mean_configuration_not_the_single_seed_
     assert main(["status", "--storage", url, "--study-name", "m"]) == 0
     out = capsys.readouterr().out
     assert "confirm (top 3" in out and out.index("trial   1: val_loss mean") < out.index("trial   0: val_loss mean")
+    assert main(["status", "--storage", url]) == 0  # every study: the table once, under the main study
+    assert capsys.readouterr().out.count("confirm (top 3") == 1
 
 
 # ------------------------------------------------------------------------------------ end to end
