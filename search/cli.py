@@ -85,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from regsweep.search.spec import load_spec
-    from regsweep.search.study import check_existing_study
+    from regsweep.search.study import check_existing_study, warm_params
     from regsweep.search.urls import mask
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
@@ -93,22 +93,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
     url = _storage_url(args, spec)
     cli_checks.check_reachable(url)
     check_existing_study(spec, url, spec.name)  # the spec-hash rule of run, read-only
+    warm = warm_params(spec)  # the warm-start study read (its storage reachable, values inside the space)
     cli_checks.warn_sampler_limits(spec)
     cond = spec.space.conditional()
     print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"
           f"{f' ({len(cond)} conditional)' if cond else ''}, sampler {spec.sampler['name']}, "
-          f"{spec.objective.direction} {spec.objective.metric}, n_trials {spec.n_trials}, storage {mask(url)}")
+          f"{spec.objective.direction} {spec.objective.metric}, n_trials {spec.n_trials}, storage {mask(url)}"
+          f"{f', warm start: {len(warm)} configs' if spec.warm_start else ''}"
+          f"{', confirm: top {top_k} x {seeds} seeds'.format(**spec.confirm) if spec.confirm else ''}")
     return 0
 
 
 def _load_spec_and_storage(args: argparse.Namespace):
     """The spec and its reachable storage URL: what `run` and `worker` start from."""
     from regsweep.search.spec import load_spec
+    from regsweep.search.study import warm_params
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
     cli_checks.check_data_files(spec)
     url = _storage_url(args, spec)
     cli_checks.check_reachable(url)
+    warm_params(spec)  # a warm start that cannot be read: one line before any study is created
     return spec, url
 
 
@@ -164,7 +169,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                      **common)
             if code != 0:
                 return code
+    _confirm_after_budget(spec, url, name, study, args.device)
     return _print_outcome(study, url, name)
+
+
+def _confirm_after_budget(spec, url: str, name: str, study, device) -> None:
+    """`run` with `confirm:` in the spec: the confirm study once the budget is met (not after a timeout)."""
+    from regsweep.search.backends import optuna_backend
+    from regsweep.search.study import budget, done_count
+
+    if not spec.confirm:
+        return
+    if done_count(study) < budget(study, spec):
+        print("confirm: skipped, the budget is not met yet (run again, or `regsweep confirm` later)", flush=True)
+        return
+    optuna_backend.run_confirm(spec, url, name, device=device)
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    """`regsweep confirm STUDY.yaml`: the spec's confirm section on its (finished or not) study."""
+    from regsweep.search.backends import optuna_backend
+
+    spec, url = _load_spec_and_storage(args)
+    if not spec.confirm:
+        raise ConfigError(f"{spec.source}: confirm: missing; add confirm: {{top_k: K, seeds: S}} to the spec")
+    optuna_backend.run_confirm(spec, url, args.study_name or spec.name, device=args.device)
+    return 0
 
 
 def _progress(spec, url: str, name: str):
@@ -202,6 +232,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
                              address=args.address, gpus_per_trial=args.gpus_per_trial,
                              cpus_per_trial=args.cpus_per_trial, resume=args.resume,
                              allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
+    _confirm_after_budget(spec, url, name, result.study, args.device)
     return _print_outcome(result.study, url, name)
 
 
@@ -236,7 +267,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import optuna
 
-    from regsweep.search.report import format_summary, study_summary
     from regsweep.search.storage import open_readonly
     from regsweep.search.urls import mask
 
@@ -246,11 +276,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         names = _study_names(storage)
         print(f"{mask(url)}: {len(names)} studies")
         for name in names:
-            print(format_summary(study_summary(optuna.load_study(study_name=name, storage=storage))))
+            _print_status(optuna.load_study(study_name=name, storage=storage))
         return 0
     study, _ = _load_study(args)
-    print(format_summary(study_summary(study)))
+    _print_status(study)
     return 0
+
+
+def _print_status(study) -> None:
+    """A study's summary, then its confirm table (mean ± sd per configuration) when it has a confirm study."""
+    from regsweep.search import confirm
+    from regsweep.search.report import format_summary, study_summary
+
+    print(format_summary(study_summary(study)))
+    rows = [] if study.study_name.endswith(confirm.SUFFIX) else confirm.table(study)
+    if rows:
+        print(confirm.format_table(rows, study.user_attrs.get("regsweep:objective", "value")))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -262,6 +303,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.weights is not None:
         return _export_weights(args, study, trial, url)
     text = render(study, trial, args.format, mask(url))
+    if args.trial is None:
+        from regsweep.search import confirm
+
+        row = confirm.best_mean(confirm.table(study))
+        if row is not None and row["trial"] == trial.number:
+            print(f"confirm: best mean: {confirm.row_text(row, study.user_attrs.get('regsweep:objective', 'value'))}",
+                  file=sys.stderr)
     if args.out:
         out = Path(args.out)
         if not out.parent.is_dir():
@@ -378,9 +426,18 @@ def parser() -> argparse.ArgumentParser:
     _storage_flags(s)
     s.set_defaults(func=cmd_status)
 
+    c = sub.add_parser("confirm", help="retrain the top K configurations on S new train.seed values (the spec's "
+                                       "confirm:) in the sibling study <name>.confirm")
+    c.add_argument("spec", metavar="STUDY.yaml")
+    _storage_flags(c)
+    c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    c.add_argument("--allow-outside", action="append", default=[], metavar="DIR", help=ALLOW_OUTSIDE_HELP)
+    c.set_defaults(func=cmd_confirm)
+
     e = sub.add_parser("export", help="write a trial's complete TrainConfig (default: the best trial)")
     _storage_flags(e)
-    e.add_argument("--trial", type=int, default=None, metavar="N", help="trial number (default: best)")
+    e.add_argument("--trial", type=int, default=None, metavar="N",
+                   help="trial number (default: best; with a confirm study, the best-mean configuration's trial)")
     e.add_argument("--format", default="yaml", choices=("yaml", "json", "params", "python", "snippet"),
                    help="yaml/json: the TrainConfig; params: the sampled params; python: a standalone PyTorch "
                         "script (no regsweep import); snippet: lines for your own loop (default yaml)")

@@ -25,7 +25,9 @@ FORMATS = ("yaml", "json", "params", "python", "snippet")
 
 
 def pick_trial(study, number: Optional[int]):
-    """The best trial, or trial ``number``: one trial read (never every trial's attrs) on an RDB storage."""
+    """The best trial (with a confirm study, search/confirm.py: the original trial of the configuration with the
+    best mean over the new seeds, so replay stays exact), or trial ``number``: one trial read (never every
+    trial's attrs) on an RDB storage."""
     from optuna.trial import TrialState
 
     from regsweep.search import optuna_internals as internals
@@ -38,7 +40,10 @@ def pick_trial(study, number: Optional[int]):
     if number is None:
         if not counts.get(TrialState.COMPLETE.name):
             raise ConfigError(f"study '{study.study_name}' has no COMPLETE trial yet; pass --trial N")
-        return study.best_trial
+        from regsweep.search.confirm import best_mean, table
+
+        row = best_mean(table(study))  # seed-robust selection: the best-mean configuration's ORIGINAL trial
+        return study.best_trial if row is None else internals.trial_by_number(study, row["trial"])
     n_trials = sum(counts.values())
     if not n_trials:
         raise ConfigError(f"--trial: study '{study.study_name}' has no trials yet")

@@ -13,6 +13,8 @@ Grammar (paths are relative to the spec file)::
     storage: null                          # optional; see search/urls.py for the precedence
     ray: {scheduler: asha, overfit: {patience: 3}}   # optional; only --backend ray reads it
     keep_weights: best                     # best | all | none: which trials' best-epoch weights are stored
+    confirm: {top_k: 3, seeds: 2}          # optional; retrain the top K configs on S new train.seeds
+    warm_start: {study: NAME, storage: URL or env:VAR, top_k: 5}   # optional; enqueue an earlier study's best
 
 Every error is one line naming the file, the field, the value and what is allowed.
 """
@@ -37,7 +39,7 @@ from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section
 from regsweep.search.spec_checks import fail as _fail
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
-               "storage", "ray", "keep_weights")
+               "storage", "ray", "keep_weights", "confirm", "warm_start")
 # keep_weights: best = the study's best trial's best-epoch weights only (the coordinator removes the others after
 # the budget); all = every finished trial's; none = no weights. Not in the spec hash (it does not change the search)
 KEEP_WEIGHTS = ("best", "all", "none")
@@ -100,6 +102,8 @@ class StudySpec:
     ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (parse_ray_section)
     builtin: bool = False  # run by bare name from regsweep.studies: default storage in the working directory
     keep_weights: str = "best"  # KEEP_WEIGHTS; search/artifacts.py stores and prunes the weights
+    confirm: dict[str, Any] = field(default_factory=dict)  # {top_k, seeds} or {} (search/confirm.py)
+    warm_start: dict[str, Any] = field(default_factory=dict)  # {study, storage, top_k} or {} (search/study.py)
 
     @property
     def directory(self) -> Path:
@@ -119,6 +123,10 @@ class StudySpec:
                      "sampler": self.sampler, "pruner": self.pruner, "enqueue": self.enqueue}
         if self.ray:  # only when given: specs without it keep their hash
             canonical["ray"] = self.ray
+        if self.confirm:  # the same: it changes which trial export picks
+            canonical["confirm"] = self.confirm
+        if self.warm_start:  # its storage is where, not what: never hashed (stored masked, see stored())
+            canonical["warm_start"] = {k: v for k, v in self.warm_start.items() if k != "storage"}
         return canonical
 
     def spec_hash(self) -> str:
@@ -126,8 +134,14 @@ class StudySpec:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def stored(self) -> dict[str, Any]:
-        """:meth:`canonical` as JSON stores it (the study's ``regsweep:spec`` attr)."""
-        return json.loads(json.dumps(self.canonical(), default=str))
+        """:meth:`canonical` as JSON stores it (the study's ``regsweep:spec`` attr), with the warm-start
+        storage masked."""
+        stored = json.loads(json.dumps(self.canonical(), default=str))
+        if self.warm_start:
+            from regsweep.search.urls import mask
+
+            stored["warm_start"]["storage"] = mask(self.warm_start["storage"])
+        return stored
 
     def change_error(self, study_name: str, old: dict[str, Any]) -> SpecError:
         """Resuming study ``study_name``, made with the stored spec ``old``, with this different spec."""
@@ -266,6 +280,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
     spec = StudySpec(name, path, base, objective, space, sampler, data.get("pruner"),
                      n_trials, timeout, enqueue, storage, description, dict(data), source, ray,
                      keep_weights=keep_weights)
+    spec.confirm, spec.warm_start = _parse_confirm(data.get("confirm"), source), _parse_warm(data, source)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
     try:
@@ -276,6 +291,36 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
         raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {clip(exc)}") from None
     dry_run(spec)
     return spec
+
+
+def _positive(source: str, fld: str, value: Any, default: Any = None) -> int:
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(source, fld, value, "must be an integer >= 1")
+    return value
+
+
+def _parse_confirm(value: Any, source: str) -> dict[str, Any]:
+    """``confirm: {top_k, seeds}`` (both >= 1) or {} when absent."""
+    if value is None:
+        return {}
+    got = _mapping(source, "confirm", value, ("top_k", "seeds"))
+    return {"top_k": _positive(source, "confirm.top_k", got.get("top_k"), 3),
+            "seeds": _positive(source, "confirm.seeds", got.get("seeds"), 2)}
+
+
+def _parse_warm(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``warm_start: {study, storage, top_k}`` or {} when absent; ``storage`` is a URL or ``env:VAR`` (read when
+    the study is opened, search/study.py ``warm_params``)."""
+    if data.get("warm_start") is None:
+        return {}
+    got = _mapping(source, "warm_start", data["warm_start"], ("study", "storage", "top_k"))
+    study, storage = got.get("study"), got.get("storage")
+    if not isinstance(study, str) or not NAME_RE.match(study) or len(study) > NAME_MAX:
+        raise _fail(source, "warm_start.study", study, "must be the name of an earlier study")
+    if not isinstance(storage, str) or not storage:
+        raise _fail(source, "warm_start.storage", storage, "must be a storage URL or env:VAR")
+    return {"study": study, "storage": storage, "top_k": _positive(source, "warm_start.top_k", got.get("top_k"), 5)}
 
 
 def _parse_objective(value: Any, source: str) -> Objective:

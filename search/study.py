@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 from typing import Iterator, Optional
 
 from regsweep.models.config import ConfigError
 from regsweep.search.spec import StudySpec
 from regsweep.search.storage import open_existing, open_storage
 from regsweep.search.trial import BASE_ATTR
-from regsweep.search.urls import check_url, sqlite_file
+from regsweep.search.urls import check_url, mask, sqlite_file
 
 SPEC_HASH_ATTR, SPEC_ATTR, BUDGET_ATTR = "regsweep:spec_hash", "regsweep:spec", "regsweep:n_trials"
 
@@ -126,7 +127,76 @@ def seed_sampler(study, spec: StudySpec, worker: Optional[str] = None) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------------ warm start
+def warm_url(spec: StudySpec) -> str:
+    """``warm_start.storage``: a URL, or ``env:VAR`` read from the environment now (never stored)."""
+    where = f"{spec.source or spec.path}: warm_start.storage"
+    url = spec.warm_start["storage"]
+    if url.startswith("env:"):
+        var = url[4:]
+        if not os.environ.get(var):
+            raise ConfigError(f"{where}: ${var[:60]} is not set; give a storage URL or env:VAR with VAR set")
+        url = os.environ[var]
+    try:
+        check_url(url)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {str(exc).removeprefix('storage: ')}") from None
+    return url
+
+
+def warm_params(spec: StudySpec) -> list[dict]:
+    """The params of the ``warm_start.top_k`` best COMPLETE trials (distinct) of the earlier study, best first,
+    read without creating anything. Refused with one line (ConfigError): an unreachable storage, a missing
+    study, a param the new space does not have or a value outside it (never clipped: a clipped config is one
+    the earlier study never tried). A trial without params (an enqueued base config) is skipped."""
+    import optuna
+
+    from regsweep.search.confirm import top_configs
+    from regsweep.search.optuna_internals import distribution_contains
+    from regsweep.search.storage import open_existing
+
+    if not spec.warm_start:
+        return []
+    where, url = f"{spec.source or spec.path}: warm_start", warm_url(spec)
+    name = spec.warm_start["study"]
+    try:
+        storage = open_existing(url)
+        names = optuna.get_all_study_names(storage) if storage is not None else []
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.storage: {str(exc).removeprefix('storage: ')}") from None
+    except Exception as exc:  # noqa: BLE001 - a database without Optuna's tables, a dropped connection
+        from regsweep.search.urls import reason
+
+        raise ConfigError(f"{where}.storage: cannot read {mask(url)}: {reason(exc, url)}") from None
+    if name not in names:
+        raise ConfigError(f"{where}.study: {name!r} not found in {mask(url)}; studies: "
+                          f"{', '.join(sorted(names)[:10]) or 'none'}")
+    params = {p.path: p for p in spec.space}
+    out = []
+    for trial in top_configs(optuna.load_study(study_name=name, storage=storage), spec.warm_start["top_k"] * 4):
+        if not trial.params:
+            continue
+        for key, value in trial.params.items():
+            if key not in params:
+                raise ConfigError(f"{where}: trial {trial.number} of {name!r} sets {key[:60]}, not a param of this "
+                                  f"space; params: {', '.join(params)}")
+            try:
+                inside = distribution_contains(params[key].distribution(), value)
+            except (TypeError, ValueError):
+                inside = False
+            if not inside:
+                raise ConfigError(f"{where}: trial {trial.number} of {name!r} has {key} = {value!r}, outside this "
+                                  f"space's range {params[key].to_dict()} (warm-start values are never clipped)")
+        out.append(dict(trial.params))
+        if len(out) == spec.warm_start["top_k"]:
+            break
+    return out
+
+
 def enqueue(study, spec: StudySpec) -> None:
+    """The warm-start configs first (best first), then the spec's ``enqueue`` entries."""
+    for params in warm_params(spec):
+        study.enqueue_trial(params, user_attrs={"warm_start": spec.warm_start["study"]}, skip_if_exists=True)
     for params in spec.enqueue:
         if params:
             study.enqueue_trial(params, skip_if_exists=True)

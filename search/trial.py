@@ -28,13 +28,12 @@ from regsweep.models.config import ConfigError, DataConfig, TrainConfig
 from regsweep.models.data import DataBundle, load, open_dataset, resolve_residency
 from regsweep.models.train import fit
 from regsweep.search.optuna_internals import latest_trial
-from regsweep.search.record import FAIL, PRUNED, Objective, Recorder, failure_reason
+from regsweep.search.record import BASE_ATTR, FAIL, PRUNED, Objective, Recorder, failure_reason
 from regsweep.search.signals import Terminated, check_signals
 from regsweep.search.spec import StudySpec
 from regsweep.search.storage import TrialWriter, database_reason, retry_transient, transient_errors
 from regsweep.search.urls import mask
 
-BASE_ATTR = "regsweep:base"
 # data fields that do not change the loaded tensors
 LOADER_ONLY = ("batch_size", "augment", "num_workers")
 
@@ -83,10 +82,12 @@ class DataCache:
 
 
 def config_for(spec: StudySpec, trial) -> TrainConfig:
-    """The trial's TrainConfig: the base config for the enqueued base trial, else the space sampled on it."""
-    if trial.user_attrs.get(BASE_ATTR):
-        return spec.base
-    return spec.base.with_overrides(spec.space.sample(trial, spec.base.to_dict()))
+    """The trial's TrainConfig: the base config for the enqueued base trial, else the space sampled on it; a
+    confirm trial (user attr ``train.seed``, search/confirm.py) with its own training seed."""
+    cfg = spec.base if trial.user_attrs.get(BASE_ATTR) else spec.base.with_overrides(
+        spec.space.sample(trial, spec.base.to_dict()))
+    seed = trial.user_attrs.get("train.seed") if trial.user_attrs.get("confirm_of") is not None else None
+    return cfg if seed is None else cfg.with_overrides({"train.seed": int(seed)})
 
 
 def pruner_verdict(spec: StudySpec, trial, epoch: int) -> Optional[str]:

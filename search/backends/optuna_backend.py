@@ -245,3 +245,75 @@ class Tail(threading.Thread):
             self.out.flush()
         except (OSError, ValueError):  # our own output is gone (closed pipe or file): the log keeps it
             pass
+
+
+def run_confirm(spec: StudySpec, url: str, study_name: str, *, device: Optional[str] = None,
+                out: Optional[TextIO] = None) -> Any:
+    """``confirm: {top_k, seeds}``: retrain the main study's top K configurations (distinct params, by value)
+    with S new ``train.seed`` values each (search/confirm.py ``confirm_seeds``) in the sibling study
+    ``<name>.confirm``: unpruned, its trials enqueued with the original's params and the user attrs
+    ``confirm_of``/``train.seed``, run through the same trial body. The main study is only read (budget, best
+    trial, sampler untouched). Resumable: pairs already COMPLETE (or queued) are not enqueued again. Returns the
+    confirm study."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from regsweep.search import confirm
+    from regsweep.search.loop import ask, run_one, trial_line
+    from regsweep.search.record import BASE_ATTR, FORMAT_ATTR, RECORD_FORMAT
+    from regsweep.search.storage import open_existing, open_storage
+    from regsweep.search.study import SPEC_ATTR, budget_lock
+    from regsweep.search.trial import OptunaObjective
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = out or sys.stdout
+    if not spec.confirm:
+        raise ConfigError(f"{spec.source or spec.path}: confirm: missing; add confirm: {{top_k: K, seeds: S}}")
+    existing = open_existing(url)  # read-only first: confirming a study that is not there creates nothing
+    if existing is None or study_name not in optuna.get_all_study_names(existing):
+        raise ConfigError(f"--study-name: {study_name!r} not found in {mask(url)}; run the study first")
+    storage = open_storage(url)
+    main = optuna.load_study(study_name=study_name, storage=storage)
+    old = {k: v for k, v in main.user_attrs.get(SPEC_ATTR, {}).items() if k != "confirm"}
+    new = {k: v for k, v in spec.stored().items() if k != "confirm"}
+    if old and old != new:  # the configs would not be the trials' (confirm itself may be added later)
+        raise spec.change_error(study_name, old)
+    top = confirm.top_configs(main, spec.confirm["top_k"])
+    name = confirm.confirm_name(study_name)
+    with budget_lock(url, name):
+        sibling = optuna.create_study(storage=storage, study_name=name, direction=spec.objective.direction,
+                                      sampler=optuna.samplers.RandomSampler(seed=0),
+                                      pruner=optuna.pruners.NopPruner(), load_if_exists=True)
+        for key, value in (("regsweep:objective", spec.objective.metric), ("regsweep:confirm", spec.confirm),
+                           ("regsweep:confirm_of_study", study_name), (FORMAT_ATTR, RECORD_FORMAT)):
+            sibling.set_user_attr(key, value)
+        have = {(t.user_attrs.get(confirm.OF_ATTR), t.user_attrs.get(confirm.SEED_ATTR))
+                for t in sibling.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING,
+                                                                     TrialState.RUNNING, TrialState.PRUNED))}
+        for trial in top:
+            own = (trial.user_attrs.get("config") or {}).get("train", {}).get("seed", spec.base.train.seed)
+            for seed in confirm.confirm_seeds(int(own), spec.confirm["seeds"]):
+                if (trial.number, seed) in have:
+                    continue
+                attrs = {confirm.OF_ATTR: trial.number, confirm.SEED_ATTR: seed}
+                if trial.user_attrs.get(BASE_ATTR):
+                    attrs[BASE_ATTR] = True
+                sibling.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    print(f"confirm: top {len(top)} configurations of '{study_name}' x {spec.confirm['seeds']} new seeds in "
+          f"'{name}'", file=out, flush=True)
+    objective = OptunaObjective(spec, device)
+    objective.storage_label = mask(url)
+    with terminate_on_sigterm():
+        while True:
+            with budget_lock(url, name):  # pop a queued confirm trial; never sample a new one
+                if not sibling.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                    break
+                trial = ask(sibling)
+            frozen = run_one(sibling, trial, objective)
+            print(f"confirm of trial {frozen.user_attrs.get(confirm.OF_ATTR)} (train.seed "
+                  f"{frozen.user_attrs.get(confirm.SEED_ATTR)}): {trial_line(frozen, spec.objective.metric)}",
+                  file=out, flush=True)
+    rows = confirm.table(main)
+    if rows:
+        print(confirm.format_table(rows, spec.objective.metric), file=out, flush=True)
+    return sibling

@@ -25,6 +25,17 @@ def spec(text: str = TINY_SPEC, **replace: str) -> dict[str, str]:
     return {"base.yaml": TINY_BASE, "tiny.yaml": "\n".join(ln for ln in lines if ln) + "\n"}
 
 
+def _source_study(path, params: dict) -> None:
+    """A finished SQLite study 'earlier' with one COMPLETE trial of ``params`` (a warm-start source)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="earlier", storage=f"sqlite:///{path}")
+    study.add_trial(optuna.trial.create_trial(params=params, value=0.5,
+                                              distributions={k: FloatDistribution(0.0, 1.0) for k in params}))
+
+
 def nested(key: str, lines: list[str], indent: str = "  ") -> str:
     return f"{key}:\n" + "\n".join(indent + ln for ln in lines)
 
@@ -108,6 +119,37 @@ CASES = [
          expect=("tiny.yaml", "keep_weights", "'last'", "best, all, none")),
     Case("spec-keep-weights-list", V, spec(keep_weights="keep_weights: [best]"),
          expect=("tiny.yaml", "keep_weights", "best, all, none")),
+    # issue 21: confirm and warm_start
+    Case("spec-confirm-top-k-zero", V, spec(confirm="confirm: {top_k: 0, seeds: 2}"),
+         expect=("tiny.yaml", "confirm.top_k", "0", ">= 1")),
+    Case("spec-confirm-seeds-zero", R, spec(confirm="confirm: {top_k: 2, seeds: 0}"),
+         expect=("tiny.yaml", "confirm.seeds", "0", ">= 1")),
+    Case("spec-confirm-unknown-key", V, spec(confirm="confirm: {top_k: 2, repeats: 3}"),
+         expect=("tiny.yaml", "confirm.repeats", "allowed keys")),
+    Case("spec-confirm-command-without-confirm", ["confirm", "{d}/tiny.yaml"], spec(),
+         expect=("tiny.yaml", "confirm: missing", "top_k")),
+    Case("spec-confirm-command-study-not-run", ["confirm", "{d}/tiny.yaml"],
+         spec(confirm="confirm: {top_k: 1, seeds: 1}"), expect=("--study-name", "'tiny'", "not found")),
+    Case("spec-warm-start-study-missing", V,
+         spec(warm_start="warm_start: {study: earlier, storage: 'sqlite:///{d}/none.db', top_k: 2}"),
+         expect=("tiny.yaml", "warm_start.study", "'earlier'", "not found")),
+    Case("spec-warm-start-unreachable", R,
+         spec(warm_start="warm_start: {study: earlier, storage: 'postgresql://postgres:hunter2@127.0.0.1:1/x'}"),
+         expect=("tiny.yaml", "warm_start.storage", "127.0.0.1:1"), absent=("hunter2",)),
+    Case("spec-warm-start-env-unset", V,
+         spec(warm_start="warm_start: {study: earlier, storage: 'env:REGSWEEP_TEST_NO_SUCH_VAR'}"),
+         expect=("tiny.yaml", "warm_start.storage", "REGSWEEP_TEST_NO_SUCH_VAR", "not set")),
+    Case("spec-warm-start-top-k-zero", V,
+         spec(warm_start="warm_start: {study: earlier, storage: 'sqlite:///x.db', top_k: 0}"),
+         expect=("tiny.yaml", "warm_start.top_k", "0")),
+    Case("spec-warm-start-value-outside-space", R,
+         spec(warm_start="warm_start: {study: earlier, storage: 'sqlite:///{d}/src.db', top_k: 2}"),
+         setup=lambda d: _source_study(d / "src.db", {"model.dropout": 0.9}),
+         expect=("tiny.yaml", "warm_start", "model.dropout = 0.9", "outside", "never clipped")),
+    Case("spec-warm-start-param-not-in-space", V,
+         spec(warm_start="warm_start: {study: earlier, storage: 'sqlite:///{d}/src.db', top_k: 2}"),
+         setup=lambda d: _source_study(d / "src.db", {"optim.lr": 0.01}),
+         expect=("tiny.yaml", "warm_start", "optim.lr", "not a param")),
 ]
 
 
