@@ -343,8 +343,24 @@ def apply_thread_share() -> None:
         torch.set_num_threads(threads)
 
 
+def attach_trackers(objective, settings: Optional[dict], study, url: str) -> None:
+    """The worker's trackers (search/trackers.py) on its objective; the MLflow study run is made under the budget
+    lock. Nothing when ``settings`` switch none on."""
+    if settings:
+        from regsweep.search.trackers import open_trackers
+
+        objective.trackers = open_trackers(settings, study, lambda: budget_lock(url, study.study_name))
+
+
+def close_trackers(objective) -> None:
+    """Flush the worker's trackers (MLflow: at most a few seconds) at its end."""
+    if getattr(objective, "trackers", None) is not None:
+        objective.trackers.close()
+
+
 def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None, timeout: Optional[float] = None,
-                artifacts: Optional[str] = None, out: Optional[TextIO] = None) -> int:
+                artifacts: Optional[str] = None, out: Optional[TextIO] = None,
+                trackers: Optional[dict] = None) -> int:
     """``regsweep worker``: join (or create) the study and run trials until its budget is done.
 
     The budget is the study's (set by the ``run`` that created or resumed it), else the spec's. Each worker
@@ -356,7 +372,11 @@ def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None
     total = budget(study, spec)
     objective = make_objective(spec, study, url, device=device, artifacts=artifacts, coordinator=False, out=out)
     label = os.environ.get(WORKER_ENV, f"pid{os.getpid()}")
-    with terminate_on_sigterm():
-        worker_loop(study, objective, url, total, timeout=timeout if timeout is not None else spec.timeout,
-                    out=out, label=label)
+    attach_trackers(objective, spec.trackers if trackers is None else trackers, study, url)
+    try:
+        with terminate_on_sigterm():
+            worker_loop(study, objective, url, total, timeout=timeout if timeout is not None else spec.timeout,
+                        out=out, label=label)
+    finally:
+        close_trackers(objective)
     return 0

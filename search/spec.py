@@ -12,6 +12,7 @@ Grammar (paths are relative to the spec file)::
     enqueue: [{}]                          # params dicts to try first; {} = the base config itself
     storage: null                          # optional; see search/urls.py for the precedence
     ray: {scheduler: asha, overfit: {patience: 3}}   # optional; only --backend ray reads it
+    trackers: {mlflow: {tracking_uri: sqlite:///mlflow.db}, tensorboard: {log_dir: tb}}   # optional; each off
 
 Every error is one line naming the file, the field, the value and what is allowed.
 """
@@ -32,11 +33,11 @@ from regsweep.models.plugins import is_ref
 from regsweep.search.optuna_internals import distribution_contains
 from regsweep.search.record import Objective
 from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root
-from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section
+from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section, parse_trackers_section
 from regsweep.search.spec_checks import fail as _fail
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
-               "storage", "ray")
+               "storage", "ray", "trackers")
 # metric -> the only direction that makes sense for it
 OBJECTIVES = {"val_loss": "minimize", "val_acc": "maximize"}
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -95,6 +96,9 @@ class StudySpec:
     source: str = ""  # the spec path as the user typed it (error messages)
     ray: dict[str, Any] = field(default_factory=dict)  # the Ray backend's section (parse_ray_section)
     builtin: bool = False  # run by bare name from regsweep.studies: default storage in the working directory
+    # the switched-on trackers (spec_checks.parse_trackers_section); how a sweep is watched, not what it
+    # searches: never in the spec hash
+    trackers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
@@ -253,8 +257,9 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
         raise _fail(source, "storage", storage, "must be a storage URL string")
 
     ray = parse_ray_section(data.get("ray"), source, base.train.epochs)
+    trackers = parse_trackers_section(data.get("trackers"), source, path.parent)
     spec = StudySpec(name, path, base, objective, space, sampler, data.get("pruner"),
-                     n_trials, timeout, enqueue, storage, description, dict(data), source, ray)
+                     n_trials, timeout, enqueue, storage, description, dict(data), source, ray, trackers=trackers)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
     try:

@@ -197,6 +197,7 @@ class OptunaObjective:
         self.device = resolve_device(device)
         self.data = data_cache or DataCache(base_dir=spec.path.parent)
         self.artifact_store = None  # set by make_objective: search.artifacts.open_store(location)
+        self.trackers = None  # set by the worker: search.trackers.Trackers (MLflow, TensorBoard), or None
         self.storage_label = ""  # the masked storage URL, for the exported config's provenance
 
     def upload_artifacts(self, trial, history: list[dict[str, Any]], state: str, value: Optional[float]) -> None:
@@ -209,13 +210,41 @@ class OptunaObjective:
     def __call__(self, trial) -> float:
         from optuna import TrialPruned
 
-        got = run_trial(self.spec, trial, device=self.device, data=self.data, extra={"worker": worker_label()},
-                        on_end=self.upload_artifacts)
+        got = self.tracked(trial) if self.trackers is not None else run_trial(
+            self.spec, trial, device=self.device, data=self.data, extra={"worker": worker_label()},
+            on_end=self.upload_artifacts)
         if got.state == PRUNED:
             raise TrialPruned(got.reason)
         if got.state == FAIL:
             raise TrialFailed(got.reason)
         return got.value
+
+
+    def tracked(self, trial) -> Outcome:
+        """:func:`run_trial` with the trackers told of its start, each epoch and its end (search/trackers.py:
+        they never wait on a server and never raise)."""
+        trackers, started = self.trackers, []
+
+        def after_epoch(cfg: TrainConfig, epoch: int, record: dict[str, Any], reason: Optional[str]) -> None:
+            if not started:
+                started.append(True)
+                trackers.start(trial)
+            trackers.epoch(trial, epoch, record)
+
+        try:
+            got = run_trial(self.spec, trial, device=self.device, data=self.data, extra={"worker": worker_label()},
+                            after_epoch=after_epoch, on_end=self.upload_artifacts)
+        except BaseException as exc:  # Ctrl-C / SIGTERM: the trial ended FAIL, its run too
+            if started:
+                reason = "failed:terminated" if isinstance(exc, Terminated) else "failed:interrupted"
+                trackers.end(trial, FAIL, reason, [], None, None)
+            raise
+        if started:
+            from regsweep.search.record import best_epoch
+
+            trackers.end(trial, got.state, got.reason, got.history, best_epoch(got.history, self.spec.objective),
+                         got.value)
+        return got
 
 
 def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = None, artifacts: Optional[str] = None,

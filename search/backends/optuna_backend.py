@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 from regsweep.models.config import ConfigError
-from regsweep.search.loop import THREADS_ENV, WORKER_ENV, worker_loop
+from regsweep.search.loop import THREADS_ENV, WORKER_ENV, attach_trackers, close_trackers, worker_loop
 from regsweep.search.signals import terminate_on_sigterm
 from regsweep.search.spec import StudySpec
+from regsweep.search.spec_checks import MLFLOW_ENV
 from regsweep.search.study import budget, done_count, open_study_locked
 from regsweep.search.trial import make_objective
 from regsweep.search.urls import STORAGE_ENV, mask
@@ -42,8 +43,9 @@ class RunResult:
 
 def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] = None, timeout: Optional[float] = None,
         device: Optional[str] = None, allow_spec_change: bool = False, artifacts: Optional[str] = None,
-        out: Optional[TextIO] = None) -> RunResult:
-    """One in-process worker: the same loop every worker runs (search/loop.py)."""
+        out: Optional[TextIO] = None, trackers: Optional[dict[str, Any]] = None) -> RunResult:
+    """One in-process worker: the same loop every worker runs (search/loop.py). ``trackers``: the tracker
+    settings (spec_checks.tracker_settings; None: the spec's)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -56,20 +58,35 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
         print(f"budget met: {already} COMPLETE+PRUNED trials >= n_trials {total}; nothing to run", file=out)
         return RunResult(study, 0, True)
     start = time.monotonic()
+    settings = spec.trackers if trackers is None else trackers
     with terminate_on_sigterm():
         objective = make_objective(spec, study, url, device=device, artifacts=artifacts, out=out)
-        ran = worker_loop(study, objective, url, total,
-                          timeout=timeout if timeout is not None else spec.timeout, out=out)
+        attach_trackers(objective, settings, study, url)
+        try:
+            ran = worker_loop(study, objective, url, total,
+                              timeout=timeout if timeout is not None else spec.timeout, out=out)
+        finally:
+            close_trackers(objective)
+    finish_trackers(settings, study, total)
     print(f"ran {ran} trials in {time.monotonic() - start:.1f}s", file=out, flush=True)
     return RunResult(study, ran, False)
+
+
+def finish_trackers(settings: Optional[dict[str, Any]], study, total: int) -> None:
+    """The coordinator ends the MLflow study run once the study's budget is done (search/trackers.py)."""
+    if settings and "mlflow" in settings and done_count(study) >= total:
+        from regsweep.search.trackers import finish_study_run
+
+        finish_study_run(settings, study)
 
 
 def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str, str]], *,
                 n_trials: Optional[int] = None, timeout: Optional[float] = None, device: Optional[str] = None,
                 allow_spec_change: bool = False, artifacts: Optional[str] = None,
-                allow_outside: Sequence[str] = ()) -> tuple[Any, int]:
+                allow_outside: Sequence[str] = (), trackers: Optional[dict[str, str]] = None) -> tuple[Any, int]:
     """``run --workers N``: open the study (its budget and artifact store, which the workers read from it),
-    then one worker process per env; returns (study, the worst exit code)."""
+    then one worker process per env; returns (study, the worst exit code). ``trackers``: the ``--mlflow`` and
+    ``--tensorboard`` flags given to ``run`` (None where not given), passed on to each worker."""
     from regsweep.search.artifacts import resolve
 
     study = open_study_locked(spec, url, study_name, allow_spec_change=allow_spec_change, n_trials=n_trials)
@@ -77,8 +94,14 @@ def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str,
     location = resolve(study, url, artifacts, coordinator=True)  # the workers read it from the study
     print(f"study '{study_name}' in {mask(url)}: {done_count(study)}/{total} trials done"
           + (f"; artifacts: {location}" if location else ""), flush=True)
-    return study, launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
-                         allow_outside=allow_outside)
+    flags = trackers or {}
+    code = launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
+                  allow_outside=allow_outside, trackers=flags)
+    if code == 0:
+        from regsweep.search.spec_checks import tracker_settings
+
+        finish_trackers(tracker_settings(spec.trackers, flags.get("mlflow"), flags.get("tensorboard")), study, total)
+    return study, code
 
 
 def parse_gpus(text: Optional[str]) -> list[str]:
@@ -114,7 +137,8 @@ def assignments(workers: int, gpus: list[str], trials_per_gpu: int) -> list[dict
 
 
 def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]], *, device: Optional[str] = None,
-           timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = ()) -> int:
+           timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = (),
+           trackers: Optional[dict[str, Optional[str]]] = None) -> int:
     """Start one ``regsweep worker`` process per env (``python -P``: never the working directory first on the
     path; the storage URL in ``$REGSWEEP_STORAGE``, never in argv), relay their output, forward SIGTERM/SIGINT,
     wait. Returns 0 only when every worker exited 0; else 143/130 when they were stopped by SIGTERM/Ctrl-C, 1
@@ -132,14 +156,17 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", "worker", spec_path,
            "--study-name", study_name, *(["--device", device] if device else []),
            *(["--timeout", str(timeout)] if timeout is not None else []),
-           *[arg for d in allow_outside for arg in ("--allow-outside", str(d))]]  # each worker loads the same spec
+           *[arg for d in allow_outside for arg in ("--allow-outside", str(d))],  # each worker loads the same spec
+           *(["--tensorboard", trackers["tensorboard"]] if (trackers or {}).get("tensorboard") else [])]
+    tracker_env = {MLFLOW_ENV: trackers["mlflow"]} if (trackers or {}).get("mlflow") else {}
     logs = Path(tempfile.mkdtemp(prefix="regsweep-workers-"))
     procs, tails = [], []
     for env in envs:
         label = env[WORKER_ENV]
         stdout, stderr = logs / f"{label}.out", logs / f"{label}.err"
         with open(stdout, "wb") as fout, open(stderr, "wb") as ferr:
-            procs.append(subprocess.Popen(cmd, env={**os.environ, **env, STORAGE_ENV: url, "PYTHONUNBUFFERED": "1"},
+            procs.append(subprocess.Popen(cmd, env={**os.environ, **env, STORAGE_ENV: url, "PYTHONUNBUFFERED": "1",
+                                                                   **tracker_env},
                                           stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
                                           start_new_session=True))
         # children's lines go to `out` (the progress display's console when it is live) a line at a time
