@@ -96,9 +96,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_existing_study(spec, url, spec.name)  # the spec-hash rule of run, read-only
     cli_checks.warn_sampler_limits(spec)
     cond = spec.space.conditional()
+    trackers = _trackers(args, spec)
     print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"
           f"{f' ({len(cond)} conditional)' if cond else ''}, sampler {spec.sampler['name']}, "
-          f"{spec.objective.direction} {spec.objective.metric}, n_trials {spec.n_trials}, storage {mask(url)}")
+          f"{spec.objective.direction} {spec.objective.metric}, n_trials {spec.n_trials}, storage {mask(url)}"
+          + (f", trackers: {', '.join(trackers)}" if trackers else ""))
     return 0
 
 
