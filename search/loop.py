@@ -41,7 +41,7 @@ from regsweep.search.storage import (
     retry_transient,
     transient_errors,
 )
-from regsweep.search.study import SweepFailed, budget, budget_lock, open_study_locked
+from regsweep.search.study import SweepFailed, budget, budget_lock, done_count, open_study_locked
 from regsweep.search.trial import BASE_ATTR, TrialFailed, make_objective, worker_label
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
@@ -352,10 +352,15 @@ def attach_trackers(objective, settings: Optional[dict], study, url: str) -> Non
         objective.trackers = open_trackers(settings, study, lambda: budget_lock(url, study.study_name))
 
 
-def close_trackers(objective) -> None:
-    """Flush the worker's trackers (MLflow: at most a few seconds) at its end."""
+def close_trackers(objective, study=None, total: Optional[int] = None) -> None:
+    """Flush the worker's trackers (MLflow: at most a few seconds) at its end; a worker that ends with the study's
+    budget done also ends the MLflow study run."""
     if getattr(objective, "trackers", None) is not None:
-        objective.trackers.close()
+        done = False
+        if study is not None and total is not None:
+            with contextlib.suppress(Exception):
+                done = done_count(study) >= total
+        objective.trackers.close(study_done=done)
 
 
 def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None, timeout: Optional[float] = None,
@@ -378,5 +383,5 @@ def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None
             worker_loop(study, objective, url, total, timeout=timeout if timeout is not None else spec.timeout,
                         out=out, label=label)
     finally:
-        close_trackers(objective)
+        close_trackers(objective, study, total)
     return 0

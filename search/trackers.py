@@ -7,9 +7,9 @@
   and state as tags, the best value, and the curves PNG as an artifact. Every call to MLflow happens in ONE
   background thread per worker process, fed by an outbox: the epoch never waits for the tracking server. The
   outbox holds at most ``EPOCH_LIMIT`` pending epochs (more are dropped and counted while the server is slow;
-  whatever is pending is sent as one batch per run); at the end of a worker it is flushed for at most
-  ``CLOSE_TIMEOUT`` seconds. When the study run cannot be made (server gone, bad URI) MLflow is off for that
-  worker.
+  whatever is pending is sent as one batch per run, at most one batch a second); at the end of a worker it is
+  flushed for at most ``CLOSE_TIMEOUT`` seconds. When the study run cannot be made (server gone, bad URI) MLflow
+  is off for that worker.
 - **TensorBoard** (:class:`TensorBoardTracker`): event files of each trial in ``<log_dir>/<study>/trial-NNNNN``
   through ``torch.utils.tensorboard.SummaryWriter`` (which writes from its own thread), one scalar per metric
   per epoch (step = epoch), the params and the stop reason as text.
@@ -38,6 +38,7 @@ from regsweep.search.urls import mask, scrub
 PARENT_ATTR = "regsweep:mlflow"  # study attr: {"tracking_uri" (masked), "experiment_id", "run_id"}
 EPOCH_LIMIT = 10_000  # pending per-epoch records a slow server may fall behind by before they are dropped
 CLOSE_TIMEOUT = 5.0  # seconds a worker waits at its end for the pending records to be sent
+SEND_INTERVAL = 1.0  # seconds between the thread's batches: short epochs are sent many at once
 MAX_METRICS = 1000  # MLflow's log_batch limit
 # MLflow's HTTP client retries for minutes by default; a tracker must give up sooner (the user's values win)
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -173,7 +174,12 @@ class Outbox:
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            self.cond.notify()
+            self.cond.notify_all()
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` for more records to gather (returns at once when closed)."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.closed, timeout=seconds)
 
     def __len__(self) -> int:
         with self.cond:
@@ -217,7 +223,9 @@ class MlflowTracker(Tracker):
             title = f"{self.study.study_name} trial {trial.number}: {state} {reason}"
             self.outbox.put(("end", trial.number, state, reason, list(history), best_epoch, value, title))
 
-    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+    def close(self, study_done: bool = False, timeout: float = CLOSE_TIMEOUT) -> None:
+        if study_done and not self.broken:  # the budget is done: end the study run (any worker may; idempotent)
+            self.outbox.put(("study_done", -1))
         self.outbox.close()
         self.thread.join(timeout)
         left = len(self.outbox)
@@ -242,6 +250,7 @@ class MlflowTracker(Tracker):
             if self.broken:
                 continue  # drain: nothing to nest under
             self._send(batch)
+            self.outbox.pause(SEND_INTERVAL)  # one batch a second at most: the thread's CPU stays off the epochs
 
     def _make_parent(self) -> None:
         """The study run, once per study under the budget lock (the first worker makes it, the others read it)."""
@@ -313,6 +322,8 @@ class MlflowTracker(Tracker):
                                    params=[Param(k, str(v)[:6000]) for k, v in list(params.items())[:100]])
             elif kind == "end":
                 self._end(*item[1:])
+            elif kind == "study_done":
+                self._call("ending the study run", self.client.set_terminated, self.parent["run_id"], "FINISHED")
         flush()
 
     def _end(self, number: int, state: str, reason: str, history: list, best_epoch: Optional[int],
@@ -375,8 +386,16 @@ class Trackers:
             value: Optional[float]) -> None:
         self._each("end", trial, state, reason, history, best_epoch, value)
 
-    def close(self) -> None:
-        self._each("close")
+    def close(self, study_done: bool = False) -> None:
+        """Flush and close each tracker; ``study_done``: the study's budget is done (MLflow ends the study run)."""
+        for tracker in self.items:
+            try:
+                if isinstance(tracker, MlflowTracker):
+                    tracker.close(study_done)
+                else:
+                    tracker.close()
+            except Exception as exc:  # noqa: BLE001 - never fail a worker
+                tracker.warn("close failed", exc)
 
 
 def open_trackers(settings: Mapping[str, Any], study, lock: Callable[[], ContextManager],
@@ -391,22 +410,3 @@ def open_trackers(settings: Mapping[str, Any], study, lock: Callable[[], Context
         items.append(TensorBoardTracker(settings["tensorboard"]["log_dir"], study.study_name, err))
     return Trackers(items) if items else None
 
-
-def finish_study_run(settings: Mapping[str, Any], study, timeout: float = CLOSE_TIMEOUT) -> None:
-    """Mark the study run FINISHED once the budget is done (``run`` calls this); the request gets at most
-    ``timeout`` seconds, and a failure is silent (each worker has warned already)."""
-    parent = study.user_attrs.get(PARENT_ATTR)
-    if "mlflow" not in settings or not isinstance(parent, dict) or parent.get("tracking_uri") != mask(
-            settings["mlflow"]["tracking_uri"]):
-        return
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    from mlflow.tracking import MlflowClient  # a local import: not bounded by the timeout
-
-    def go() -> None:
-        with contextlib.suppress(Exception):
-            MlflowClient(tracking_uri=settings["mlflow"]["tracking_uri"]).set_terminated(parent["run_id"], "FINISHED")
-
-    thread = threading.Thread(target=go, daemon=True, name="regsweep-mlflow-end")
-    thread.start()
-    thread.join(timeout)

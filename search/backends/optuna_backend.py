@@ -66,18 +66,10 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
             ran = worker_loop(study, objective, url, total,
                               timeout=timeout if timeout is not None else spec.timeout, out=out)
         finally:
-            close_trackers(objective)
-    finish_trackers(settings, study, total)
+            close_trackers(objective, study, total)
     print(f"ran {ran} trials in {time.monotonic() - start:.1f}s", file=out, flush=True)
     return RunResult(study, ran, False)
 
-
-def finish_trackers(settings: Optional[dict[str, Any]], study, total: int) -> None:
-    """The coordinator ends the MLflow study run once the study's budget is done (search/trackers.py)."""
-    if settings and "mlflow" in settings and done_count(study) >= total:
-        from regsweep.search.trackers import finish_study_run
-
-        finish_study_run(settings, study)
 
 
 def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str, str]], *,
@@ -94,14 +86,8 @@ def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str,
     location = resolve(study, url, artifacts, coordinator=True)  # the workers read it from the study
     print(f"study '{study_name}' in {mask(url)}: {done_count(study)}/{total} trials done"
           + (f"; artifacts: {location}" if location else ""), flush=True)
-    flags = trackers or {}
-    code = launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
-                  allow_outside=allow_outside, trackers=flags)
-    if code == 0:
-        from regsweep.search.spec_checks import tracker_settings
-
-        finish_trackers(tracker_settings(spec.trackers, flags.get("mlflow"), flags.get("tensorboard")), study, total)
-    return study, code
+    return study, launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
+                         allow_outside=allow_outside, trackers=trackers)
 
 
 def parse_gpus(text: Optional[str]) -> list[str]:

@@ -125,7 +125,7 @@ def test_run_workers_2_logs_one_mlflow_run_and_one_event_stream_per_trial(tmp_pa
     runs = client.search_runs([exp.experiment_id])
     children = [r for r in runs if r.info.run_id != parent["run_id"]]
     assert len(runs) == n + 1 and len(children) == n  # ONE study run, one run per trial
-    assert client.get_run(parent["run_id"]).info.status == "FINISHED"  # ended by the coordinator
+    assert client.get_run(parent["run_id"]).info.status == "FINISHED"  # ended by a worker that saw the budget done
     assert {r.data.tags.get("mlflow.parentRunId") for r in children} == {parent["run_id"]}
     by_number = {int(r.data.tags["regsweep.trial"]): r for r in children}
     assert sorted(by_number) == sorted(t.number for t in trials)
@@ -196,14 +196,16 @@ def test_an_unreachable_mlflow_server_warns_once_and_does_not_slow_the_epochs(tm
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["unreachable", "sqlite"])
 def test_trackers_slow_epochs_by_at_most_10_percent(tmp_path, monkeypatch, capfd, where):
-    """The contract's figure, on longer runs: 4 alternating rounds of 2 trials x 6 epochs each."""
+    """The contract's figure, on longer runs: 4 alternating rounds of 2 trials x 6 epochs each, against a server
+    that is gone and against a working SQLite store."""
     mlflow = "http://127.0.0.1:1" if where == "unreachable" else f"sqlite:///{tmp_path / 'mlflow.db'}"
     plain, tracked, err = timed_runs(tmp_path, monkeypatch, capfd, rounds=4, trials=2, epochs=6, mlflow=mlflow)
     ratio = statistics.median(tracked) / statistics.median(plain)
-    print(f"{where} MLflow: median epoch {statistics.median(tracked):.3f}s vs {statistics.median(plain):.3f}s "
-          f"without trackers: x{ratio:.3f}")
     with capfd.disabled():
-        print(f"\n{where} MLflow: per-epoch median x{ratio:.3f} of no trackers")
+        print(f"\n{where} MLflow: median epoch {statistics.median(tracked):.4f}s vs {statistics.median(plain):.4f}s "
+              f"without trackers: x{ratio:.3f}")
+    # digits' epochs are ~0.04 s on 2 cores: the thread's CPU would show against them but for its one batch a
+    # second (search/trackers.py SEND_INTERVAL; measured x1.27 before it, x1.01 with it)
     assert ratio <= 1.10, (plain, tracked)
 
 
