@@ -403,10 +403,16 @@ def open_trackers(settings: Mapping[str, Any], study, lock: Callable[[], Context
     """The trackers ``settings`` (spec_checks.tracker_settings) switch on for a worker of ``study``; None when none
     is. ``lock`` gives the study's budget lock (search/study.py ``budget_lock``) for the MLflow study run."""
     items: list[Tracker] = []
-    if "mlflow" in settings:
-        cfg = settings["mlflow"]
-        items.append(MlflowTracker(cfg["tracking_uri"], cfg.get("experiment") or study.study_name, study, lock, err))
-    if "tensorboard" in settings:
-        items.append(TensorBoardTracker(settings["tensorboard"]["log_dir"], study.study_name, err))
+    makers = {"mlflow": lambda cfg: MlflowTracker(cfg["tracking_uri"], cfg.get("experiment") or study.study_name,
+                                                  study, lock, err),
+              "tensorboard": lambda cfg: TensorBoardTracker(cfg["log_dir"], study.study_name, err)}
+    for name, make in makers.items():
+        if name in settings:
+            try:
+                items.append(make(settings[name]))
+            except Exception as exc:  # a broken install (the package was checked before): off, the trials go on
+                failed = Tracker(err)
+                failed.name = name
+                failed.warn(f"could not start ({name} is off for this worker)", exc)
     return Trackers(items) if items else None
 

@@ -71,7 +71,6 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     return RunResult(study, ran, False)
 
 
-
 def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str, str]], *,
                 n_trials: Optional[int] = None, timeout: Optional[float] = None, device: Optional[str] = None,
                 allow_spec_change: bool = False, artifacts: Optional[str] = None,
@@ -144,15 +143,15 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
            *(["--timeout", str(timeout)] if timeout is not None else []),
            *[arg for d in allow_outside for arg in ("--allow-outside", str(d))],  # each worker loads the same spec
            *(["--tensorboard", trackers["tensorboard"]] if (trackers or {}).get("tensorboard") else [])]
-    tracker_env = {MLFLOW_ENV: trackers["mlflow"]} if (trackers or {}).get("mlflow") else {}
+    child_env = {STORAGE_ENV: url, "PYTHONUNBUFFERED": "1",
+                 **({MLFLOW_ENV: trackers["mlflow"]} if (trackers or {}).get("mlflow") else {})}
     logs = Path(tempfile.mkdtemp(prefix="regsweep-workers-"))
     procs, tails = [], []
     for env in envs:
         label = env[WORKER_ENV]
         stdout, stderr = logs / f"{label}.out", logs / f"{label}.err"
         with open(stdout, "wb") as fout, open(stderr, "wb") as ferr:
-            procs.append(subprocess.Popen(cmd, env={**os.environ, **env, STORAGE_ENV: url, "PYTHONUNBUFFERED": "1",
-                                                                   **tracker_env},
+            procs.append(subprocess.Popen(cmd, env={**os.environ, **env, **child_env},
                                           stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
                                           start_new_session=True))
         # children's lines go to `out` (the progress display's console when it is live) a line at a time

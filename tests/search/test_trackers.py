@@ -105,11 +105,11 @@ def test_run_workers_2_logs_one_mlflow_run_and_one_event_stream_per_trial(tmp_pa
     epochs, n = 3, 4
     spec = tmp_path / "tiny.yaml"
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec.write_text(TINY.format(name="tiny", epochs=epochs, n=n)
-                    + f"trackers: {{mlflow: {{tracking_uri: '{mlflow_uri}'}}}}\n")
+    spec.write_text(TINY.format(name="tiny", epochs=epochs, n=n) + "trackers: {tensorboard: {log_dir: tb}}\n")
     url = f"sqlite:///{tmp_path / 'regsweep.db'}"
+    # MLflow by flag (the workers get it through their environment), TensorBoard by the spec (beside it)
     proc = subprocess.run([sys.executable, "-P", "-m", "regsweep.search.cli", "run", str(spec), "--storage", url,
-                           "--workers", "2", "--tensorboard", str(tmp_path / "tb")],  # a flag: the workers get it
+                           "--workers", "2", "--mlflow", mlflow_uri],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path,
                           env={**os.environ, "REGSWEEP_PROGRESS": "off", "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
