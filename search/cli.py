@@ -90,18 +90,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
     cli_checks.check_data_files(spec)
+    cli_checks.check_tracker_packages(_trackers(args, spec))
     url = _storage_url(args, spec)
     cli_checks.check_reachable(url)
     check_existing_study(spec, url, spec.name)  # the spec-hash rule of run, read-only
     warm = warm_params(spec)  # the warm-start study read (its storage reachable, values inside the space)
     cli_checks.warn_sampler_limits(spec)
     cond = spec.space.conditional()
+    trackers = _trackers(args, spec)
     print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"
           f"{f' ({len(cond)} conditional)' if cond else ''}, sampler {spec.sampler['name']}, "
           f"{spec.objective.direction} {spec.objective.metric}, n_trials {spec.n_trials}, storage {mask(url)}"
           f"{f', warm start: {len(warm)} configs' if spec.warm_start else ''}"
-          f"{', confirm: top {top_k} x {seeds} seeds'.format(**spec.confirm) if spec.confirm else ''}")
+          f"{', confirm: top {top_k} x {seeds} seeds'.format(**spec.confirm) if spec.confirm else ''}"
+          + (f", trackers: {', '.join(trackers)}" if trackers else ""))
     return 0
+
+
+def _trackers(args: argparse.Namespace, spec) -> dict:
+    """The trackers this process runs: the spec's ``trackers:`` with ``--mlflow``/``$REGSWEEP_MLFLOW`` and
+    ``--tensorboard`` on top (search/spec_checks.py ``tracker_settings``)."""
+    from regsweep.search.spec_checks import tracker_settings
+
+    flags = cli_checks.tracker_flags(args)
+    return tracker_settings(spec.trackers, flags["mlflow"], flags["tensorboard"])
 
 
 def _load_spec_and_storage(args: argparse.Namespace):
@@ -111,6 +123,7 @@ def _load_spec_and_storage(args: argparse.Namespace):
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
     cli_checks.check_data_files(spec)
+    cli_checks.check_tracker_packages(_trackers(args, spec))
     url = _storage_url(args, spec)
     cli_checks.check_reachable(url)
     warm_params(spec)  # a warm start that cannot be read: one line before any study is created
@@ -163,10 +176,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.workers == 1:
             if args.gpus:
                 os.environ["CUDA_VISIBLE_DEVICES"] = envs[0]["CUDA_VISIBLE_DEVICES"]
-            study = optuna_backend.run(spec, url, name, **common).study
+            study = optuna_backend.run(spec, url, name, trackers=_trackers(args, spec), **common).study
         else:
             study, code = optuna_backend.run_workers(spec, url, name, envs, allow_outside=args.allow_outside,
-                                                     **common)
+                                                     trackers=cli_checks.tracker_flags(args), **common)
             if code != 0:
                 return code
     _confirm_after_budget(spec, url, name, study, args.device)
@@ -226,6 +239,9 @@ def _run_on_ray(args: argparse.Namespace) -> int:
     from regsweep.search.backends.ray import run as ray_run
 
     spec, url, name = _run_setup(args)
+    if _trackers(args, spec):
+        print("warning: --backend ray runs no trackers (MLflow, TensorBoard); they run on regsweep's own workers "
+              "(--backend optuna)", file=sys.stderr)
     _print_sqlite_file(url)
     with _progress(spec, url, name):  # the driver is the coordinator: progress and the study note
         result = ray_run.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
@@ -241,7 +257,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     spec, url = _load_spec_and_storage(args)
     return loop.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout,
-                               artifacts=args.artifacts)
+                            artifacts=args.artifacts, trackers=_trackers(args, spec))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -359,6 +375,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ parser
 ALLOW_OUTSIDE_HELP = ("also let the spec's base: and include: files come from DIR (repeatable; default: only "
                       "the project root, the nearest folder up with pyproject.toml or .regsweep, else the spec's)")
+MLFLOW_HELP = ("log each trial as an MLflow run under one study run at this tracking URI (http(s)://HOST:PORT, "
+               "sqlite:///FILE, ...; overrides the spec's trackers.mlflow; off: none; the [trackers] extra)")
+TENSORBOARD_HELP = ("write each trial's TensorBoard event files under DIR/<study>/trial-NNNNN (overrides the spec's "
+                    "trackers.tensorboard; off: none; the [trackers] extra)")
 ARTIFACTS_HELP = ("per-trial artifact store (curves PNG, config YAML, keep_weights files): a directory shared by "
                   "the workers, s3://BUCKET, gs://BUCKET or off (default: the study's; <db>-artifacts/ beside a "
                   "SQLite file)")
@@ -410,6 +430,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Ray only: restore the study's latest Ray experiment after its driver died")
     r.add_argument("--artifacts", default=None, metavar="LOC", help=ARTIFACTS_HELP)
     r.add_argument("--allow-outside", action="append", default=[], metavar="DIR", help=ALLOW_OUTSIDE_HELP)
+    r.add_argument("--mlflow", default=None, metavar="URI", help=MLFLOW_HELP)
+    r.add_argument("--tensorboard", default=None, metavar="DIR", help=TENSORBOARD_HELP)
     r.set_defaults(func=cmd_run)
 
     w = sub.add_parser("worker", help="join a study from any machine and run trials until its budget is done")
@@ -420,6 +442,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--artifacts", default=None, metavar="LOC",
                    help="this worker's path to the study's artifact store (default: the study's)")
     w.add_argument("--allow-outside", action="append", default=[], metavar="DIR", help=ALLOW_OUTSIDE_HELP)
+    w.add_argument("--mlflow", default=None, metavar="URI", help=MLFLOW_HELP)
+    w.add_argument("--tensorboard", default=None, metavar="DIR", help=TENSORBOARD_HELP)
     w.set_defaults(func=cmd_worker)
 
     s = sub.add_parser("status", help="studies in a storage: counts per state, best trial, stop reasons")

@@ -102,6 +102,31 @@ def check_flags(args: argparse.Namespace) -> None:
         from regsweep.search.artifacts import normalize
 
         normalize(args.artifacts)  # a file, a missing parent or a bad scheme: before any study is created
+    from regsweep.search.spec_checks import OFF, check_log_dir, check_tracking_uri
+
+    if get("mlflow") is not None and args.mlflow != OFF:
+        check_tracking_uri(args.mlflow, "--mlflow")
+    if get("tensorboard") is not None and args.tensorboard != OFF:
+        args.tensorboard = check_log_dir(args.tensorboard, "--tensorboard")  # absolute: workers get the same
+
+
+def tracker_flags(args: argparse.Namespace) -> dict[str, Optional[str]]:
+    """``--mlflow`` (else ``$REGSWEEP_MLFLOW``) and ``--tensorboard`` of `run`/`worker`, None where not given."""
+    from regsweep.search.spec_checks import MLFLOW_ENV
+
+    return {"mlflow": getattr(args, "mlflow", None) or os.environ.get(MLFLOW_ENV) or None,
+            "tensorboard": getattr(args, "tensorboard", None)}
+
+
+def check_tracker_packages(settings: dict) -> None:
+    """A configured tracker's package is installed (the [trackers] extra); else one line, exit 2. Nothing is
+    imported here."""
+    import importlib.util
+
+    for name, package in (("mlflow", "mlflow"), ("tensorboard", "tensorboard")):
+        if name in settings and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"trackers.{name}: the {package} package is not installed; install the extra: "
+                              "pip install 'regsweep[trackers]'")
 
 
 def warn_sampler_limits(spec) -> None:
@@ -151,6 +176,10 @@ def check_environment(command: str) -> None:
     if command in ("validate", "run", "worker"):
         thread_share()
         progress_mode()
+        from regsweep.search.spec_checks import MLFLOW_ENV, OFF, check_tracking_uri
+
+        if os.environ.get(MLFLOW_ENV) and os.environ[MLFLOW_ENV] != OFF:
+            check_tracking_uri(os.environ[MLFLOW_ENV], f"${MLFLOW_ENV}")
     results = os.environ.get("REGSWEEP_RAY_RESULTS")
     if command == "run" and results and Path(results).expanduser().exists() and not Path(results).expanduser().is_dir():
         raise ConfigError(f"$REGSWEEP_RAY_RESULTS: {results[:120]!r} is not allowed; it is a file, not a directory "

@@ -41,7 +41,7 @@ from regsweep.search.storage import (
     retry_transient,
     transient_errors,
 )
-from regsweep.search.study import SweepFailed, budget, budget_lock, open_study_locked, seed_sampler
+from regsweep.search.study import SweepFailed, budget, budget_lock, done_count, open_study_locked, seed_sampler
 from regsweep.search.trial import BASE_ATTR, TrialFailed, make_objective, worker_label
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
@@ -343,8 +343,29 @@ def apply_thread_share() -> None:
         torch.set_num_threads(threads)
 
 
+def attach_trackers(objective, settings: Optional[dict], study, url: str) -> None:
+    """The worker's trackers (search/trackers.py) on its objective; the MLflow study run is made under the budget
+    lock. Nothing when ``settings`` switch none on."""
+    if settings:
+        from regsweep.search.trackers import open_trackers
+
+        objective.trackers = open_trackers(settings, study, lambda: budget_lock(url, study.study_name))
+
+
+def close_trackers(objective, study=None, total: Optional[int] = None) -> None:
+    """Flush the worker's trackers (MLflow: at most a few seconds) at its end; a worker that ends with the study's
+    budget done also ends the MLflow study run."""
+    if getattr(objective, "trackers", None) is not None:
+        done = False
+        if study is not None and total is not None:
+            with contextlib.suppress(Exception):
+                done = done_count(study) >= total
+        objective.trackers.close(study_done=done)
+
+
 def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None, timeout: Optional[float] = None,
-                artifacts: Optional[str] = None, out: Optional[TextIO] = None) -> int:
+                artifacts: Optional[str] = None, out: Optional[TextIO] = None,
+                trackers: Optional[dict] = None) -> int:
     """``regsweep worker``: join (or create) the study and run trials until its budget is done.
 
     The budget is the study's (set by the ``run`` that created or resumed it), else the spec's. Each worker
@@ -358,7 +379,11 @@ def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None
         study.sampler.reseed_rng()
     total = budget(study, spec)
     objective = make_objective(spec, study, url, device=device, artifacts=artifacts, coordinator=False, out=out)
-    with terminate_on_sigterm():
-        worker_loop(study, objective, url, total, timeout=timeout if timeout is not None else spec.timeout,
-                    out=out, label=label)
+    attach_trackers(objective, spec.trackers if trackers is None else trackers, study, url)
+    try:
+        with terminate_on_sigterm():
+            worker_loop(study, objective, url, total, timeout=timeout if timeout is not None else spec.timeout,
+                        out=out, label=label)
+    finally:
+        close_trackers(objective, study, total)
     return 0

@@ -15,6 +15,7 @@ Grammar (paths are relative to the spec file)::
     keep_weights: best                     # best | all | none: which trials' best-epoch weights are stored
     confirm: {top_k: 3, seeds: 2}          # optional; retrain the top K configs on S new train.seeds
     warm_start: {study: NAME, storage: URL or env:VAR, top_k: 5}   # optional; enqueue an earlier study's best
+    trackers: {mlflow: {tracking_uri: sqlite:///mlflow.db}, tensorboard: {log_dir: tb}}   # optional; each off
 
 Every error is one line naming the file, the field, the value and what is allowed.
 """
@@ -35,11 +36,12 @@ from regsweep.models.plugins import is_ref
 from regsweep.search.optuna_internals import distribution_contains
 from regsweep.search.record import Objective
 from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root
-from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section
+from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section, parse_trackers_section
 from regsweep.search.spec_checks import fail as _fail
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
-               "storage", "ray", "keep_weights", "confirm", "warm_start")
+               "storage", "ray", "keep_weights", "confirm", "warm_start",
+               "trackers")
 # keep_weights: best = the study's best trial's best-epoch weights only (the coordinator removes the others after
 # the budget); all = every finished trial's; none = no weights. Not in the spec hash (it does not change the search)
 KEEP_WEIGHTS = ("best", "all", "none")
@@ -104,6 +106,9 @@ class StudySpec:
     keep_weights: str = "best"  # KEEP_WEIGHTS; search/artifacts.py stores and prunes the weights
     confirm: dict[str, Any] = field(default_factory=dict)  # {top_k, seeds} or {} (search/confirm.py)
     warm_start: dict[str, Any] = field(default_factory=dict)  # {study, storage, top_k} or {} (search/study.py)
+    # the switched-on trackers (spec_checks.parse_trackers_section); how a sweep is watched, not what it
+    # searches: never in the spec hash
+    trackers: dict[str, Any] = field(default_factory=dict)
 
     @property
     def directory(self) -> Path:
@@ -277,9 +282,10 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
     keep_weights = data.get("keep_weights", "best")
     if not isinstance(keep_weights, str) or keep_weights not in KEEP_WEIGHTS:
         raise _fail(source, "keep_weights", keep_weights, f"choose one of: {', '.join(KEEP_WEIGHTS)}")
+    trackers = parse_trackers_section(data.get("trackers"), source, path.parent)
     spec = StudySpec(name, path, base, objective, space, sampler, data.get("pruner"),
                      n_trials, timeout, enqueue, storage, description, dict(data), source, ray,
-                     keep_weights=keep_weights)
+                     keep_weights=keep_weights, trackers=trackers)
     spec.confirm, spec.warm_start = _parse_confirm(data.get("confirm"), source), _parse_warm(data, source)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()

@@ -7,9 +7,10 @@ section (``parse_ray_section``, ``parse_scheduler``) and the in-memory dry run o
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping, Optional
 
-from regsweep.models.config import ConfigError, excerpt
+from regsweep.models.config import ConfigError, clip, excerpt
 
 DRY_RUN_TRIALS = 12  # ask/report/tell cycles of the sampler and pruner on the real space, in memory
 
@@ -184,3 +185,127 @@ def parse_ray_section(value: Any, source: str, epochs: int) -> dict[str, Any]:
 
 def scheduler_label(sched: Mapping[str, Any]) -> str:
     return str(sched["name"])
+
+
+# ------------------------------------------------------------------------------------ the trackers: section
+MLFLOW_ENV = "REGSWEEP_MLFLOW"  # the tracking URI of `--mlflow`, set by `run --workers N` for its workers
+TRACKERS = ("mlflow", "tensorboard")  # each off unless configured (spec `trackers:` or --mlflow/--tensorboard)
+OFF = "off"
+EXPERIMENT_MAX = 256
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*$")
+
+
+def check_tracking_uri(uri: Any, where: str) -> str:
+    """An MLflow tracking URI (``http(s)://HOST[:PORT]``, ``sqlite:///FILE``, ``file:///DIR``, a database URL,
+    ``databricks``, a local directory); ``where`` names the field or flag. Nothing is contacted here."""
+    from regsweep.search.urls import mask
+
+    shown = excerpt(mask(uri) if isinstance(uri, str) else uri)  # a password in the URI is never echoed
+    allowed = ("must be an MLflow tracking URI string: http(s)://HOST[:PORT], sqlite:///FILE, file:///DIR, "
+               "postgresql://..., or off")
+    if not isinstance(uri, str) or not uri.strip() or any(c.isspace() for c in uri) or len(uri) > 2000:
+        raise ConfigError(f"{where}: {shown} is not allowed; {allowed}")
+    if "://" in uri:
+        from urllib.parse import urlsplit
+
+        scheme = uri.split("://", 1)[0]
+        try:
+            port = urlsplit(uri).port  # a non-numeric or out-of-range port raises
+        except ValueError:
+            port = -1
+        if not URI_SCHEME.match(scheme) or port == -1 or port == 0:
+            raise ConfigError(f"{where}: {shown} is not allowed; {allowed}")
+        if scheme in ("http", "https") and not urlsplit(uri).hostname:
+            raise ConfigError(f"{where}: {shown} is not allowed; an http(s) URI needs a host")
+        if scheme == "sqlite":
+            from pathlib import Path
+
+            path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+            if not path or Path(path).is_dir():
+                raise ConfigError(f"{where}: {shown} is not allowed; give sqlite:///FILE (a file, not a "
+                                  "directory)")
+    return uri
+
+
+def check_log_dir(path: Any, where: str, base_dir: Any = None) -> str:
+    """TensorBoard's log directory as an absolute path (relative to ``base_dir``: the spec's folder; a flag's is
+    the working directory); an existing file is refused. Nothing is created here."""
+    from pathlib import Path
+
+    if not isinstance(path, str) or not path.strip() or "\0" in path:
+        raise ConfigError(f"{where}: {excerpt(path)} is not allowed; must be a directory path for TensorBoard's "
+                          "event files, or off")
+    target = Path(path).expanduser()
+    if not target.is_absolute() and base_dir is not None:
+        target = Path(base_dir) / target
+    target = target.resolve()
+    for p in (target, *target.parents):  # a file anywhere on the way is refused (mkdir would fail later)
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{where}: {excerpt(path)} is not allowed; {p} is a file, not a directory for "
+                                  "TensorBoard's event files")
+            break
+    return str(target)
+
+
+def parse_trackers_section(value: Any, source: str, base_dir: Any) -> dict[str, dict[str, Any]]:
+    """The spec's optional ``trackers:`` section -> ``{"mlflow": {"tracking_uri", "experiment"}, "tensorboard":
+    {"log_dir"}}`` with only the trackers switched on (a tracker given as null, false or ``off`` is off). It does
+    not define the search: it is never part of the spec hash."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise fail(source, "trackers", value, f"must be a mapping with keys: {', '.join(TRACKERS)}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, section in value.items():
+        if name not in TRACKERS:
+            raise fail(source, f"trackers.{clip(name, 60)}", section,
+                       f"unknown tracker; allowed: {', '.join(TRACKERS)}")
+        if section is None or section is False or section == OFF:
+            continue
+        keys = ("tracking_uri", "experiment") if name == "mlflow" else ("log_dir",)
+        if not isinstance(section, Mapping):
+            raise fail(source, f"trackers.{name}", section, f"must be a mapping with keys: {', '.join(keys)}")
+        unknown = [k for k in section if k not in keys]
+        if unknown:
+            raise fail(source, f"trackers.{name}.{clip(unknown[0], 60)}", section[unknown[0]],
+                       f"allowed keys: {', '.join(keys)}")
+        required = keys[0]
+        if required not in section:
+            raise SpecError(f"{source}: trackers.{name}.{required}: missing; "
+                            + ("give the MLflow tracking URI" if name == "mlflow" else
+                               "give a directory for TensorBoard's event files"))
+        try:
+            if name == "mlflow":
+                experiment = section.get("experiment")
+                if experiment is not None and (not isinstance(experiment, str) or not experiment.strip()
+                                               or len(experiment) > EXPERIMENT_MAX):
+                    raise ConfigError(f"trackers.mlflow.experiment: {excerpt(experiment)} is not allowed; must be "
+                                      f"an experiment name of 1 to {EXPERIMENT_MAX} characters (default: the study's "
+                                      "name)")
+                out[name] = {"tracking_uri": check_tracking_uri(section["tracking_uri"],
+                                                                "trackers.mlflow.tracking_uri"),
+                             "experiment": experiment}
+            else:
+                out[name] = {"log_dir": check_log_dir(section["log_dir"], "trackers.tensorboard.log_dir", base_dir)}
+        except SpecError:
+            raise
+        except ConfigError as exc:
+            raise SpecError(f"{source}: {exc}") from None
+    return out
+
+
+def tracker_settings(spec_trackers: Mapping[str, Any], mlflow: Optional[str] = None,
+                     tensorboard: Optional[str] = None) -> dict[str, dict[str, Any]]:
+    """The trackers a process runs: the spec's section with the flags on top (``--mlflow URI`` keeps the spec's
+    experiment; ``off`` switches a tracker off). The flags' values are checked already (cli_checks)."""
+    out = {name: dict(section) for name, section in spec_trackers.items()}
+    if mlflow == OFF:
+        out.pop("mlflow", None)
+    elif mlflow is not None:
+        out["mlflow"] = {"tracking_uri": mlflow, "experiment": out.get("mlflow", {}).get("experiment")}
+    if tensorboard == OFF:
+        out.pop("tensorboard", None)
+    elif tensorboard is not None:
+        out["tensorboard"] = {"log_dir": tensorboard}
+    return out

@@ -231,6 +231,7 @@ class OptunaObjective:
         self.device = resolve_device(device)
         self.data = data_cache or DataCache(base_dir=spec.path.parent)
         self.artifact_store = None  # set by make_objective: search.artifacts.open_store(location)
+        self.trackers = None  # set by the worker: search.trackers.Trackers (MLflow, TensorBoard), or None
         self.storage_label = ""  # the masked storage URL, for the exported config's provenance
 
     @property
@@ -259,13 +260,45 @@ class OptunaObjective:
         from optuna import TrialPruned
 
         keeper = BestWeights(self.spec.objective) if self.keeps_weights else None
-        got = run_trial(self.spec, trial, device=self.device, data=self.data, extra={"worker": worker_label()},
-                        on_end=lambda *end: self.upload_artifacts(*end, weights=keeper), weights=keeper)
+
+        def on_end(*end) -> None:
+            self.upload_artifacts(*end, weights=keeper)
+
+        got = self.tracked(trial, on_end, keeper) if self.trackers is not None else run_trial(
+            self.spec, trial, device=self.device, data=self.data, extra={"worker": worker_label()},
+            on_end=on_end, weights=keeper)
         if got.state == PRUNED:
             raise TrialPruned(got.reason)
         if got.state == FAIL:
             raise TrialFailed(got.reason)
         return got.value
+
+
+    def tracked(self, trial, on_end: EndHook, weights: Optional[BestWeights]) -> Outcome:
+        """:func:`run_trial` with the trackers told of its start, each epoch and its end (search/trackers.py:
+        they never wait on a server and never raise)."""
+        trackers, started = self.trackers, []
+
+        def after_epoch(cfg: TrainConfig, epoch: int, record: dict[str, Any], reason: Optional[str]) -> None:
+            if not started:
+                started.append(True)
+                trackers.start(trial)
+            trackers.epoch(trial, epoch, record)
+
+        try:
+            got = run_trial(self.spec, trial, device=self.device, data=self.data, extra={"worker": worker_label()},
+                            after_epoch=after_epoch, on_end=on_end, weights=weights)
+        except BaseException as exc:  # Ctrl-C / SIGTERM: the trial ended FAIL, its run too
+            if started:
+                reason = "failed:terminated" if isinstance(exc, Terminated) else "failed:interrupted"
+                trackers.end(trial, FAIL, reason, [], None, None)
+            raise
+        if started:
+            from regsweep.search.record import best_epoch
+
+            trackers.end(trial, got.state, got.reason, got.history, best_epoch(got.history, self.spec.objective),
+                         got.value)
+        return got
 
 
 def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = None, artifacts: Optional[str] = None,

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 from regsweep.models.config import ConfigError
-from regsweep.search.loop import THREADS_ENV, WORKER_ENV, worker_loop
+from regsweep.search.loop import THREADS_ENV, WORKER_ENV, attach_trackers, close_trackers, worker_loop
 from regsweep.search.signals import terminate_on_sigterm
 from regsweep.search.spec import StudySpec
+from regsweep.search.spec_checks import MLFLOW_ENV
 from regsweep.search.study import budget, done_count, open_study_locked, seed_sampler
 from regsweep.search.trial import make_objective
 from regsweep.search.urls import STORAGE_ENV, mask
@@ -42,8 +43,9 @@ class RunResult:
 
 def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] = None, timeout: Optional[float] = None,
         device: Optional[str] = None, allow_spec_change: bool = False, artifacts: Optional[str] = None,
-        out: Optional[TextIO] = None) -> RunResult:
-    """One in-process worker: the same loop every worker runs (search/loop.py)."""
+        out: Optional[TextIO] = None, trackers: Optional[dict[str, Any]] = None) -> RunResult:
+    """One in-process worker: the same loop every worker runs (search/loop.py). ``trackers``: the tracker
+    settings (spec_checks.tracker_settings; None: the spec's)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -57,10 +59,15 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
         print(f"budget met: {already} COMPLETE+PRUNED trials >= n_trials {total}; nothing to run", file=out)
         return RunResult(study, 0, True)
     start = time.monotonic()
+    settings = spec.trackers if trackers is None else trackers
     with terminate_on_sigterm():
         objective = make_objective(spec, study, url, device=device, artifacts=artifacts, out=out)
-        ran = worker_loop(study, objective, url, total,
-                          timeout=timeout if timeout is not None else spec.timeout, out=out)
+        attach_trackers(objective, settings, study, url)
+        try:
+            ran = worker_loop(study, objective, url, total,
+                              timeout=timeout if timeout is not None else spec.timeout, out=out)
+        finally:
+            close_trackers(objective, study, total)
     print(f"ran {ran} trials in {time.monotonic() - start:.1f}s", file=out, flush=True)
     if objective.artifact_store is not None:
         prune_after_budget(spec, study, total, objective.artifact_store, out)
@@ -79,9 +86,10 @@ def prune_after_budget(spec: StudySpec, study, total: int, store, out: Optional[
 def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str, str]], *,
                 n_trials: Optional[int] = None, timeout: Optional[float] = None, device: Optional[str] = None,
                 allow_spec_change: bool = False, artifacts: Optional[str] = None,
-                allow_outside: Sequence[str] = ()) -> tuple[Any, int]:
+                allow_outside: Sequence[str] = (), trackers: Optional[dict[str, str]] = None) -> tuple[Any, int]:
     """``run --workers N``: open the study (its budget and artifact store, which the workers read from it),
-    then one worker process per env; returns (study, the worst exit code)."""
+    then one worker process per env; returns (study, the worst exit code). ``trackers``: the ``--mlflow`` and
+    ``--tensorboard`` flags given to ``run`` (None where not given), passed on to each worker."""
     from regsweep.search.artifacts import open_store, resolve
     from regsweep.search.trial import warn_no_weights
 
@@ -93,7 +101,7 @@ def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str,
     if location is None:
         warn_no_weights(spec)
     code = launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
-                  allow_outside=allow_outside)
+                  allow_outside=allow_outside, trackers=trackers)
     if code == 0 and location is not None:  # every worker exited 0: the budget is done
         prune_after_budget(spec, study, total, open_store(location))
     return study, code
@@ -132,7 +140,8 @@ def assignments(workers: int, gpus: list[str], trials_per_gpu: int) -> list[dict
 
 
 def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]], *, device: Optional[str] = None,
-           timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = ()) -> int:
+           timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = (),
+           trackers: Optional[dict[str, Optional[str]]] = None) -> int:
     """Start one ``regsweep worker`` process per env (``python -P``: never the working directory first on the
     path; the storage URL in ``$REGSWEEP_STORAGE``, never in argv), relay their output, forward SIGTERM/SIGINT,
     wait. Returns 0 only when every worker exited 0; else 143/130 when they were stopped by SIGTERM/Ctrl-C, 1
@@ -150,14 +159,17 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", "worker", spec_path,
            "--study-name", study_name, *(["--device", device] if device else []),
            *(["--timeout", str(timeout)] if timeout is not None else []),
-           *[arg for d in allow_outside for arg in ("--allow-outside", str(d))]]  # each worker loads the same spec
+           *[arg for d in allow_outside for arg in ("--allow-outside", str(d))],  # each worker loads the same spec
+           *(["--tensorboard", trackers["tensorboard"]] if (trackers or {}).get("tensorboard") else [])]
+    child_env = {STORAGE_ENV: url, "PYTHONUNBUFFERED": "1",
+                 **({MLFLOW_ENV: trackers["mlflow"]} if (trackers or {}).get("mlflow") else {})}
     logs = Path(tempfile.mkdtemp(prefix="regsweep-workers-"))
     procs, tails = [], []
     for env in envs:
         label = env[WORKER_ENV]
         stdout, stderr = logs / f"{label}.out", logs / f"{label}.err"
         with open(stdout, "wb") as fout, open(stderr, "wb") as ferr:
-            procs.append(subprocess.Popen(cmd, env={**os.environ, **env, STORAGE_ENV: url, "PYTHONUNBUFFERED": "1"},
+            procs.append(subprocess.Popen(cmd, env={**os.environ, **env, **child_env},
                                           stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
                                           start_new_session=True))
         # children's lines go to `out` (the progress display's console when it is live) a line at a time

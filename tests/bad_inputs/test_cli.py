@@ -181,6 +181,17 @@ CASES = [
     Case("image-folder-root-missing", ["train", "{d}/base.yaml"],
          files=spec_files(base_edit=lambda b: b.update(data={"name": "image_folder", "root": "{d}/imgs"})),
          expect=("data.root", "imgs")),
+    # issue 19: the tracker flags (run and worker alike)
+    Case("run-mlflow-uri-with-space", [*RUN, "--mlflow", "http://h :5000"], files=SPEC,
+         expect=("--mlflow", "'http://h :5000'", "tracking URI")),
+    Case("run-mlflow-port-zero", [*RUN, "--mlflow", "http://127.0.0.1:0"], files=SPEC,
+         expect=("--mlflow", "'http://127.0.0.1:0'")),
+    Case("worker-mlflow-no-host", ["worker", "{d}/tiny.yaml", "--mlflow", "https:///x"], files=SPEC,
+         expect=("--mlflow", "'https:///x'", "host")),
+    Case("run-tensorboard-is-a-file", [*RUN, "--tensorboard", "{d}/tb"], files={**SPEC, "tb": "a file"},
+         expect=("--tensorboard", "is a file")),
+    Case("worker-tensorboard-is-a-file", ["worker", "{d}/tiny.yaml", "--tensorboard", "tb"],
+         files={**SPEC, "tb": "a file"}, expect=("--tensorboard", "'tb'", "is a file")),
 ]
 
 

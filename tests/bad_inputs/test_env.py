@@ -59,6 +59,8 @@ CASES = [
     env_case("grace-text-export", "export", {"REGSWEEP_GRACE_PERIOD": "1m"}, ("'1m'",)),
     env_case("ray-results-is-a-file", "run", {"REGSWEEP_RAY_RESULTS": "{d}/base.yaml"},
              ("$REGSWEEP_RAY_RESULTS", "not a directory")),
+    env_case("mlflow-env-bad-uri", "run", {"REGSWEEP_MLFLOW": "http://:5000"}, ("$REGSWEEP_MLFLOW", "host")),
+    env_case("mlflow-env-with-space", "worker", {"REGSWEEP_MLFLOW": "a b"}, ("$REGSWEEP_MLFLOW", "'a b'")),
 ]
 
 

@@ -153,9 +153,10 @@ def make_scheduler(sched: Mapping[str, Any], spec: StudySpec):
 
 
 def scrubbed(spec: StudySpec) -> StudySpec:
-    """The spec as Ray may pickle it: without the spec's own storage URL."""
-    raw = {k: v for k, v in spec.raw.items() if k != "storage"}
-    return replace(spec, storage=None, raw=raw)
+    """The spec as Ray may pickle it: without the spec's own storage URL or its trackers (a tracking URI may hold
+    a password; the Ray backend runs no trackers)."""
+    raw = {k: v for k, v in spec.raw.items() if k not in ("storage", "trackers")}
+    return replace(spec, storage=None, raw=raw, trackers={})
 
 
 def _trial_dirname(trial) -> str:
