@@ -1,8 +1,9 @@
 """Distributed sweeps against real SQLite, PostgreSQL and MariaDB: exact budgets, crashes, signals.
 
 Workers are real `regsweep worker` / `run --workers N` processes (tier `procs`); trials are tiny CPU trainings
-through the real recording path. The default run checks exactness at 16 trials x 4 workers per storage; the
-100-trial runs are `slow` (`make test-all`).
+through the real recording path. Exactness at 16 trials x 4 workers per storage and the 100-trial runs are in
+the `slow` tier (`make test-all`; tests/conftest.py SLOW_IN_CI); `make test` keeps same-instant workers, SIGTERM and
+the SQLite `run --workers 2` run.
 """
 
 import os
