@@ -58,6 +58,15 @@ class Param:
             return od.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return od.CategoricalDistribution(list(self.choices))
 
+    def contains(self, value: Any) -> bool:
+        """Can this param take ``value`` (range, step, choices)? False for a value of the wrong type."""
+        from regsweep.search.optuna_internals import distribution_contains
+
+        try:
+            return distribution_contains(self.distribution(), value)
+        except (TypeError, ValueError):
+            return False
+
     def suggest(self, trial) -> Any:
         if self.type == "float":
             return trial.suggest_float(self.path, self.low, self.high, log=self.log, step=self.step)

@@ -33,7 +33,6 @@ from typing import Any, Mapping, Optional, Sequence
 from regsweep.models.build import check_model, check_names
 from regsweep.models.config import ConfigError, TrainConfig, clip, config_paths, excerpt, get_path, load_yaml_file
 from regsweep.models.plugins import is_ref
-from regsweep.search.optuna_internals import distribution_contains
 from regsweep.search.record import Objective
 from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root
 from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section, parse_trackers_section
@@ -404,11 +403,7 @@ def _parse_enqueue(enqueue: Any, space: Space, source: str, base: TrainConfig) -
             if key not in params:
                 raise _fail(source, f"enqueue[{i}].{clip(key, 60)}", value,
                             f"not a space param; params: {', '.join(params)}")
-            try:
-                inside = distribution_contains(params[key].distribution(), value)
-            except (TypeError, ValueError):
-                inside = False
-            if not inside:
+            if not params[key].contains(value):
                 raise _fail(source, f"enqueue[{i}].{key}", value, f"outside the param's range {params[key].to_dict()}")
         for key, value in entry.items():  # a value whose condition is off would be dropped silently
             for dep, allowed in params[key].when:

@@ -152,7 +152,6 @@ def warm_params(spec: StudySpec) -> list[dict]:
     import optuna
 
     from regsweep.search.confirm import top_configs
-    from regsweep.search.optuna_internals import distribution_contains
     from regsweep.search.storage import open_existing
 
     if not spec.warm_start:
@@ -180,11 +179,7 @@ def warm_params(spec: StudySpec) -> list[dict]:
             if key not in params:
                 raise ConfigError(f"{where}: trial {trial.number} of {name!r} sets {key[:60]}, not a param of this "
                                   f"space; params: {', '.join(params)}")
-            try:
-                inside = distribution_contains(params[key].distribution(), value)
-            except (TypeError, ValueError):
-                inside = False
-            if not inside:
+            if not params[key].contains(value):
                 raise ConfigError(f"{where}: trial {trial.number} of {name!r} has {key} = {value!r}, outside this "
                                   f"space's range {params[key].to_dict()} (warm-start values are never clipped)")
         out.append(dict(trial.params))
