@@ -136,7 +136,7 @@ def test_two_workers_started_at_the_same_instant_make_one_study(storage_url, tmp
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_a_killed_worker_trial_fails_within_grace_and_is_retried(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 3, epochs=12)  # one long trial per worker: the kill lands mid-trial
+    spec = write_spec(tmp_path, name, 3, epochs=40)  # one long trial per worker: the kill lands mid-trial
     env = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
     procs = [cli("worker", str(spec), "--storage", url, env=env) for _ in range(3)]
     victim = running_with_history(url, name)
@@ -210,7 +210,7 @@ def test_workers_survive_dropped_connections(own_database, tmp_path):
 @pytest.mark.parametrize("storage_url", ["postgresql"], indirect=True)
 def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
     url, name = storage_url
-    spec = write_spec(tmp_path, name, 2, epochs=40)
+    spec = write_spec(tmp_path, name, 1, epochs=120)  # seconds long: SIGTERM lands mid-trial (40 epochs raced the poll)
     proc = cli("worker", str(spec), "--storage", url)
     victim = running_with_history(url, name)
     sent = time.monotonic()
@@ -226,7 +226,7 @@ def test_sigterm_requeues_the_trial_and_exits_143(storage_url, tmp_path):
     from regsweep.search.cli import main
 
     assert main(["worker", str(spec), "--storage", url]) == 0  # a later worker finishes the budget
-    trials = assert_exact(url, name, 2)
+    trials = assert_exact(url, name, 1)
     retry = next(t for t in trials if t.system_attrs.get("failed_trial") == victim.number)
     assert retry.params == victim.params and retry.state in (TrialState.COMPLETE, TrialState.PRUNED)
 
