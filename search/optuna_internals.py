@@ -4,7 +4,7 @@ Every other module uses Optuna's public API; where that does not suffice, it cal
 private use below carries a comment saying why the public API is not enough. Layer search.base: this module
 imports only optuna, optuna-dashboard, sqlalchemy and the standard library, never a regsweep module. Tested
 against the pinned
-optuna range (pyproject: ``optuna>=5.0,<6``; installed and tested: 5.0.0) by tests/search/test_optuna_internals.py,
+optuna range (pyproject: ``optuna>=5.0,<6``; installed and tested: 5.1.0) by tests/search/test_optuna_internals.py,
 which also fails when any other module of the package reaches into a private name. On an Optuna upgrade, this
 file is the one to read.
 """
