@@ -280,7 +280,9 @@ def test_workers_never_get_the_password_on_their_command_line(pg_study, via):
                     environ = Path(f"/proc/{kid}/environ").read_bytes()
                 except OSError:
                     continue
-                if b"worker" in cmdline:
+                # the argument `worker` itself: between fork and exec a child still shows the coordinator's
+                # argv (`run ... --workers 2`) and environment, which is not what a worker gets
+                if b"worker" in cmdline.split(b"\0"):
                     seen[kid] = cmdline
                     assert f"REGSWEEP_STORAGE={url}".encode() in environ.split(b"\0")  # the URL's route
                     assert os.stat(f"/proc/{kid}/environ").st_mode & 0o077 == 0  # only this user reads it
