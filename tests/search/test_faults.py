@@ -47,13 +47,39 @@ enqueue: [{{}}]
 """
 FAST_HEARTBEAT = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+# a user model (by import path, beside the spec) whose every training batch takes ``PAUSE`` seconds: a trial that
+# must still be training when the test acts (cuts the database, kills its worker) cannot finish first
+SLOW_NET = """
+import time
+
+from torch import nn
+
+PAUSE = {pause}
+
+
+class SlowNet(nn.Module):
+    def __init__(self, in_shape, num_classes, dropout=0.0):
+        super().__init__()
+        c, h, w = in_shape
+        self.body = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, num_classes))
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(PAUSE)
+        return self.body(x)
+"""
 EXTERNAL = ("failed:database: ", "failed:stale heartbeat (worker ")
 
 
 # ------------------------------------------------------------------------------------ helpers
-def write_spec(tmp_path, name, n, epochs):
+def write_spec(tmp_path, name, n, epochs, pause=None):
+    """The spec; with ``pause`` its model is SLOW_NET (each training batch sleeps ``pause`` seconds)."""
     path = tmp_path / f"{name}.yaml"
-    path.write_text(SPEC.format(name=name, n=n, epochs=epochs))
+    text = SPEC.format(name=name, n=n, epochs=epochs)
+    if pause is not None:
+        (tmp_path / "slownet.py").write_text(SLOW_NET.format(pause=pause))
+        text = text.replace("{name: cnn, widths: [4]}", "{name: 'slownet:SlowNet'}")
+    path.write_text(text)
     return path
 
 
@@ -377,7 +403,7 @@ def test_run_exits_1_naming_a_worker_killed_by_a_signal(tmp_path):
 def test_a_killed_workers_trial_fails_stale_naming_the_worker_and_is_retried(tmp_path):
     """kill -9 of a worker mid-trial: its trial goes stale with its reason and is retried; `run` exits 1."""
     url = f"sqlite:///{tmp_path / 'k.db'}"
-    spec = write_spec(tmp_path, "k", n=3, epochs=15)
+    spec = write_spec(tmp_path, "k", n=3, epochs=15, pause=0.1)
     proc, pids = start_run(spec, url, 2, env={**FAST_HEARTBEAT, "REGSWEEP_PROGRESS": "off"})
     try:
         victim = wait_training(url, "k", pids, tmp_path)[0]
@@ -401,7 +427,7 @@ def test_a_killed_workers_trial_fails_stale_naming_the_worker_and_is_retried(tmp
 def test_a_killed_coordinator_leaves_its_workers_running_to_the_budget(storage_url, tmp_path):
     url, name = storage_url
     n = 6
-    spec = write_spec(tmp_path, name, n=n, epochs=10)
+    spec = write_spec(tmp_path, name, n=n, epochs=10, pause=0.05)
     proc, pids = start_run(spec, url, 2, env={"REGSWEEP_PROGRESS": "off"})
     try:
         wait_training(url, name, pids, tmp_path)
@@ -425,8 +451,8 @@ def test_a_killed_coordinator_leaves_its_workers_running_to_the_budget(storage_u
 def outage(storage_url, tmp_path, seconds):
     """`run --workers 2` through the proxy; cut it for ``seconds`` while two trials train; then restored."""
     url, name = storage_url
-    n = 4
-    spec = write_spec(tmp_path, name, n=n, epochs=25)
+    n = 2  # both fail in the outage (each still has seconds to train) and their retries fill the budget
+    spec = write_spec(tmp_path, name, n=n, epochs=12, pause=0.1)
     port = int(re.search(r"@127\.0\.0\.1:(\d+)/", url).group(1))
     with Proxy(port) as proxy:
         proc, pids = start_run(spec, proxy.url(url), 2, env=FAST_HEARTBEAT)
