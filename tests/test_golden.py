@@ -69,9 +69,25 @@ def test_the_exported_trial_replays_its_recorded_value_exactly(golden, capsys):
     assert main(["train", str(root / "exported_trial1.yaml"), "--out", str(out)]) == 0
     hist = json.loads((out / "history.json").read_text())
     assert hist["stop_reason"] == "completed"
-    assert hist["epochs"][hist["best_epoch"]]["val_loss"] == recorded.value  # bit for bit, not approx
-    assert {e["epoch"]: e["val_loss"] for e in hist["epochs"]} == recorded.intermediate_values
     assert hist["split_fingerprint"] == recorded.user_attrs["split_fingerprint"]
+    assert hist["best_epoch"] == max(recorded.intermediate_values, key=lambda e: -recorded.intermediate_values[e])
+    # Bit-for-bit replay holds on the CPU kind that recorded the trial (docs/architecture.md, Replay); the
+    # fixtures were made on another machine, and torch's CPU kernels (MKL, oneDNN) take per-CPU paths that
+    # differ in the last bits (seen: an AMD EPYC AVX2 host differs from the fixture at 1.6e-7 relative in one
+    # epoch). A changed meaning of any config field moves these values by far more than 1e-5.
+    replayed = {e["epoch"]: e["val_loss"] for e in hist["epochs"]}
+    assert replayed == pytest.approx(recorded.intermediate_values, rel=1e-5, abs=0)
+    assert hist["epochs"][hist["best_epoch"]]["val_loss"] == pytest.approx(recorded.value, rel=1e-5, abs=0)
+
+
+def test_the_exported_trial_replays_bit_for_bit_on_this_machine(golden):
+    """The same export trained twice here: identical histories, bit for bit (the Replay contract on one CPU)."""
+    root, _ = golden
+    runs = []
+    for name in ("a", "b"):
+        assert main(["train", str(root / "exported_trial1.yaml"), "--out", str(root / name)]) == 0
+        runs.append([e["val_loss"] for e in json.loads((root / name / "history.json").read_text())["epochs"]])
+    assert runs[0] == runs[1]
 
 
 def test_the_checkpoint_loads_with_weights_only_and_keeps_its_history(golden):
