@@ -21,6 +21,12 @@ from regsweep.search.trial import BASE_ATTR
 from regsweep.search.urls import mask
 
 FINISHED = "FINISHED"  # RayDriver.suggest: the budget (or the deadline, or the failure streak) is done
+# the end of a trial that Ray reports failed without the trial having written its own end: its process died (its
+# node was lost, or the process was killed) before run_trial could record anything. Ray never retries a trial
+# (max_failures=0); the driver fails it with this reason (+ " (worker ray:HOST:PID)") and re-queues it with the
+# same params, at most MAX_RETRY times (Optuna's retry-callback semantics, as for a stale Optuna worker). It
+# counts in the failure streak: a cluster whose every trial dies stops the sweep.
+LOST_REASON = "failed:ray: the trial's process died"
 
 
 def end_from_driver(spec: StudySpec, study, tid: int, reason: str):
@@ -150,7 +156,9 @@ class RayDriver:
                 state = FAIL
         else:  # stopped from outside: the driver writes the end
             if error:
-                reason = "failed:ray: the trial's process failed after Ray's retries (see error.txt in the trial dir)"
+                worker = frozen.user_attrs.get("worker") or "unknown"
+                reason = f"{LOST_REASON} (worker {worker}; its node lost or the process killed: see error.txt " \
+                         "in the Ray trial dir)"
             elif result and result.get(STOP_KEY):
                 reason = str(result[STOP_KEY])
             elif not recorded:
@@ -165,7 +173,10 @@ class RayDriver:
 
             upload_trial_end(self.artifact_store, optuna.trial.Trial(self.study, tid), recorded, state, value,
                              self.storage_label)
-        return tell(self.study, tid, state, value)
+        told = tell(self.study, tid, state, value)
+        if error and reason.startswith(LOST_REASON) and told is not None and told.state.name == "FAIL":
+            retry_transient(requeue, self.study, tid)  # the driver owns retries: at most MAX_RETRY per trial
+        return told
 
     def fail_open_trials(self, reason: str) -> None:
         """Trials this driver asked that Ray never finished (Ctrl-C, a Tune error): FAIL, never left RUNNING."""

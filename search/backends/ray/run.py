@@ -163,8 +163,9 @@ def _trial_dirname(trial) -> str:
     return f"trial-{trial.config.get('number', trial.trial_id)}-{trial.trial_id}"
 
 
-def new_tuner(spec: StudySpec, trainable, sched: Mapping[str, Any], run_name: str, root: Path, max_failures: int):
-    """A Tuner for a new experiment: the study searcher, Ray's scheduler, the overfit stopper (``ray.overfit``)."""
+def new_tuner(spec: StudySpec, trainable, sched: Mapping[str, Any], run_name: str, root: Path):
+    """A Tuner for a new experiment: the study searcher, Ray's scheduler, the overfit stopper (``ray.overfit``).
+    Ray never retries a trial (``max_failures=0``): the driver owns retries (driver.py, ``LOST_REASON``)."""
     from ray import tune
 
     from regsweep.search.backends.ray.searcher import overfit_stopper_class, study_searcher_class
@@ -177,7 +178,7 @@ def new_tuner(spec: StudySpec, trainable, sched: Mapping[str, Any], run_name: st
                                     scheduler=make_scheduler(sched, spec), metric=metric, mode=mode, num_samples=-1,
                                     reuse_actors=True, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=run_name, storage_path=str(root), stop=stopper, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=max_failures),
+                                  failure_config=tune.FailureConfig(max_failures=0),
                                   checkpoint_config=tune.CheckpointConfig(
                                       checkpoint_at_end=False, num_to_keep=2 if sched["name"] in PAUSING else None)))
 
@@ -211,13 +212,13 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
         device: Optional[str] = None, address: Optional[str] = None, gpus_per_trial: Optional[float] = None,
         cpus_per_trial: Optional[int] = None, resume: bool = False, allow_spec_change: bool = False,
         scheduler: Any = None, out: Optional[TextIO] = None, storage_path: Optional[str] = None,
-        num_cpus: Optional[int] = None, max_failures: int = 2, artifacts: Optional[str] = None) -> RunResult:
+        num_cpus: Optional[int] = None, artifacts: Optional[str] = None) -> RunResult:
     """Run the study on Ray Tune until its budget of COMPLETE + PRUNED trials is met (see the package docstring).
 
     ``scheduler`` (a name or ``{name, args}``) overrides the spec's ``ray.scheduler``; ``storage_path`` is Ray's
     (default ``$REGSWEEP_RAY_RESULTS``, else ``~/ray_results``); ``resume`` restores this study's latest Ray
-    experiment there (``Tuner.restore``) after failing and re-queuing the trials its dead driver left RUNNING;
-    ``max_failures`` is Ray's FailureConfig: retries of a trial whose process died.
+    experiment there (``Tuner.restore``) after failing and re-queuing the trials its dead driver left RUNNING.
+    A trial whose process died (its node lost) is failed with a reason and re-queued once by the driver.
     """
     import optuna
 
@@ -257,7 +258,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
                        deadline=None if deadline_s is None else time.monotonic() + deadline_s)
     start = time.monotonic()
     root_run = run_experiments(driver, spec, sched, root, previous, resources, device or (
-        "cuda" if resources["gpu"] else "cpu"), max_failures)
+        "cuda" if resources["gpu"] else "cpu"))
     print(f"ran {driver.ran} trials in {time.monotonic() - start:.1f}s on Ray (experiment {root_run})",
           file=out, flush=True)
     if driver.streak.broken:
@@ -266,8 +267,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
 
 
 def run_experiments(driver: RayDriver, spec: StudySpec, sched: Mapping[str, Any], root: Path,
-                    previous: Optional[Path], resources: dict[str, float], trial_device: str,
-                    max_failures: int) -> Path:
+                    previous: Optional[Path], resources: dict[str, float], trial_device: str) -> Path:
     """Restore ``previous`` (when resuming) and fit it; when it had already finished its search, or without
     one, fit a new experiment for the rest of the budget (under ``previous``'s name when Ray cannot restore
     it). Returns the last experiment's directory."""
@@ -288,5 +288,5 @@ def run_experiments(driver: RayDriver, spec: StudySpec, sched: Mapping[str, Any]
         new_name = previous.name
     driver.run_name = new_name
     driver.study.set_user_attr(FORMAT_ATTR, RAY_FORMAT)  # --resume of this experiment is allowed
-    fit_driver(driver, new_tuner(spec, trainable, sched, driver.run_name, root, max_failures), pausing)
+    fit_driver(driver, new_tuner(spec, trainable, sched, driver.run_name, root), pausing)
     return root / driver.run_name
