@@ -411,14 +411,14 @@ def _check_multi(spec: StudySpec, data: Mapping[str, Any], source: str) -> None:
     refused = [n for n in names if n not in MULTI_PRUNERS]
     if refused:
         raise _fail(source, "pruner", spec.pruner if isinstance(spec.pruner, str) else refused[0],
-                    f"not allowed with objectives: (Optuna prunes single-objective studies only); allowed: "
-                    f"{', '.join(MULTI_PRUNERS)} (the overfit rule reads the first objective's curves)")
+                    f"Optuna's pruners need a single objective; with objectives: choose {' or '.join(MULTI_PRUNERS)} "
+                    "(the overfit rule reads the first objective's curves)")
     if data.get("confirm") is not None:
-        raise _fail(source, "confirm", data["confirm"], "not allowed with objectives: (confirm ranks "
-                    "configurations by one objective's mean); drop confirm: or use one objective:")
+        raise _fail(source, "confirm", data["confirm"], "confirm ranks configurations by one objective's mean; "
+                    "with objectives: drop confirm:, or use one objective:")
     if spec.sampler["name"] not in MULTI_OBJECTIVE:
-        raise _fail(source, "sampler.name", spec.sampler["name"], "not allowed with objectives:; choose one of: "
-                    f"{', '.join(MULTI_OBJECTIVE)}")
+        raise _fail(source, "sampler.name", spec.sampler["name"], "with objectives: choose a multi-objective "
+                    f"sampler: {', '.join(MULTI_OBJECTIVE)}")
 
 
 def _parse_sampler(value: Any, source: str) -> dict[str, Any]:

@@ -76,6 +76,7 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
             study.set_user_attr("regsweep:objective", spec.objective.metric)
             if spec.multi:  # the names of the trial values, in order (status, report, export, the note)
                 study.set_user_attr(OBJECTIVES_ATTR, [o.metric for o in spec.objectives])
+                name_metrics(study, [o.metric for o in spec.objectives])
         if created:  # every trial of a new study records format 2; an older study mixes (the attr stays absent)
             from regsweep.search.record import FORMAT_ATTR, RECORD_FORMAT
 
@@ -88,6 +89,18 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
         raise ConfigError(f"{spec.path}: {fld}: study '{study_name}' is {', '.join(directions)}, the spec says "
                           f"{', '.join(spec.directions)}; use a new --study-name")
     return study, created
+
+
+def name_metrics(study, names: list[str]) -> None:
+    """Optuna's own names of the trial values (``study.metric_names``: optuna-dashboard's axes, plain Optuna's
+    ``trials_dataframe`` columns)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # set_metric_names is "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
 
 
 # ------------------------------------------------------------------------------------ sampler seeds

@@ -169,7 +169,7 @@ def test_optuna_pruners_are_refused_in_one_line(tmp_path, capsys, pruner):
     spec = _write(tmp_path, **{"{name: overfit, args: {warmup: 1, patience: 1}}": pruner})
     assert main(["validate", str(spec)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "mo.yaml: pruner:" in err[0] and "allowed: none, overfit" in err[0]
+    assert len(err) == 1 and "mo.yaml: pruner:" in err[0] and "choose none or overfit" in err[0]
 
 
 def test_ray_backend_refuses_several_objectives(tmp_path, capsys):
@@ -193,3 +193,55 @@ def test_run_workers_2_on_a_two_objective_study(tmp_path, capsys):
     for t in done:
         assert t.values == pytest.approx(_values_at_best_epoch(t, ["val_loss", "overfit_gap"]), abs=1e-12)
     assert "Pareto front" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("on_fire, state", [("complete", TrialState.COMPLETE), ("prune", TrialState.PRUNED)])
+def test_the_overfit_rule_stops_on_the_first_objective(tmp_path, on_fire, state):
+    """A plateau of val_loss (min_delta 10: never an improvement) fires at epoch 1: COMPLETE with the values of
+    the best epoch so far, or PRUNED (no values: Optuna keeps none for several objectives)."""
+    spec = _write(tmp_path, **{"{warmup: 1, patience: 1}": f"{{warmup: 0, patience: 1, min_delta: 10.0, "
+                                                            f"on_fire: {on_fire}}}", "n_trials: 2": "n_trials: 1"})
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert main(["run", str(spec), "--storage", url, "--artifacts", "off"]) == 0
+    (t,) = optuna.load_study(study_name="mo", storage=url).trials
+    assert t.state == state and len(history(t)) == 2 and t.intermediate_values == {}
+    assert t.user_attrs["stop_reason"] == f"{'stopped' if on_fire == 'complete' else 'pruned'}:overfit:plateau@1"
+    if state == TrialState.COMPLETE:
+        assert t.values == pytest.approx(_values_at_best_epoch(t, ["val_loss", "overfit_gap"]), abs=1e-12)
+    else:
+        assert t.values is None
+
+
+@pytest.mark.procs
+def test_the_dashboard_serves_a_two_objective_study(mo_study):
+    """optuna-dashboard reads the study natively (both directions, values, front, metric names, the note)."""
+    import json
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    _, url, _ = mo_study
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", "dashboard", "--storage", url,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        m = re.search(r"http://(\S+?)/dashboard/", proc.stdout.readline())
+        assert m is not None, proc.stderr.read()
+
+        def get(path: str) -> bytes:
+            with urllib.request.urlopen(f"http://{m.group(1)}{path}", timeout=30) as r:
+                assert r.status == 200
+                return r.read()
+
+        (summary,) = json.loads(get("/api/studies"))["study_summaries"]
+        detail = json.loads(get(f"/api/studies/{summary['study_id']}?after=0"))
+        study = optuna.load_study(study_name="mo", storage=url)
+        assert detail["directions"] == ["minimize", "minimize"] and len(detail["trials"]) == 4
+        assert sorted(t["number"] for t in detail["best_trials"]) == sorted(t.number for t in study.best_trials)
+        assert [t["values"] for t in detail["trials"]] == [t.values for t in study.trials]
+        assert detail["has_intermediate_values"] is False and "Pareto front" in detail["note"]["body"]
+        assert study.metric_names == ["val_loss", "overfit_gap"]
+        assert b"<html" in get(f"/dashboard/studies/{summary['study_id']}").lower()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
