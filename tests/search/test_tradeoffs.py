@@ -181,7 +181,8 @@ def test_ray_backend_refuses_several_objectives(tmp_path, capsys):
     assert not (tmp_path / "db.sqlite").exists()  # nothing created
 
 
-@pytest.mark.procs
+@pytest.mark.slow  # two worker processes (~10 s on an idle 2-core machine, 60 s loaded); `worker` runs in-process
+@pytest.mark.procs  # in mo_study, and `run --workers 2` itself is tested in test_workers.py
 def test_run_workers_2_on_a_two_objective_study(tmp_path, capsys):
     spec = _write(tmp_path, **{"n_trials: 2": "n_trials: 4", "epochs: 3": "epochs: 2"})
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
