@@ -100,7 +100,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     trackers = _trackers(args, spec)
     print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"
           f"{f' ({len(cond)} conditional)' if cond else ''}, sampler {spec.sampler['name']}, "
-          f"{spec.objective.direction} {spec.objective.metric}, n_trials {spec.n_trials}, storage {mask(url)}"
+          f"{', '.join(f'{o.direction} {o.metric}' for o in spec.all_objectives)}"
+          f"{' (Pareto front)' if spec.multi else ''}, n_trials {spec.n_trials}, storage {mask(url)}"
           f"{f', warm start: {len(warm)} configs' if spec.warm_start else ''}"
           f"{', confirm: top {top_k} x {seeds} seeds'.format(**spec.confirm) if spec.confirm else ''}"
           + (f", trackers: {', '.join(trackers)}" if trackers else ""))

@@ -55,8 +55,10 @@ def _values_at_best_epoch(trial, metrics):
 
 
 # ------------------------------------------------------------------------------------ spec and recorder
-def test_spec_objectives_grammar_and_hash(tmp_path):
+def test_spec_objectives_grammar_and_hash(tmp_path, capsys):
     spec = load_spec(_write(tmp_path))
+    assert main(["validate", str(tmp_path / "mo.yaml"), "--storage", f"sqlite:///{tmp_path / 'v.db'}"]) == 0
+    assert "minimize val_loss, minimize overfit_gap (Pareto front)" in capsys.readouterr().out
     assert spec.multi and [o.metric for o in spec.objectives] == ["val_loss", "overfit_gap"]
     assert spec.objective == Objective("val_loss", "minimize") and spec.directions == ["minimize", "minimize"]
     assert spec.canonical()["objectives"] == [vars(o) for o in spec.objectives]
