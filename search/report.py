@@ -198,20 +198,22 @@ def _optuna_plots(study, out, n_complete: int) -> list[tuple[str, str, str]]:
     import optuna.visualization.matplotlib as ovm
 
     target: dict[str, Any] = {}
-    plots = []
+    plots, done = [], []
     if is_multi(study):  # Optuna's one-objective plots need a target: the first objective's value
         names = objective_names(study)
         target = {"target": first_value, "target_name": names[0]}
         front = functools.partial(ovm.plot_pareto_front, target_names=names[:3]) if len(names) <= 3 else None
         if front is not None:
             plots.append(("pareto.png", f"Pareto front ({', '.join(names)}; red: the front)", front, (8, 5.5)))
+        else:
+            done.append(("", "Pareto front", f"not drawn: {len(names)} objectives (the plot takes 2 or 3); the "
+                         "table above lists the front"))
     importances = functools.partial(ovm.plot_param_importances, evaluator=importance_evaluator(), **target)
     plots += [("history.png", "Optimisation history" + (f" ({target['target_name']})" if target else ""),
                functools.partial(ovm.plot_optimization_history, **target), (8, 4.5)),
               ("importances.png", f"Parameter importances ({IMPORTANCE_NAME})", importances, (8, 4.5)),
               ("parallel.png", "Parallel coordinates", functools.partial(ovm.plot_parallel_coordinate, **target),
                (13, 5.5))]
-    done = []
     for file, title, fn, size in plots:
         note = importance_note(n_complete) if file == "importances.png" else ""
         if note and n_complete < 2:  # nothing to compare: Optuna would draw equal bars

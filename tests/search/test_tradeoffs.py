@@ -248,3 +248,33 @@ def test_the_dashboard_serves_a_two_objective_study(mo_study):
     finally:
         proc.terminate()
         proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("metrics", [["val_loss", "overfit_gap", "n_params"],
+                                     ["val_loss", "overfit_gap", "n_params", "val_acc"]])
+def test_report_and_status_of_three_and_four_objectives(tmp_path, capsys, metrics):
+    """Recorded trials (no training): the front is Optuna's; 3 objectives get a 3-D front plot, 4 say why not."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    directions = ["maximize" if m == "val_acc" else "minimize" for m in metrics]
+    study = optuna.create_study(study_name="m", storage=url, directions=directions)
+    study.set_user_attr("regsweep:objective", metrics[0])
+    study.set_user_attr("regsweep:objectives", metrics)
+    rows = [(0.5, 0.1, 900.0, 0.8), (0.4, 0.2, 1200.0, 0.85), (0.6, 0.3, 1500.0, 0.7)]  # the third is dominated
+    for i, row in enumerate(rows):
+        study.add_trial(create_trial(params={"model.dropout": 0.1 * i}, values=list(row[:len(metrics)]),
+                                     distributions={"model.dropout": FloatDistribution(0.0, 0.5)},
+                                     user_attrs={"best_epoch": 1, "stop_reason": "completed"}))
+    assert main(["status", "--storage", url, "--study-name", "m"]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front (2 trial(s)" in out and "trial   1: val_loss=0.4" in out and "trial   2:" not in out
+    assert out.index("trial   1:") < out.index("trial   0:")  # best first objective first
+    assert main(["report", "--storage", url, "--study-name", "m", "--out", str(tmp_path / "r")]) == 0
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert page.count("<tr><td>") >= 2 and "Pareto front (2 trial(s))" in page
+    if len(metrics) == 3:
+        assert (tmp_path / "r" / "pareto.png").is_file()
+    else:
+        assert "not drawn: 4 objectives" in page and not (tmp_path / "r" / "pareto.png").exists()
