@@ -278,3 +278,19 @@ def test_report_and_status_of_three_and_four_objectives(tmp_path, capsys, metric
         assert (tmp_path / "r" / "pareto.png").is_file()
     else:
         assert "not drawn: 4 objectives" in page and not (tmp_path / "r" / "pareto.png").exists()
+
+
+def test_a_warm_start_from_a_two_objective_study_takes_its_best_by_the_first_objective(tmp_path):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from regsweep.search.study import warm_params
+
+    src = f"sqlite:///{tmp_path / 'src.db'}"
+    earlier = optuna.create_study(study_name="earlier", storage=src, directions=["minimize", "minimize"])
+    for dropout, values in ((0.1, [0.5, 0.01]), (0.2, [0.3, 0.2]), (0.3, [0.4, 0.0])):
+        earlier.add_trial(create_trial(params={"model.dropout": dropout}, values=values,
+                                       distributions={"model.dropout": FloatDistribution(0.0, 0.5)}))
+    spec = load_spec(_write(tmp_path, **{"enqueue: [{}]": f"enqueue: [{{}}]\nwarm_start: {{study: earlier, "
+                                                                   f"storage: '{src}', top_k: 2}}"}))
+    assert warm_params(spec) == [{"model.dropout": 0.2}, {"model.dropout": 0.3}]
