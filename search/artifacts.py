@@ -195,6 +195,10 @@ def keeps_weights(policy: str, state: str, value: Optional[float], study) -> boo
         return True
     if state != "COMPLETE":
         return False
+    from regsweep.search.record import is_multi
+
+    if is_multi(study):  # a Pareto front, no best value: kept; the coordinator keeps the front's after the budget
+        return True
     try:
         best = study.best_value
     except ValueError:  # no COMPLETE trial yet: this one becomes the best
@@ -266,16 +270,21 @@ def prune_weights(study, store, out=None) -> int:
     from optuna.trial import TrialState
 
     from regsweep.search.optuna_internals import remove_artifact_meta
+    from regsweep.search.record import is_multi
     from regsweep.search.report import without_epochs
 
-    try:
-        best = study.best_trial.number
-    except ValueError:
-        best = None
+    if is_multi(study):  # the Pareto front's trials are the best ones
+        kept = {t.number for t in study.best_trials}
+    else:
+        try:
+            kept = {study.best_trial.number}
+        except ValueError:
+            kept = set()
+    best = ", ".join(map(str, sorted(kept))) or None
     removed = 0
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     for t in without_epochs(study).get_trials(deepcopy=False, states=finished):
-        if t.number == best:
+        if t.number in kept:
             continue
         for aid in weights_ids(study, t):
             try:
@@ -293,7 +302,7 @@ def prune_weights(study, store, out=None) -> int:
                 print(f"warning: trial {t.number}: its weights' artifact entry stays ({exc.__class__.__name__})",
                       file=sys.stderr, flush=True)
     if removed and out is not None:
-        print(f"keep_weights: best: removed the weights of {removed} non-best trial(s); kept trial {best}'s",
+        print(f"keep_weights: best: removed the weights of {removed} non-best trial(s); kept trial(s) {best}",
               file=out, flush=True)
     return removed
 

@@ -100,7 +100,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     trackers = _trackers(args, spec)
     print(f"{args.spec}: ok — study '{spec.name}', {len(spec.space)} params"
           f"{f' ({len(cond)} conditional)' if cond else ''}, sampler {spec.sampler['name']}, "
-          f"{spec.objective.direction} {spec.objective.metric}, n_trials {spec.n_trials}, storage {mask(url)}"
+          f"{', '.join(f'{o.direction} {o.metric}' for o in spec.all_objectives)}"
+          f"{' (Pareto front)' if spec.multi else ''}, n_trials {spec.n_trials}, storage {mask(url)}"
           f"{f', warm start: {len(warm)} configs' if spec.warm_start else ''}"
           f"{', confirm: top {top_k} x {seeds} seeds'.format(**spec.confirm) if spec.confirm else ''}"
           + (f", trackers: {', '.join(trackers)}" if trackers else ""))
@@ -116,12 +117,12 @@ def _trackers(args: argparse.Namespace, spec) -> dict:
     return tracker_settings(spec.trackers, flags["mlflow"], flags["tensorboard"])
 
 
-def _load_spec_and_storage(args: argparse.Namespace):
-    """The spec and its reachable storage URL: what `run` and `worker` start from."""
+def _load_spec_and_storage(args: argparse.Namespace, spec=None):
+    """The spec (loaded here unless given) and its reachable storage URL: what `run` and `worker` start from."""
     from regsweep.search.spec import load_spec
     from regsweep.search.study import warm_params
 
-    spec = load_spec(args.spec, allow_outside=args.allow_outside)
+    spec = spec or load_spec(args.spec, allow_outside=args.allow_outside)
     cli_checks.check_data_files(spec)
     cli_checks.check_tracker_packages(_trackers(args, spec))
     url = _storage_url(args, spec)
@@ -130,9 +131,9 @@ def _load_spec_and_storage(args: argparse.Namespace):
     return spec, url
 
 
-def _run_setup(args: argparse.Namespace):
+def _run_setup(args: argparse.Namespace, spec=None):
     """What both backends of `run` start from: the spec, its reachable storage and the study name."""
-    spec, url = _load_spec_and_storage(args)
+    spec, url = _load_spec_and_storage(args, spec)
     cli_checks.warn_sampler_limits(spec)
     if args.n_trials is not None and args.n_trials < 1:
         raise ConfigError(f"--n-trials: {args.n_trials} is not allowed; must be >= 1")
@@ -146,10 +147,15 @@ def _print_sqlite_file(url: str) -> None:
 
 def _print_outcome(study, url: str, name: str) -> int:
     """The study's summary and how to export and replay its best trial; the run's exit code 0."""
+    from regsweep.search.record import is_multi
     from regsweep.search.report import format_summary, study_summary
     from regsweep.search.urls import storage_arg
 
     print(format_summary(study_summary(study)))
+    if is_multi(study):
+        print(f"export a trial of the front and train it with:\n  regsweep export {storage_arg(url)} --study-name "
+              f"{name} --trial N --out chosen.yaml\n  regsweep train chosen.yaml")
+        return 0
     print(f"export the best config and train it with:\n  regsweep export {storage_arg(url)} --study-name {name} "
           f"--out best.yaml\n  regsweep train best.yaml")
     return 0
@@ -234,11 +240,17 @@ def _run_on_ray(args: argparse.Namespace) -> int:
                               "--gpus-per-trial")
     import importlib.util
 
+    from regsweep.search.spec import load_spec
+
+    spec = load_spec(args.spec, allow_outside=args.allow_outside)
+    if spec.multi:  # Tune's schedulers and searchers take one metric and mode
+        raise ConfigError(f"{spec.source}: objectives: several objectives are not allowed with --backend ray (Ray "
+                          "Tune's schedulers take one metric); run them with --backend optuna, or give one objective:")
     if importlib.util.find_spec("ray") is None:  # the [ray] extra
         raise ConfigError("--backend: 'ray' is not allowed here; Ray is not installed (pip install 'regsweep[ray]')")
     from regsweep.search.backends.ray import run as ray_run
 
-    spec, url, name = _run_setup(args)
+    spec, url, name = _run_setup(args, spec)
     if _trackers(args, spec):
         print("warning: --backend ray runs no trackers (MLflow, TensorBoard); they run on regsweep's own workers "
               "(--backend optuna)", file=sys.stderr)
@@ -315,6 +327,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from regsweep.search.urls import mask
 
     study, url = _load_study(args)
+    if args.trial is None:
+        _print_front(study)  # a multi-objective study: its front, then pick_trial asks for --trial N (exit 2)
     trial = pick_trial(study, args.trial)
     if args.weights is not None:
         return _export_weights(args, study, trial, url)
@@ -337,6 +351,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _print_front(study) -> None:
+    """A multi-objective study's Pareto front on stdout (plain `export` has no single best trial to write)."""
+    from regsweep.search.record import is_multi
+    from regsweep.search.report import front_lines, study_summary
+
+    if is_multi(study):
+        s = study_summary(study)
+        if s["front"]:
+            print("\n".join(front_lines(s, indent="")), flush=True)
 
 
 def _export_weights(args: argparse.Namespace, study, trial, url: str) -> int:

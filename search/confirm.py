@@ -44,11 +44,15 @@ def config_key(trial) -> str:
 
 
 def top_configs(study, k: int) -> list:
-    """The study's ``k`` best COMPLETE trials with distinct configurations, best first."""
+    """The study's ``k`` best COMPLETE trials with distinct configurations, best first (by the first objective
+    in a multi-objective study: a warm start from one)."""
     from optuna.trial import TrialState
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
-    done.sort(key=lambda t: (t.value if study.direction.name == "MINIMIZE" else -t.value, t.number))
+    from regsweep.search.record import first_value, minimizes
+
+    sign = 1 if minimizes(study) else -1
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if first_value(t) is not None]
+    done.sort(key=lambda t: (sign * first_value(t), t.number))
     out, seen = [], set()
     for t in done:
         key = config_key(t)

@@ -129,7 +129,9 @@ def note_body(study, spec, url: Optional[str] = None) -> str:
         lines += [spec.description, ""]
     pruner = spec.pruner if spec.pruner else {"name": "none"}
     lines += ["## Spec", "",
-              f"- objective: {spec.objective.direction} `{spec.objective.metric}`",
+              (f"- objectives: {', '.join(f'{o.direction} `{o.metric}`' for o in spec.objectives)} (a Pareto "
+               "front; each trial's values at the epoch best for the first)" if spec.multi else
+               f"- objective: {spec.objective.direction} `{spec.objective.metric}`"),
               f"- sampler: `{spec.sampler['name']}`, pruner: `{_compact(pruner)}`",
               f"- budget: {s['budget']} COMPLETE+PRUNED trials"
               + (f", timeout {spec.timeout}s" if spec.timeout else ""),
@@ -143,7 +145,10 @@ def note_body(study, spec, url: Optional[str] = None) -> str:
     lines += ["", "## Progress", "",
               "- states: " + (", ".join(f"{k} {v}" for k, v in sorted(s["states"].items())) or "none"),
               "- stop reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(s["stop_reasons"].items())) or "none"),
-              "", "## Best trial", ""]
+              ""]
+    if s.get("front") is not None:
+        return "\n".join(lines + _front_note(s, study, url)) + "\n"
+    lines += ["## Best trial", ""]
     b = s["best"]
     if b is None:
         lines.append("No COMPLETE trial yet.")
@@ -160,6 +165,28 @@ def note_body(study, spec, url: Optional[str] = None) -> str:
         if url and has_password(url):
             lines.append(f"(`${STORAGE_ENV}` holds the storage URL, {mask(url)}, with its password.)")
     return "\n".join(lines) + "\n"
+
+
+def _front_note(s: dict, study, url: Optional[str]) -> list[str]:
+    """The note's Pareto-front section (a multi-objective study): a table and how to export one of its trials."""
+    from regsweep.search.report import value_text
+    from regsweep.search.urls import STORAGE_ENV, has_password, mask, storage_arg
+
+    lines = ["## Pareto front", ""]
+    if not s["front"]:
+        return lines + ["No COMPLETE trial yet."]
+    lines += ["| trial | " + " | ".join(f"{n} ({d})" for n, d in zip(s["objectives"], s["directions"]))
+              + " | best epoch | params |", "|---" * (len(s["objectives"]) + 3) + "|"]
+    for row in s["front"]:
+        params = ", ".join(f"`{k}` {value_text(v)}" for k, v in sorted(row["params"].items())) or "(base config)"
+        lines.append(f"| {row['number']} | " + " | ".join(f"{v:.4g}" for v in row["values"])
+                     + f" | {row['best_epoch']} | {params} |")
+    storage = f"{storage_arg(url)} " if url else ""
+    lines += ["", f"No single best trial: choose one on the front, then `regsweep export {storage}--study-name "
+              f"{study.study_name} --trial N --out chosen.yaml` and `regsweep train chosen.yaml`."]
+    if url and has_password(url):
+        lines.append(f"(`${STORAGE_ENV}` holds the storage URL, {mask(url)}, with its password.)")
+    return lines
 
 
 def _compact(value: Any) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from regsweep import __version__ as regsweep_version
 from regsweep.models.config import ConfigError, TrainConfig, dump_yaml
+from regsweep.search.record import is_multi
 
 FORMATS = ("yaml", "json", "params", "python", "snippet")
 
@@ -40,6 +41,14 @@ def pick_trial(study, number: Optional[int]):
     if number is None:
         if not counts.get(TrialState.COMPLETE.name):
             raise ConfigError(f"study '{study.study_name}' has no COMPLETE trial yet; pass --trial N")
+        if is_multi(study):  # a Pareto front, no best trial: the user chooses (the CLI lists the front first)
+            from regsweep.search.report import objective_names, pareto_front
+
+            front = sorted(t.number for t in pareto_front(study))
+            raise ConfigError(f"--trial: missing; study '{study.study_name}' has {len(study.directions)} objectives "
+                              f"({', '.join(objective_names(study))}) and no single best trial; pass --trial N with "
+                              f"N one of its Pareto front: {', '.join(map(str, front[:20]))}"
+                              + (f" (and {len(front) - 20} more)" if len(front) > 20 else ""))
         from regsweep.search.confirm import best_mean, table
 
         row = best_mean(table(study))  # seed-robust selection: the best-mean configuration's ORIGINAL trial
@@ -71,9 +80,19 @@ def provenance(study, trial, storage_masked: str, state: Optional[str] = None,
     """``state``/``value`` stand in for a live trial's (the artifact written just before it is told)."""
     a = trial.user_attrs
     device = str(a.get("device", ""))
+    extra: dict[str, Any] = {}
+    if is_multi(study):  # value: the first objective's; values: every objective's, by name
+        from regsweep.search.report import objective_names
+
+        values = value if state else trial.values
+        extra["values"] = None if values is None else dict(zip(objective_names(study), values))
+        value, state_value = (None if not values else values[0]), True
+    else:
+        state_value = bool(state)
     return {
         "study": study.study_name, "trial": trial.number, "state": state or trial.state.name,
-        "objective": study.user_attrs.get("regsweep:objective"), "value": value if state else trial.value,
+        "objective": study.user_attrs.get("regsweep:objective"), "value": value if state_value else trial.value,
+        **extra,
         "best_epoch": a.get("best_epoch"), "stop_reason": a.get("stop_reason"), "storage": storage_masked,
         "torch_version": a.get("torch_version"), "regsweep_version": regsweep_version,
         "device_type": device.split(":")[0] or None, "num_threads": a.get("num_threads"),

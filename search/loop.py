@@ -26,7 +26,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Optional, TextIO, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, TextIO, Union
 
 from regsweep.models.config import ConfigError
 from regsweep.search.optuna_internals import frozen_trial, study_storage, trial_id, trial_number
@@ -50,11 +50,14 @@ MAX_CONSECUTIVE_FAILURES = 5
 TELL_ATTEMPTS = 16  # ~2 minutes of database outage before a worker gives up telling a trial
 ORPHAN_AFTER = 10.0  # seconds a RUNNING trial may go without its first heartbeat before it is adopted
 
-def trial_line(trial, metric: str) -> str:
+def trial_line(trial, metric: Union[str, Sequence[str]]) -> str:
+    """One line per finished trial; ``metric`` is the objective's name, or the names of several objectives."""
     attrs = trial.user_attrs
-    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    metrics = [metric] if isinstance(metric, str) else list(metric)
+    values = trial.values or [None] * len(metrics)
+    shown = " ".join(f"{m}={'-' if v is None else f'{v:.4f}'}" for m, v in zip(metrics, values))
     base = " (base config)" if attrs.get(BASE_ATTR) else ""
-    return (f"trial {trial.number:>3} {trial.state.name:<8} {metric}={value} best_epoch={attrs.get('best_epoch')} "
+    return (f"trial {trial.number:>3} {trial.state.name:<8} {shown} best_epoch={attrs.get('best_epoch')} "
             f"{attrs.get('stop_reason', '')}{base}")
 
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, TextIO
 
-from regsweep.search.record import n_epochs
+from regsweep.search.record import first_value, minimizes, n_epochs
 
 
 @dataclass
@@ -48,12 +48,13 @@ def snapshot(study) -> Snapshot:
     trials = study.get_trials(deepcopy=False)
     s = Snapshot(total=study.user_attrs.get("regsweep:n_trials"),
                  metric=study.user_attrs.get("regsweep:objective", "value"))
-    sign = 1.0 if study.direction.name == "MINIMIZE" else -1.0
+    sign = 1.0 if minimizes(study) else -1.0  # a multi-objective study: best by its first objective
     for t in trials:
         if t.state == TrialState.COMPLETE:
             s.complete += 1
-            if t.value is not None and math.isfinite(t.value) and (s.best is None or sign * t.value < sign * s.best[1]):
-                s.best = (t.number, t.value)
+            value = first_value(t)
+            if value is not None and math.isfinite(value) and (s.best is None or sign * value < sign * s.best[1]):
+                s.best = (t.number, value)
         elif t.state == TrialState.PRUNED:
             s.pruned += 1
         elif t.state == TrialState.FAIL:

@@ -11,6 +11,10 @@ reader of the per-epoch records. At the end:
 ``n_params``, ``device``, ``seed``, ``num_threads``, ``split_fingerprint`` and the test metrics (recorded for
 reading, never used to choose). The trial's value is the best epoch's objective.
 
+A multi-objective study (spec ``objectives:``) reports nothing per epoch (Optuna has no ``report`` for several
+objectives): the per-epoch records are its curves. Its trial values are :func:`objective_values` taken at the
+epoch best for the FIRST objective (:func:`best_epoch`), ``n_params`` from the end of the run.
+
 A *sink* has ``write(attrs, report=None)``: set several user attrs and (optionally) report ``(value, step)``
 in one storage transaction — ``regsweep.search.storage.TrialWriter`` for a live Optuna trial, or the storage-backed
 sink the Ray backend uses. Per trial that is one write at the start (``config``), one per epoch and one at
@@ -43,6 +47,42 @@ class Objective:
     def sign(self) -> float:
         """+1 when lower is better: multiply once at the edge, compare one way inside."""
         return 1.0 if self.direction == "minimize" else -1.0
+
+
+def metric_value(record: dict[str, Any], metric: str, n_params: Optional[int] = None) -> Optional[float]:
+    """An objective's value from one per-epoch record: a recorded key, ``overfit_gap`` = ``val_loss -
+    train_eval_loss`` (the clean gap the overfit rule watches), ``n_params`` from the trial's end; None when
+    missing."""
+    if metric == "overfit_gap":
+        val, train = record.get("val_loss"), record.get("train_eval_loss")
+        return None if val is None or train is None else float(val) - float(train)
+    if metric == "n_params":
+        return None if n_params is None else float(n_params)
+    value = record.get(metric)
+    return None if value is None else float(value)
+
+
+def objective_values(record: dict[str, Any], objectives: list[Objective],
+                     n_params: Optional[int] = None) -> list[Optional[float]]:
+    """The values of several objectives at one epoch's record (a multi-objective trial's values)."""
+    return [metric_value(record, o.metric, n_params) for o in objectives]
+
+
+def first_value(trial: Any) -> Optional[float]:
+    """The trial's value, or its FIRST objective's in a multi-objective study (``FrozenTrial.value`` raises
+    there); None when it has none."""
+    values = trial.values
+    return None if not values else values[0]
+
+
+def is_multi(study: Any) -> bool:
+    """Whether a study has several objectives (``study.direction``, ``best_trial``, ``best_value`` raise then)."""
+    return len(study.directions) > 1
+
+
+def minimizes(study: Any) -> bool:
+    """Whether the study's (first) objective is minimised."""
+    return study.directions[0].name == "MINIMIZE"
 
 
 def history(trial: Any) -> list[dict[str, Any]]:
@@ -121,10 +161,13 @@ class Recorder:
     ``stopped:overfit:<rule>@<epoch>`` — and returns it to stop the run."""
 
     def __init__(self, sink: Sink, objective: Objective, verdict: Optional[Callable[[int], Optional[str]]] = None,
-                 history: Optional[list[dict[str, Any]]] = None, chunk: int = CHUNK):
+                 history: Optional[list[dict[str, Any]]] = None, chunk: int = CHUNK,
+                 objectives: Optional[list[Objective]] = None):
         self.sink = sink
         self.chunk = chunk
         self.objective = objective
+        # several: nothing is reported per epoch and the value is a list (:func:`objective_values`)
+        self.objectives = list(objectives) if objectives and len(objectives) > 1 else None
         self.verdict = verdict
         self.history: list[dict[str, Any]] = list(history or [])  # epochs already recorded (a driver's end write)
         self.stop_reason: Optional[str] = None  # as written by end() or fail()
@@ -141,7 +184,8 @@ class Recorder:
     def on_epoch(self, epoch: int, record: dict[str, Any]) -> Optional[str]:
         self.history.append(record)
         value = record[self.objective.metric]
-        self._flush(epoch_attrs(self.history, self.chunk), (value, epoch) if math.isfinite(value) else None)
+        report = (value, epoch) if math.isfinite(value) and self.objectives is None else None
+        self._flush(epoch_attrs(self.history, self.chunk), report)
         return self.verdict(epoch) if self.verdict is not None else None
 
     def finish(self, hist) -> tuple[str, Optional[float]]:
@@ -151,18 +195,26 @@ class Recorder:
                  "torch_version": hist.torch_version, **hist.test}
         return self.end(hist.stop_reason, attrs)
 
-    def end(self, stop_reason: str, attrs: Optional[dict[str, Any]] = None) -> tuple[str, Optional[float]]:
+    def end(self, stop_reason: str, attrs: Optional[dict[str, Any]] = None) -> tuple[str, Any]:
         """Write ``best_epoch`` and ``stop_reason`` (plus ``attrs``) for the recorded history; returns (outcome,
-        value). ``finish`` calls it; a driver calls it alone for a trial stopped from outside its trainer (a
-        Ray scheduler or stopper), which cannot write its own end."""
+        value; with several objectives the list of values at the best epoch). ``finish`` calls it; a driver calls
+        it alone for a trial stopped from outside its trainer (a Ray scheduler or stopper), which cannot write its
+        own end."""
         best = best_epoch(self.history, self.objective)
         attrs = {"best_epoch": best, "stop_reason": stop_reason, **(attrs or {})}
         state = outcome(stop_reason)
         if state != FAIL and best is None:
             state, attrs["stop_reason"] = FAIL, "failed:no finite objective value"
+        value: Any = None
+        if best is not None and self.objectives is not None:
+            value = objective_values(self.history[best], self.objectives, attrs.get("n_params"))
+            bad = [o.metric for o, v in zip(self.objectives, value) if v is None or not math.isfinite(v)]
+            if bad and state != FAIL:
+                state, attrs["stop_reason"] = FAIL, f"failed:no finite {bad[0]} at the best epoch {best}"
+        elif best is not None:
+            value = self.history[best][self.objective.metric]
         self._flush(attrs)
         self.stop_reason = attrs["stop_reason"]
-        value = None if best is None else self.history[best][self.objective.metric]
         return state, value
 
     def fail(self, reason: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from regsweep.search import optuna_internals as internals
-from regsweep.search.record import EPOCH_KEY_PATTERNS, history
+from regsweep.search.record import EPOCH_KEY_PATTERNS, first_value, history, is_multi, minimizes
 
 
 def stop_reason_kind(reason: str | None) -> str:
@@ -55,14 +55,50 @@ def study_summary(study) -> dict[str, Any]:
         unrecorded = sum(states.get(s.name, 0) for s in finished) - sum(raw.values())
         if unrecorded > 0:
             reasons[stop_reason_kind(None)] += unrecorded
+    summary = {"name": study.study_name, "direction": study.directions[0].name.lower(),
+               "budget": study.user_attrs.get("regsweep:n_trials"),
+               "objective": study.user_attrs.get("regsweep:objective", "value"), "n_trials": sum(states.values()),
+               "states": dict(states), "stop_reasons": dict(reasons), "best": None, "front": None}
+    if is_multi(study):  # no best trial: the Pareto front (Optuna's best_trials), by the first objective
+        summary["objectives"] = objective_names(study)
+        summary["directions"] = [d.name.lower() for d in study.directions]
+        summary["front"] = [] if not states.get("COMPLETE") else [
+            trial_row(t) for t in sorted(pareto_front(study), key=lambda t: (summary_key(study, t), t.number))]
+        return summary
     best = study.best_trial if states.get("COMPLETE") else None
-    return {"name": study.study_name, "direction": study.direction.name.lower(),
-            "budget": study.user_attrs.get("regsweep:n_trials"),
-            "objective": study.user_attrs.get("regsweep:objective", "value"), "n_trials": sum(states.values()),
-            "states": dict(states), "stop_reasons": dict(reasons),
-            "best": None if best is None else {"number": best.number, "value": best.value, "params": best.params,
-                                               "best_epoch": best.user_attrs.get("best_epoch"),
-                                               "test_acc": best.user_attrs.get("test_acc")}}
+    summary["best"] = None if best is None else trial_row(best)
+    return summary
+
+
+def trial_row(t) -> dict[str, Any]:
+    """What summaries show of one trial: number, value (the first objective's), values, params, best epoch."""
+    return {"number": t.number, "value": first_value(t), "values": list(t.values or []), "params": t.params,
+            "best_epoch": t.user_attrs.get("best_epoch"), "test_acc": t.user_attrs.get("test_acc")}
+
+
+def objective_names(study) -> list[str]:
+    """The names of a study's trial values, in order (the ``regsweep:objectives`` attr of a multi-objective
+    study; else its one objective)."""
+    names = study.user_attrs.get("regsweep:objectives")
+    if isinstance(names, list) and len(names) == len(study.directions):
+        return [str(n) for n in names]
+    first = study.user_attrs.get("regsweep:objective", "value")
+    return [first] + [f"value{i}" for i in range(1, len(study.directions))]
+
+
+def pareto_front(study) -> list:
+    """The COMPLETE trials no other COMPLETE trial dominates (``study.best_trials``; read without per-epoch
+    records on an RDB storage)."""
+    return list(without_epochs(study).best_trials)
+
+
+def summary_key(study, t) -> float:
+    """Sort key: the first objective, best first."""
+    return (1 if minimizes(study) else -1) * first_value(t)
+
+
+def values_text(names: list[str], values: list[float]) -> str:
+    return " ".join(f"{n}={v:.4g}" for n, v in zip(names, values))
 
 
 def value_text(v: Any) -> str:
@@ -70,10 +106,32 @@ def value_text(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def objectives_text(s: dict[str, Any]) -> str:
+    """'minimize val_loss' or, for several objectives, 'minimize val_loss, minimize overfit_gap'."""
+    if s.get("front") is None:
+        return f"{s['direction']} {s['objective']}"
+    return ", ".join(f"{d} {n}" for d, n in zip(s["directions"], s["objectives"]))
+
+
+def front_lines(s: dict[str, Any], indent: str = "  ") -> list[str]:
+    """The Pareto front of a multi-objective summary, one trial a line, best first objective first."""
+    front = s["front"]
+    if not front:
+        return [f"{indent}Pareto front: no COMPLETE trial yet"]
+    lines = [f"{indent}Pareto front ({len(front)} trial(s); no single best: export one with --trial N):"]
+    for row in front:
+        params = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(row["params"].items())) or "(base config)"
+        lines.append(f"{indent}  trial {row['number']:>3}: {values_text(s['objectives'], row['values'])} "
+                     f"at epoch {row['best_epoch']}; {params}")
+    return lines
+
+
 def format_summary(s: dict[str, Any]) -> str:
-    lines = [f"study {s['name']}: {s['n_trials']} trials ({s['direction']} {s['objective']})",
+    lines = [f"study {s['name']}: {s['n_trials']} trials ({objectives_text(s)})",
              "  states: " + (", ".join(f"{k} {v}" for k, v in sorted(s["states"].items())) or "none"),
              "  stop reasons: " + (", ".join(f"{k} {v}" for k, v in sorted(s["stop_reasons"].items())) or "none")]
+    if s.get("front") is not None:
+        return "\n".join(lines + front_lines(s))
     b = s["best"]
     if b is None:
         lines.append("  best: no COMPLETE trial yet")
@@ -139,11 +197,23 @@ def _optuna_plots(study, out, n_complete: int) -> list[tuple[str, str, str]]:
     import optuna
     import optuna.visualization.matplotlib as ovm
 
-    importances = functools.partial(ovm.plot_param_importances, evaluator=importance_evaluator())
-    plots = [("history.png", "Optimisation history", ovm.plot_optimization_history, (8, 4.5)),
-             ("importances.png", f"Parameter importances ({IMPORTANCE_NAME})", importances, (8, 4.5)),
-             ("parallel.png", "Parallel coordinates", ovm.plot_parallel_coordinate, (13, 5.5))]
-    done = []
+    target: dict[str, Any] = {}
+    plots, done = [], []
+    if is_multi(study):  # Optuna's one-objective plots need a target: the first objective's value
+        names = objective_names(study)
+        target = {"target": first_value, "target_name": names[0]}
+        front = functools.partial(ovm.plot_pareto_front, target_names=names[:3]) if len(names) <= 3 else None
+        if front is not None:
+            plots.append(("pareto.png", f"Pareto front ({', '.join(names)}; red: the front)", front, (8, 5.5)))
+        else:
+            done.append(("", "Pareto front", f"not drawn: {len(names)} objectives (the plot takes 2 or 3); the "
+                         "table above lists the front"))
+    importances = functools.partial(ovm.plot_param_importances, evaluator=importance_evaluator(), **target)
+    plots += [("history.png", "Optimisation history" + (f" ({target['target_name']})" if target else ""),
+               functools.partial(ovm.plot_optimization_history, **target), (8, 4.5)),
+              ("importances.png", f"Parameter importances ({IMPORTANCE_NAME})", importances, (8, 4.5)),
+              ("parallel.png", "Parallel coordinates", functools.partial(ovm.plot_parallel_coordinate, **target),
+               (13, 5.5))]
     for file, title, fn, size in plots:
         note = importance_note(n_complete) if file == "importances.png" else ""
         if note and n_complete < 2:  # nothing to compare: Optuna would draw equal bars
@@ -168,7 +238,7 @@ def _curves_plot(trials, objective: str, path) -> None:
     axes = fig.subplots(len(trials), 2, squeeze=False)
     for i, (row, t) in enumerate(zip(axes, trials)):
         draw_curves(row[0], row[1], history(t), t.user_attrs.get("best_epoch"), legend=i == 0)
-        row[0].set_title(f"trial {t.number}: {objective}={t.value:.4g} ({t.user_attrs.get('stop_reason', '')})",
+        row[0].set_title(f"trial {t.number}: {objective}={first_value(t):.4g} ({t.user_attrs.get('stop_reason', '')})",
                          fontsize=9, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -214,8 +284,8 @@ def write_report(study, out, storage_masked: str) -> Path:
         raise ConfigError(f"study '{study.study_name}' has no trials yet; nothing to report")
     s = study_summary(study)
     sign = 1 if s["direction"] == "minimize" else -1
-    complete = sorted((t for t in trials if t.state.name == "COMPLETE" and t.value is not None),
-                      key=lambda t: sign * t.value)
+    complete = sorted((t for t in trials if t.state.name == "COMPLETE" and first_value(t) is not None),
+                      key=lambda t: sign * first_value(t))  # by the first objective in a multi-objective study
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         sections = []
@@ -244,20 +314,41 @@ def write_report(study, out, storage_masked: str) -> Path:
     return out / "index.html"
 
 
+def _front_table(s: dict[str, Any], esc) -> str:
+    """A multi-objective study's Pareto front as an HTML table ("" for a single objective)."""
+    if s.get("front") is None:
+        return ""
+    if not s["front"]:
+        return "<h2>Pareto front</h2><p>No COMPLETE trial yet.</p>"
+    head = "".join(f"<th>{esc(n)} ({esc(d)})</th>" for n, d in zip(s["objectives"], s["directions"]))
+    rows = []
+    for row in s["front"]:
+        params = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(row["params"].items())) or "(base config)"
+        cells = "".join(f"<td>{v:.5g}</td>" for v in row["values"])
+        rows.append(f"<tr><td>{row['number']}</td>{cells}<td>{row['best_epoch']}</td><td>{esc(params)}</td></tr>")
+    return (f"<h2>Pareto front ({len(s['front'])} trial(s))</h2><p>No trial is better on every objective than "
+            "these; values at the epoch best for the first objective. Export one with <code>regsweep export "
+            "--trial N</code>.</p><table class=\"front\"><tr><th>trial</th>" + head
+            + "<th>best epoch</th><th>params</th></tr>" + "".join(rows) + "</table>")
+
+
 def _html(study, s, complete, sections, storage_masked, esc) -> str:
     rows = []
     for t in complete[:10]:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(t.params.items()))
         test = t.user_attrs.get("test_acc")
-        rows.append(f"<tr><td>{t.number}</td><td>{t.value:.5g}</td><td>{t.user_attrs.get('best_epoch')}</td>"
+        value = " / ".join(f"{v:.5g}" for v in t.values)
+        rows.append(f"<tr><td>{t.number}</td><td>{value}</td><td>{t.user_attrs.get('best_epoch')}</td>"
                     f"<td>{'' if test is None else f'{test:.4f}'}</td>"
                     f"<td>{esc(str(t.user_attrs.get('stop_reason', '')))}"
                     f"</td><td>{esc(params or '(base config)')}</td></tr>")
     body = [f"<h1>Study {esc(s['name'])}</h1>",
-            f"<p>{esc(storage_masked)} &middot; {s['n_trials']} trials &middot; {s['direction']} "
-            f"{esc(s['objective'])}</p>",
+            f"<p>{esc(storage_masked)} &middot; {s['n_trials']} trials &middot; {esc(objectives_text(s))}</p>",
             "<pre>" + esc(format_summary(s)) + "</pre>",
-            "<h2>Top trials</h2>" + ("<table><tr><th>trial</th><th>value</th><th>best epoch</th><th>test acc "
+            _front_table(s, esc),
+            "<h2>Top trials" + (f" by {esc(s['objective'])}" if s.get("front") is not None else "") + "</h2>"
+            + ("<table><tr><th>trial</th><th>" + esc(" / ".join(s.get("objectives") or ["value"]))
+               + "</th><th>best epoch</th><th>test acc "
                                      "(reading only)</th><th>stop reason</th><th>params</th></tr>"
                                      + "".join(rows) + "</table>" if rows else "<p>No COMPLETE trial yet.</p>")]
     for title, file, note in sections:

@@ -8,6 +8,10 @@
 | qmc | QMCSampler (Sobol, scrambled) | categorical and conditional params |
 | gp | GPSampler | conditional params |
 | cmaes | CmaEsSampler | categorical and conditional params |
+| nsga2 | NSGAIISampler (multi-objective; a random first generation of ``population_size``, 50) | conditional params |
+
+A multi-objective study (``objectives:``) takes the samplers of :data:`MULTI_OBJECTIVE`: ``nsga2`` or ``tpe``
+(Optuna's TPE is multi-objective TPE on such a study), also ``random``.
 
 Every sampler is seeded from the spec's ``sampler.seed``.
 """
@@ -35,8 +39,10 @@ class Limits:
 LIMITS: dict[str, Limits] = {
     "tpe": Limits(), "random": Limits(), "grid": Limits(),
     "qmc": Limits(categorical=False, conditional=False), "gp": Limits(conditional=False),
-    "cmaes": Limits(categorical=False, conditional=False),
+    "cmaes": Limits(categorical=False, conditional=False), "nsga2": Limits(conditional=False),
 }
+# the samplers a multi-objective study (spec ``objectives:``) may use
+MULTI_OBJECTIVE = ("nsga2", "tpe", "random")
 
 
 @contextmanager
@@ -114,9 +120,17 @@ def _cmaes(seed, args, space):
         return optuna.samplers.CmaEsSampler(seed=seed, **{"warn_independent_sampling": False, **args})
 
 
+@SAMPLERS.register("nsga2")
+def _nsga2(seed, args, space):
+    import optuna
+
+    with _quiet():
+        return optuna.samplers.NSGAIISampler(seed=seed, **args)
+
+
 # name -> the Optuna class its factory builds (what sampler.args are checked against)
 CLASSES = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler", "qmc": "QMCSampler",
-           "gp": "GPSampler", "cmaes": "CmaEsSampler"}
+           "gp": "GPSampler", "cmaes": "CmaEsSampler", "nsga2": "NSGAIISampler"}
 RESERVED = {"seed": "give the seed as sampler.seed", "search_space": "grid enumerates the space's own values"}
 
 

@@ -5,6 +5,8 @@ Grammar (paths are relative to the spec file)::
     name: digits_cnn
     base: base/digits_cnn.yaml            # or an inline TrainConfig mapping
     objective: {metric: val_loss, direction: minimize}
+    # or, for a multi-objective study (a Pareto front; instead of objective:):
+    # objectives: [{metric: val_loss, direction: minimize}, {metric: overfit_gap, direction: minimize}]
     space: {include: ../spaces/regularization.yaml}   # or inline params (see search/space.py)
     sampler: {name: tpe, seed: 0, args: {multivariate: true, group: true}}
     pruner: {any_of: [{name: median, args: {n_warmup_steps: 3}}, {name: overfit, args: {patience: 3}}]}
@@ -38,14 +40,21 @@ from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, proj
 from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section, parse_trackers_section
 from regsweep.search.spec_checks import fail as _fail
 
-SPEC_FIELDS = ("name", "description", "base", "objective", "space", "sampler", "pruner", "budget", "enqueue",
-               "storage", "ray", "keep_weights", "confirm", "warm_start",
+SPEC_FIELDS = ("name", "description", "base", "objective", "objectives", "space", "sampler", "pruner", "budget",
+               "enqueue", "storage", "ray", "keep_weights", "confirm", "warm_start",
                "trackers")
 # keep_weights: best = the study's best trial's best-epoch weights only (the coordinator removes the others after
 # the budget); all = every finished trial's; none = no weights. Not in the spec hash (it does not change the search)
 KEEP_WEIGHTS = ("best", "all", "none")
 # metric -> the only direction that makes sense for it
 OBJECTIVES = {"val_loss": "minimize", "val_acc": "maximize"}
+# objectives: the first is one of OBJECTIVES (per epoch: the best epoch, early stopping and the overfit rule use it);
+# the others may also be these (record.py computes them: the gap per epoch, n_params once per trial)
+TRADE_OFFS = {**OBJECTIVES, "overfit_gap": "minimize", "n_params": "minimize"}
+MAX_OBJECTIVES = 4
+# Optuna's pruners need one objective (``trial.report`` and ``should_prune`` refuse several): with objectives: only
+# these pruners, which read the recorded history, not Optuna's intermediate values
+MULTI_PRUNERS = ("none", "overfit")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 NAME_MAX = 128  # study names: Optuna's column holds 512, a 10,000-character name broke PostgreSQL/MariaDB
 DESCRIPTION_MAX = 10_000  # characters: the description is a few lines shown on the dashboard
@@ -108,6 +117,21 @@ class StudySpec:
     # the switched-on trackers (spec_checks.parse_trackers_section); how a sweep is watched, not what it
     # searches: never in the spec hash
     trackers: dict[str, Any] = field(default_factory=dict)
+    # objectives: [...] (two or more; ``objective`` is their first) or [] for a single-objective study
+    objectives: list[Objective] = field(default_factory=list)
+
+    @property
+    def multi(self) -> bool:
+        """A multi-objective study (``objectives:``): a Pareto front, no best trial, no Optuna pruner."""
+        return len(self.objectives) > 1
+
+    @property
+    def all_objectives(self) -> list[Objective]:
+        return list(self.objectives) if self.multi else [self.objective]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.all_objectives]
 
     @property
     def directory(self) -> Path:
@@ -125,6 +149,8 @@ class StudySpec:
         canonical = {"base": hashable_config(self.base), "objective": vars(self.objective),
                      "space": self.space.to_dict(),
                      "sampler": self.sampler, "pruner": self.pruner, "enqueue": self.enqueue}
+        if self.multi:  # only when given: single-objective specs keep their hash
+            canonical["objectives"] = [vars(o) for o in self.objectives]
         if self.ray:  # only when given: specs without it keep their hash
             canonical["ray"] = self.ray
         if self.confirm:  # the same: it changes which trial export picks
@@ -249,7 +275,8 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
 
     base = _load_base(data.get("base"), path, source, roots)
 
-    objective = _parse_objective(data.get("objective"), source)
+    objectives = _parse_objectives(data, source)
+    objective = objectives[0] if objectives else _parse_objective(data.get("objective"), source)
 
     if "space" not in data:
         raise SpecError(f"{source}: space: missing; give params or include: a file from spaces/")
@@ -284,7 +311,7 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
     trackers = parse_trackers_section(data.get("trackers"), source, path.parent)
     spec = StudySpec(name, path, base, objective, space, sampler, data.get("pruner"),
                      n_trials, timeout, enqueue, storage, description, dict(data), source, ray,
-                     keep_weights=keep_weights, trackers=trackers)
+                     keep_weights=keep_weights, trackers=trackers, objectives=objectives)
     spec.confirm, spec.warm_start = _parse_confirm(data.get("confirm"), source), _parse_warm(data, source)
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
@@ -294,6 +321,8 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
         raise SpecError(f"{source}: {exc}") from None
     except (TypeError, ValueError) as exc:
         raise _fail(source, "sampler.args", sampler["args"], f"{sampler['name']}: {clip(exc)}") from None
+    if spec.multi:
+        _check_multi(spec, data, source)
     dry_run(spec)
     return spec
 
@@ -338,6 +367,58 @@ def _parse_objective(value: Any, source: str) -> Objective:
     if direction != OBJECTIVES[metric]:
         raise _fail(source, "objective.direction", direction, f"{metric} is optimised with {OBJECTIVES[metric]}")
     return Objective(metric, direction)
+
+
+def _parse_objectives(data: Mapping[str, Any], source: str) -> list[Objective]:
+    """``objectives: [{metric, direction}, ...]`` (2..MAX_OBJECTIVES, distinct metrics, the first a per-epoch
+    validation metric), or [] when absent; never together with ``objective:``."""
+    value = data.get("objectives")
+    if value is None:
+        return []
+    if data.get("objective") is not None:
+        raise _fail(source, "objectives", value, "give either objective: (one) or objectives: (several), not both")
+    if not isinstance(value, list) or not 2 <= len(value) <= MAX_OBJECTIVES:
+        raise _fail(source, "objectives", value, f"must be a list of 2 to {MAX_OBJECTIVES} {{metric, direction}} "
+                    "mappings (one objective: use objective:)")
+    out: list[Objective] = []
+    for i, entry in enumerate(value):
+        fld = f"objectives[{i}]"
+        obj = _mapping(source, fld, entry, ("metric", "direction"))
+        if not obj:
+            raise _fail(source, fld, entry, "must be a mapping {metric, direction}")
+        metric = obj.get("metric")
+        allowed = OBJECTIVES if i == 0 else TRADE_OFFS
+        if not isinstance(metric, str) or metric not in allowed:
+            why = (" (the first objective chooses the best epoch: a per-epoch validation metric)" if i == 0
+                   and metric in TRADE_OFFS else " (the test set never chooses anything)")
+            raise _fail(source, f"{fld}.metric", metric, f"choose one of: {', '.join(allowed)}{why}")
+        if metric in (o.metric for o in out):
+            raise _fail(source, f"{fld}.metric", metric, "each metric at most once")
+        direction = obj.get("direction", TRADE_OFFS[metric])
+        if direction != TRADE_OFFS[metric]:
+            raise _fail(source, f"{fld}.direction", direction, f"{metric} is optimised with {TRADE_OFFS[metric]}")
+        out.append(Objective(metric, direction))
+    return out
+
+
+def _check_multi(spec: StudySpec, data: Mapping[str, Any], source: str) -> None:
+    """What a multi-objective study cannot do, refused in one line: Optuna's pruners (no report, no should_prune
+    for several objectives), confirm (a mean over seeds of one value), samplers without multi-objective support."""
+    from regsweep.search.pruners.registry import pruner_names
+    from regsweep.search.samplers import MULTI_OBJECTIVE
+
+    names = pruner_names(spec.pruner)
+    refused = [n for n in names if n not in MULTI_PRUNERS]
+    if refused:
+        raise _fail(source, "pruner", spec.pruner if isinstance(spec.pruner, str) else refused[0],
+                    f"Optuna's pruners need a single objective; with objectives: choose {' or '.join(MULTI_PRUNERS)} "
+                    "(the overfit rule reads the first objective's curves)")
+    if data.get("confirm") is not None:
+        raise _fail(source, "confirm", data["confirm"], "confirm ranks configurations by one objective's mean; "
+                    "with objectives: drop confirm:, or use one objective:")
+    if spec.sampler["name"] not in MULTI_OBJECTIVE:
+        raise _fail(source, "sampler.name", spec.sampler["name"], "with objectives: choose a multi-objective "
+                    f"sampler: {', '.join(MULTI_OBJECTIVE)}")
 
 
 def _parse_sampler(value: Any, source: str) -> dict[str, Any]:

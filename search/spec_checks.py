@@ -41,12 +41,16 @@ def _dry_run_once(spec: Any, sampler_args: dict[str, Any]) -> Optional[tuple[str
     from regsweep.search.samplers import make_sampler
 
     rng = random.Random(0)
+    directions = spec.directions  # several: no report/should_prune (Optuna refuses them; the pruner is checked
+    multi = len(directions) > 1   # to be one that reads the history), one value per objective
     base = spec.base.to_dict()
     steps = max(1, min(spec.base.train.epochs, 4))
     phase = ["sampler"]  # who runs now: ask/tell (and sampling) are the sampler's, should_prune the pruner's
 
-    def objective(trial) -> float:
+    def objective(trial):
         spec.space.sample(trial, base)
+        if multi:
+            return [rng.random() for _ in directions]
         phase[0] = "pruner"
         for step in range(steps):
             trial.report(rng.random(), step)
@@ -58,7 +62,7 @@ def _dry_run_once(spec: Any, sampler_args: dict[str, Any]) -> Optional[tuple[str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            study = optuna.create_study(direction=spec.objective.direction, pruner=spec.make_pruner(),
+            study = optuna.create_study(directions=directions, pruner=spec.make_pruner(),
                                         sampler=make_sampler(spec.sampler["name"], spec.sampler.get("seed"),
                                                              sampler_args, spec.space))
             study.optimize(objective, n_trials=DRY_RUN_TRIALS)

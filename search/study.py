@@ -20,6 +20,7 @@ from regsweep.search.trial import BASE_ATTR
 from regsweep.search.urls import check_url, mask, sqlite_file
 
 SPEC_HASH_ATTR, SPEC_ATTR, BUDGET_ATTR = "regsweep:spec_hash", "regsweep:spec", "regsweep:n_trials"
+OBJECTIVES_ATTR = "regsweep:objectives"  # a multi-objective study's metric names, in the order of trial values
 
 class SweepFailed(RuntimeError):
     """The sweep cannot go on (e.g. every trial fails): exit 1."""
@@ -65,7 +66,7 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
     storage = open_storage(url, heartbeat=heartbeat)
     existing = set(optuna.get_all_study_names(storage))  # summaries would load every trial
     created = study_name not in existing
-    study = optuna.create_study(storage=storage, study_name=study_name, direction=spec.objective.direction,
+    study = optuna.create_study(storage=storage, study_name=study_name, directions=spec.directions,
                                 sampler=spec.make_sampler(), pruner=spec.make_pruner(), load_if_exists=True)
     old_hash = study.user_attrs.get(SPEC_HASH_ATTR)
     if old_hash is None or (old_hash != spec.spec_hash() and allow_spec_change):
@@ -73,23 +74,40 @@ def open_study(spec: StudySpec, url: str, study_name: str, *, allow_spec_change:
         study.set_user_attr(SPEC_ATTR, spec.stored())
         if old_hash is None:
             study.set_user_attr("regsweep:objective", spec.objective.metric)
+            if spec.multi:  # the names of the trial values, in order (status, report, export, the note)
+                study.set_user_attr(OBJECTIVES_ATTR, [o.metric for o in spec.objectives])
+                name_metrics(study, [o.metric for o in spec.objectives])
         if created:  # every trial of a new study records format 2; an older study mixes (the attr stays absent)
             from regsweep.search.record import FORMAT_ATTR, RECORD_FORMAT
 
             study.set_user_attr(FORMAT_ATTR, RECORD_FORMAT)
     elif old_hash != spec.spec_hash():
         raise spec.change_error(study_name, study.user_attrs.get(SPEC_ATTR, {}))
-    if study.direction.name.lower() != spec.objective.direction:
-        raise ConfigError(f"{spec.path}: objective.direction: study '{study_name}' is "
-                          f"{study.direction.name.lower()}, the spec says {spec.objective.direction}")
+    directions = [d.name.lower() for d in study.directions]
+    if directions != spec.directions:
+        fld = "objectives" if spec.multi or len(directions) > 1 else "objective.direction"
+        raise ConfigError(f"{spec.path}: {fld}: study '{study_name}' is {', '.join(directions)}, the spec says "
+                          f"{', '.join(spec.directions)}; use a new --study-name")
     return study, created
+
+
+def name_metrics(study, names: list[str]) -> None:
+    """Optuna's own names of the trial values (``study.metric_names``: optuna-dashboard's axes, plain Optuna's
+    ``trials_dataframe`` columns)."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # set_metric_names is "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
 
 
 # ------------------------------------------------------------------------------------ sampler seeds
 # Samplers whose draws depend only on their RNG and the trials so far: a resumed run (or another worker) gets a
 # seed of its own, derived from the spec's, the number of trials already started and the worker. qmc and grid
 # are never reseeded: their sequence itself is a function of the seed (a new seed would restart or reshuffle it).
-RESEEDED_SAMPLERS = ("tpe", "random", "gp", "cmaes")
+RESEEDED_SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2")
 
 
 def run_seed(seed: int, started: int, worker: Optional[str]) -> int:

@@ -97,17 +97,19 @@ def pruner_verdict(spec: StudySpec, trial, epoch: int) -> Optional[str]:
 
     pruner = trial.study.pruner
     if not hasattr(pruner, "verdict"):  # Optuna's own pruners: through the public API
+        if spec.multi:  # only `none` gets here (spec.py refuses the others): should_prune refuses several objectives
+            return None
         return f"pruned:{label(spec.pruner)}@{epoch}" if trial.should_prune() else None
     return stop_verdict(pruner, trial.study, latest_trial(trial), label(spec.pruner))
 
 
 @dataclass
 class Outcome:
-    """How a trial ended, in record.py's words: state COMPLETE | PRUNED | FAIL, the best epoch's value, the
-    recorded stop reason and the recorded history."""
+    """How a trial ended, in record.py's words: state COMPLETE | PRUNED | FAIL, the best epoch's value (a list of
+    values, one per objective, in a multi-objective study), the recorded stop reason and the recorded history."""
 
     state: str
-    value: Optional[float]
+    value: Any
     reason: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -161,7 +163,8 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
         check_signals()  # a SIGTERM/SIGINT swallowed somewhere during the epoch takes effect here
         return retry_transient(pruner_verdict, spec, trial, epoch)
 
-    recorder = Recorder(TrialWriter(trial), spec.objective, verdict=verdict, history=history)
+    recorder = Recorder(TrialWriter(trial), spec.objective, verdict=verdict, history=history,
+                        objectives=spec.all_objectives)
     try:
         cfg = config_for(spec, trial)
     except ConfigError as exc:
@@ -227,7 +230,8 @@ class OptunaObjective:
 
     def __init__(self, spec: StudySpec, device: Optional[str] = None, data_cache: Optional[DataCache] = None):
         self.spec = spec
-        self.metric = spec.objective.metric
+        # the objective's name, or the names of several (search/loop.py trial_line)
+        self.metric = [o.metric for o in spec.objectives] if spec.multi else spec.objective.metric
         self.device = resolve_device(device)
         self.data = data_cache or DataCache(base_dir=spec.path.parent)
         self.artifact_store = None  # set by make_objective: search.artifacts.open_store(location)
@@ -256,7 +260,7 @@ class OptunaObjective:
                            best_epoch=weights.epoch, value=value, in_shape=getattr(model, "in_shape", ()),
                            num_classes=getattr(model, "num_classes", 0))
 
-    def __call__(self, trial) -> float:
+    def __call__(self, trial) -> Any:
         from optuna import TrialPruned
 
         keeper = BestWeights(self.spec.objective) if self.keeps_weights else None
@@ -296,8 +300,9 @@ class OptunaObjective:
         if started:
             from regsweep.search.record import best_epoch
 
+            value = got.value[0] if isinstance(got.value, list) else got.value  # several: the first objective's
             trackers.end(trial, got.state, got.reason, got.history, best_epoch(got.history, self.spec.objective),
-                         got.value)
+                         value)
         return got
 
 

@@ -82,6 +82,17 @@ def label(spec: Any) -> str:
     return str(spec.get("name"))
 
 
+def pruner_names(spec: Any) -> list[str]:
+    """The pruner names a (valid) pruner spec uses, composites unfolded: {any_of: [median, overfit]} ->
+    ['median', 'overfit']; a patient pruner is 'patient' (what it wraps runs through it)."""
+    if spec is None or isinstance(spec, str):
+        return [spec or "none"]
+    for key in ("any_of", "all_of"):
+        if key in spec:
+            return [name for child in spec[key] for name in pruner_names(child)]
+    return [str(spec.get("name"))]
+
+
 def build_pruner(spec: Any, ctx: PrunerContext, fld: str = "pruner"):
     """Build (and so validate) a pruner spec; errors name the field and the allowed values."""
     from regsweep.search.pruners.compose import AllOf, AnyOf

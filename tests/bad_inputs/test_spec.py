@@ -40,6 +40,15 @@ def nested(key: str, lines: list[str], indent: str = "  ") -> str:
     return f"{key}:\n" + "\n".join(indent + ln for ln in lines)
 
 
+MO_OBJECTIVES = "objectives: [{metric: val_loss}, {metric: overfit_gap}]"
+
+
+def mo(**replace: str) -> dict[str, str]:
+    """TINY_SPEC as a two-objective study (val_loss, overfit_gap; nsga2, no pruner), then ``replace``."""
+    return spec(**{"objective": "", "objectives": MO_OBJECTIVES, "pruner": "pruner: none",
+                   "sampler": "sampler: {name: nsga2, seed: 0}", **replace})
+
+
 V = ["validate", "{d}/tiny.yaml"]
 R = ["run", "{d}/tiny.yaml"]
 
@@ -150,6 +159,40 @@ CASES = [
          spec(warm_start="warm_start: {study: earlier, storage: 'sqlite:///{d}/src.db', top_k: 2}"),
          setup=lambda d: _source_study(d / "src.db", {"optim.lr": 0.01}),
          expect=("tiny.yaml", "warm_start", "optim.lr", "not a param")),
+    # issue 21: trade-offs (objectives:, several objectives)
+    Case("spec-objectives-with-objective", V, spec(objectives=MO_OBJECTIVES, pruner="pruner: none"),
+         expect=("tiny.yaml", "objectives", "either objective:", "not both")),
+    Case("spec-objectives-only-one", V, mo(objectives="objectives: [{metric: val_loss}]"),
+         expect=("tiny.yaml", "objectives", "2 to 4", "use objective:")),
+    Case("spec-objectives-not-a-list", V, mo(objectives="objectives: {metric: val_loss}"),
+         expect=("tiny.yaml", "objectives", "'val_loss'", "list")),
+    Case("spec-objectives-entry-not-mapping", V, mo(objectives="objectives: [val_loss, n_params]"),
+         expect=("tiny.yaml", "objectives[0]", "'val_loss'", "mapping")),
+    Case("spec-objectives-first-not-per-epoch", V,
+         mo(objectives="objectives: [{metric: n_params}, {metric: val_loss}]"),
+         expect=("tiny.yaml", "objectives[0].metric", "'n_params'", "val_loss, val_acc", "per-epoch")),
+    Case("spec-objectives-test-metric", V, mo(objectives="objectives: [{metric: val_loss}, {metric: test_acc}]"),
+         expect=("tiny.yaml", "objectives[1].metric", "'test_acc'", "overfit_gap, n_params")),
+    Case("spec-objectives-duplicate", V, mo(objectives="objectives: [{metric: val_loss}, {metric: val_loss}]"),
+         expect=("tiny.yaml", "objectives[1].metric", "'val_loss'", "at most once")),
+    Case("spec-objectives-wrong-direction", V,
+         mo(objectives="objectives: [{metric: val_loss}, {metric: n_params, direction: maximize}]"),
+         expect=("tiny.yaml", "objectives[1].direction", "'maximize'", "n_params is optimised with minimize")),
+    Case("spec-objectives-unknown-key", V,
+         mo(objectives="objectives: [{metric: val_loss}, {metric: n_params, weight: 2}]"),
+         expect=("tiny.yaml", "objectives[1].weight", "allowed keys: metric, direction")),
+    Case("spec-objectives-optuna-pruner", V, mo(pruner="pruner: {name: median}"),
+         expect=("tiny.yaml", "pruner", "'median'", "choose none or overfit")),
+    Case("spec-objectives-pruner-in-any-of", R, mo(pruner="pruner: {any_of: [{name: overfit}, {name: hyperband}]}"),
+         expect=("tiny.yaml", "pruner", "'hyperband'", "choose none or overfit")),
+    Case("spec-objectives-single-objective-sampler", V, mo(sampler="sampler: {name: cmaes, seed: 0}"),
+         expect=("tiny.yaml", "sampler.name", "'cmaes'", "nsga2, tpe, random")),
+    Case("spec-objectives-confirm", V, mo(confirm="confirm: {top_k: 2, seeds: 2}"),
+         expect=("tiny.yaml", "confirm", "one objective's mean", "drop confirm:")),
+    Case("spec-nsga2-bad-arg", V, mo(sampler="sampler: {name: nsga2, seed: 0, args: {population_size: big}}"),
+         expect=("tiny.yaml", "sampler.args.population_size", "'big'")),
+    Case("spec-objectives-on-ray", [*R, "--backend", "ray"], mo(),
+         expect=("tiny.yaml", "objectives", "--backend ray", "--backend optuna")),
     # issue 19: the trackers: section
     Case("spec-trackers-unknown-name", V, spec(trackers="trackers: {wandb: {project: x}}"),
          expect=("tiny.yaml", "trackers.wandb", "unknown tracker", "mlflow, tensorboard")),

@@ -63,7 +63,7 @@ def done(study):
 
 
 def test_registry_names_every_sampler():
-    assert SAMPLERS.names() == ["tpe", "random", "grid", "qmc", "gp", "cmaes"]
+    assert SAMPLERS.names() == ["tpe", "random", "grid", "qmc", "gp", "cmaes", "nsga2"]
     with pytest.raises(ValueError, match="unknown sampler 'sobol'; choose one of: tpe, random, grid"):
         SAMPLERS.get("sobol")
 
@@ -94,7 +94,7 @@ def test_each_sampler_runs_a_real_study_and_repeats_itself_with_the_same_seed(na
     assert [t.value for t in second.trials] == [t.value for t in first.trials]  # CPU replay: same metrics
 
 
-@pytest.mark.parametrize("name", SEEDED)
+@pytest.mark.parametrize("name", (*SEEDED, "nsga2"))  # nsga2 trains for real in tests/search/test_tradeoffs.py
 def test_the_seed_reaches_the_sampler(name):
     """Different seeds give different params (a real sampler on an in-memory study; no training)."""
     base = load_spec_dict("tpe").base
@@ -237,4 +237,4 @@ def test_run_seed_is_the_spec_seed_only_for_a_fresh_studys_first_run():
     seeds = {run_seed(5, 0, "w0"), run_seed(5, 0, "w1"), run_seed(5, 20, None), run_seed(5, 40, None)}
     assert len(seeds) == 4 and 5 not in seeds and all(0 <= s < 2 ** 32 for s in seeds)
     assert run_seed(5, 20, None) == run_seed(5, 20, None)  # deterministic: a resumed run replays
-    assert "qmc" not in RESEEDED_SAMPLERS and "grid" not in RESEEDED_SAMPLERS
+    assert "qmc" not in RESEEDED_SAMPLERS and "grid" not in RESEEDED_SAMPLERS and "nsga2" in RESEEDED_SAMPLERS

@@ -226,6 +226,9 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     from regsweep.search.artifacts import resolve as resolve_artifacts
 
     out = out or sys.stdout
+    if spec.multi:  # the CLI refuses it first (search/cli.py); Tune's schedulers take one metric and mode
+        raise ConfigError(f"{spec.source or spec.path}: objectives: several objectives are not allowed with the Ray "
+                          "backend; run them with --backend optuna")
     check_user_models(spec, address)
     resources = check_run_args(url, n_trials=n_trials, device=device, address=address,
                                gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
