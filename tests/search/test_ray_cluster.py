@@ -9,7 +9,6 @@ The cluster is this test's own (not the session's local Ray); the driver is a `r
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -24,16 +23,6 @@ from optuna.trial import TrialState
 from regsweep.search.backends.ray.driver import LOST_REASON
 from regsweep.search.record import history
 
-
-def _conftest():
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_regsweep_tests_conftest_cluster", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_c = _conftest()
 N_TRIALS = 2
 # ~30 steps an epoch for 60 epochs: each trial trains for seconds, so the node dies under a running trial
 SPEC = f"""
@@ -50,24 +39,24 @@ budget: {{n_trials: {N_TRIALS}}}
 """
 
 
-def _trials(name):
+def _trials(name, url):
     try:
-        return optuna.load_study(study_name=name, storage=_c.POSTGRES_URL).get_trials(deepcopy=False)
+        return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     except KeyError:  # the driver has not created the study yet
         return []
 
 
-def _wait_two_training(name, proc, timeout=120):
+def _wait_two_training(name, url, proc, timeout=120):
     """Both budgeted trials RUNNING with a recorded epoch (one on each worker node)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        live = [t for t in _trials(name) if t.state == TrialState.RUNNING and history(t)]
+        live = [t for t in _trials(name, url) if t.state == TrialState.RUNNING and history(t)]
         if len(live) >= N_TRIALS:
             return live
         if proc.poll() is not None:
             break
         time.sleep(0.3)
-    raise AssertionError(f"two trials did not train at once: {_trials(name)}; driver rc {proc.poll()}")
+    raise AssertionError(f"two trials did not train at once: {_trials(name, url)}; driver rc {proc.poll()}")
 
 
 def _ppid(pid):
@@ -89,10 +78,8 @@ def _node_of(cluster_nodes, worker_pid):
 @pytest.mark.ray
 @pytest.mark.db
 @pytest.mark.procs
-def test_a_killed_ray_node_fails_its_trial_with_a_reason_and_the_driver_retries_it_once(tmp_path):
-    _c.require(importlib.util.find_spec("ray") is not None, "ray (pip install 'regsweep[ray]')")
-    _c.require(_c.reachable(_c.POSTGRES_URL), f"postgresql at {_c.POSTGRES_URL}")
-    from ray.cluster_utils import Cluster
+def test_a_killed_ray_node_fails_its_trial_with_a_reason_and_the_driver_retries_it_once(tmp_path, postgres_url):
+    from ray.cluster_utils import Cluster  # Ray missing: an ImportError, a failure (never a skip)
 
     spec = tmp_path / "ray_cluster.yaml"
     spec.write_text(SPEC)
@@ -104,12 +91,12 @@ def test_a_killed_ray_node_fails_its_trial_with_a_reason_and_the_driver_retries_
     try:
         nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
-        argv = ["run", str(spec), "--backend", "ray", "--address", cluster.address, "--storage", _c.POSTGRES_URL,
+        argv = ["run", str(spec), "--backend", "ray", "--address", cluster.address, "--storage", postgres_url,
                 "--study-name", name]
         proc = subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", *argv],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 start_new_session=True)
-        live = _wait_two_training(name, proc)
+        live = _wait_two_training(name, postgres_url, proc)
         victim = live[0]
         pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])  # "ray:HOST:PID"
         cluster.remove_node(_node_of(nodes, pid), allow_graceful=False)
@@ -121,7 +108,7 @@ def test_a_killed_ray_node_fails_its_trial_with_a_reason_and_the_driver_retries_
             proc.wait(timeout=10)
         cluster.shutdown()
     assert proc.returncode == 0, out[-4000:]
-    trials = _trials(name)
+    trials = _trials(name, postgres_url)
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)], out[-3000:]
     assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == N_TRIALS  # exact budget
     failed = [t for t in trials if t.state == TrialState.FAIL]
