@@ -26,9 +26,10 @@ import torch
 from regsweep.models.build import build, resolve_device
 from regsweep.models.config import ConfigError, DataConfig, TrainConfig
 from regsweep.models.data import DataBundle, load, open_dataset, resolve_residency
+from regsweep.models.plugins import is_ref
 from regsweep.models.train import fit
 from regsweep.search.optuna_internals import latest_trial
-from regsweep.search.record import BASE_ATTR, FAIL, PRUNED, Objective, Recorder, failure_reason
+from regsweep.search.record import BASE_ATTR, CODE_DIR_ATTR, FAIL, PRUNED, Objective, Recorder, failure_reason
 from regsweep.search.signals import Terminated, check_signals
 from regsweep.search.spec import StudySpec
 from regsweep.search.storage import TrialWriter, database_reason, retry_transient, transient_errors
@@ -170,6 +171,8 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
     except transient_errors() as exc:  # the database went away while the params were sampled
         record_failure(recorder, database_reason(exc) or failure_reason(exc))
         return Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
+    if is_ref(cfg.model.name) or is_ref(cfg.data.name):  # where that code came from: export --format python
+        extra = {**extra, CODE_DIR_ATTR: str(spec.directory)}
 
     def report(epoch: int, record: dict[str, Any]) -> Optional[str]:
         reason = recorder.on_epoch(epoch, record)
