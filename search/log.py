@@ -2,8 +2,8 @@
 
 Every module logs to ``logging.getLogger(__name__)`` through :func:`get` (a child of ``regsweep``). The first
 :func:`get` gives the ``regsweep`` logger ONE handler (:class:`Handler`; it does not propagate to the root
-logger): INFO and DEBUG go to stdout, WARNING and above to stderr, each as its bare message with ``warning: ``,
-``error: `` or ``debug: `` in front, so the default output is exactly what ``print`` gave before. The CLI sets the
+logger): INFO goes to stdout, DEBUG, WARNING and above to stderr, each as its bare message with ``debug: ``,
+``warning: `` or ``error: `` in front, so the default output is exactly what ``print`` gave before. The CLI sets the
 level (:func:`set_verbosity`): ``-q`` WARNING (info and progress chatter off; warnings and errors stay), ``-v``
 DEBUG (details), neither INFO. A program embedding regsweep may replace the handler on ``logging.getLogger(
 "regsweep")``.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Optional
 
 ROOT = "regsweep"
@@ -25,11 +26,12 @@ LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}  # -q, neither
 
 
 class Handler(logging.Handler):
-    """Below WARNING to stdout, the rest to stderr; the streams are looked up at each record (redirections and
-    pytest's capture see them), flushed after each line."""
+    """INFO to stdout, the rest (DEBUG, WARNING and up, and an info :func:`note`) to stderr, so ``-v`` never mixes
+    into a command's output (``export > train_best.py``); the streams are looked up at each record (redirections
+    and pytest's capture see them), flushed after each line."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        stream = sys.stderr if record.levelno >= logging.WARNING else sys.stdout
+        stream = sys.stdout if record.levelno == logging.INFO and not getattr(record, "stderr", False) else sys.stderr
         try:
             stream.write(self.format(record) + "\n")
             stream.flush()
@@ -63,6 +65,11 @@ def get(name: str) -> logging.Logger:
     return logging.getLogger(name if name == ROOT or name.startswith(ROOT + ".") else f"{ROOT}.{name}")
 
 
+def note(name: str, message: str) -> None:
+    """An INFO record that goes to stderr (a side note beside a command's real output: ``export``'s "wrote ...")."""
+    get(name).info(message, extra={"stderr": True})
+
+
 def set_verbosity(verbosity: int) -> None:
     """-1 (``-q``): warnings and errors only; 0: the default output; 1 (``-v``): debug details too."""
     root().setLevel(LEVELS[max(-1, min(1, verbosity))])
@@ -80,10 +87,12 @@ class InfoStream:
     def __init__(self, logger: logging.Logger):
         self.logger = logger
         self.partial = ""
+        self.lock = threading.Lock()  # the workers' relays (one thread each) share one stream
 
     def write(self, text: str) -> int:
-        self.partial += text
-        *lines, self.partial = self.partial.split("\n")
+        with self.lock:
+            self.partial += text
+            *lines, self.partial = self.partial.split("\n")
         for line in lines:
             self.logger.info(line)
         return len(text)

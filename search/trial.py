@@ -15,7 +15,6 @@ import json
 import math
 import os
 import socket
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from regsweep.models.config import ConfigError, DataConfig, TrainConfig
 from regsweep.models.data import DataBundle, load, open_dataset, resolve_residency
 from regsweep.models.plugins import is_ref
 from regsweep.models.train import fit
+from regsweep.search import log
 from regsweep.search.optuna_internals import latest_trial
 from regsweep.search.record import BASE_ATTR, CODE_DIR_ATTR, FAIL, PRUNED, Objective, Recorder, failure_reason
 from regsweep.search.signals import Terminated, check_signals
@@ -171,6 +171,7 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
     except transient_errors() as exc:  # the database went away while the params were sampled
         record_failure(recorder, database_reason(exc) or failure_reason(exc))
         return Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
+    log.get(__name__).debug(f"trial {trial.number}: params {dict(trial.params)}")
     if is_ref(cfg.model.name) or is_ref(cfg.data.name):  # where that code came from: export --format python
         extra = {**extra, CODE_DIR_ATTR: str(spec.directory)}
 
@@ -314,7 +315,7 @@ def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = 
     location = resolve(study, url, artifacts, coordinator=coordinator)
     if location is not None:
         objective.artifact_store = open_store(location)
-        print(f"artifacts: {location}", file=out or sys.stdout, flush=True)
+        print(f"artifacts: {location}", file=log.info_stream(__name__, out), flush=True)
     elif coordinator:
         warn_no_weights(spec)
     return objective
@@ -323,5 +324,5 @@ def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = 
 def warn_no_weights(spec: StudySpec) -> None:
     """The one warning of a run (the coordinator's) whose weights cannot be kept: no artifact store."""
     if spec.keep_weights != "none":
-        print(f"warning: keep_weights: {spec.keep_weights}: no artifact store (--artifacts off), so no trial's "
-              "weights are kept", file=sys.stderr, flush=True)
+        log.get(__name__).warning(f"keep_weights: {spec.keep_weights}: no artifact store (--artifacts off), so no "
+                                  "trial's weights are kept")

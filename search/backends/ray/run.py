@@ -7,13 +7,13 @@ import contextlib
 import io
 import math
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, TextIO
 
 from regsweep.models.config import ConfigError
+from regsweep.search import log
 from regsweep.search.backends.optuna_backend import RunResult
 from regsweep.search.backends.ray import FORMAT_ATTR, RAY_FORMAT, RESULTS_ENV, STORAGE_ENV
 from regsweep.search.backends.ray.driver import RayDriver, fail_dead_driver
@@ -110,8 +110,7 @@ def check_run_args(url: str, *, n_trials: Optional[int], device: Optional[str], 
         raise ConfigError(f"storage: {url!r} is not allowed with --backend ray; an in-memory SQLite database "
                           "is not shared with Ray's worker processes; use sqlite:///PATH")
     if address is not None and sqlite_file(url) is not None:
-        print(f"warning: storage is a SQLite file ({sqlite_file(url)}); every Ray node must see that path",
-              file=sys.stderr)
+        log.get(__name__).warning(f"storage is a SQLite file ({sqlite_file(url)}); every Ray node must see that path")
     return {"cpu": cpus, "gpu": gpus}
 
 
@@ -224,7 +223,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     from regsweep.search.artifacts import open_store
     from regsweep.search.artifacts import resolve as resolve_artifacts
 
-    out = out or sys.stdout
+    out = log.info_stream(__name__, out)
     check_user_models(spec, address)
     resources = check_run_args(url, n_trials=n_trials, device=device, address=address,
                                gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial)
