@@ -256,9 +256,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
     from regsweep.search.backends.ray import run as ray_run
 
     spec, url, name = _run_setup(args)
-    if _trackers(args, spec):
-        print("warning: --backend ray runs no trackers (MLflow, TensorBoard); they run on regsweep's own workers "
-              "(--backend optuna)", file=sys.stderr)
+    _refuse_trackers_on_ray(args, spec)
     _print_sqlite_file(url)
     with _progress(spec, url, name):  # the driver is the coordinator: progress and the study note
         result = ray_run.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
@@ -267,6 +265,21 @@ def _run_on_ray(args: argparse.Namespace) -> int:
                              allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
     _confirm_after_budget(spec, url, name, result.study, args.device)
     return _print_outcome(result.study, url, name)
+
+
+def _refuse_trackers_on_ray(args: argparse.Namespace, spec) -> None:
+    """The Ray backend runs no trackers: a configured one (flag, $REGSWEEP_MLFLOW or the spec) is one line, exit 2,
+    before Ray is started or a study is created."""
+    from regsweep.search.spec_checks import MLFLOW_ENV
+
+    settings = _trackers(args, spec)
+    for tracker in ("mlflow", "tensorboard"):
+        if tracker not in settings:
+            continue
+        where = (f"--{tracker}" if getattr(args, tracker, None) else f"${MLFLOW_ENV}" if tracker == "mlflow"
+                 and os.environ.get(MLFLOW_ENV) else f"{spec.source}: trackers.{tracker}")
+        raise ConfigError(f"{where}: not allowed with --backend ray; the Ray backend runs no trackers (MLflow, "
+                          f"TensorBoard): run with --backend optuna, or turn it off (--{tracker} off)")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

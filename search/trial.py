@@ -139,6 +139,22 @@ class BestWeights:
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
 
+def upload_best_weights(store, spec: StudySpec, trial, weights: BestWeights, state: str,
+                        value: Optional[float]) -> None:
+    """At the trial's end (still RUNNING): its best-epoch weights when ``keep_weights`` keeps them
+    (search/artifacts.py ``keeps_weights``) and the copy is of the recorded best epoch; both backends call it."""
+    from regsweep.search.artifacts import keeps_weights, upload_weights
+    from regsweep.search.export import trial_config
+
+    if (weights.state is not None and weights.epoch == trial.user_attrs.get("best_epoch")
+            and trial.user_attrs.get("config") is not None
+            and keeps_weights(spec.keep_weights, state, value, trial.study)):
+        model = weights.model
+        upload_weights(store, trial, weights.state, trial_config(trial).to_dict(), best_epoch=weights.epoch,
+                       value=value, in_shape=getattr(model, "in_shape", ()),
+                       num_classes=getattr(model, "num_classes", 0))
+
+
 # called after each recorded epoch with (config, epoch, record, the stop reason the recorder returned)
 EpochHook = Callable[[TrainConfig, int, dict[str, Any], Optional[str]], None]
 # called at the trial's end with (trial, history, state, value) while it is still RUNNING
@@ -248,17 +264,11 @@ class OptunaObjective:
         best-epoch weights when ``keep_weights`` says so."""
         if self.artifact_store is None:
             return
-        from regsweep.search.artifacts import keeps_weights, upload_trial_end, upload_weights
-        from regsweep.search.export import trial_config
+        from regsweep.search.artifacts import upload_trial_end
 
         upload_trial_end(self.artifact_store, trial, history, state, value, self.storage_label)
-        if (weights is not None and weights.state is not None and weights.epoch == trial.user_attrs.get("best_epoch")
-                and trial.user_attrs.get("config") is not None
-                and keeps_weights(self.spec.keep_weights, state, value, trial.study)):
-            model = weights.model
-            upload_weights(self.artifact_store, trial, weights.state, trial_config(trial).to_dict(),
-                           best_epoch=weights.epoch, value=value, in_shape=getattr(model, "in_shape", ()),
-                           num_classes=getattr(model, "num_classes", 0))
+        if weights is not None:
+            upload_best_weights(self.artifact_store, self.spec, trial, weights, state, value)
 
     def __call__(self, trial) -> float:
         from optuna import TrialPruned
