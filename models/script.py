@@ -633,6 +633,7 @@ def check_builtin_names(cfg: TrainConfig) -> None:
         build_mod.check_names(cfg)
         return
     data = cfg.to_dict()
+    data_mod.check_name(cfg.data.name)  # its form only
     for path in NAMED_FIELDS:
         if path != "model.name" and path != "data.name":
             check_choice(path, get_path(data, path), build_mod.REGISTRIES[path].names())

@@ -187,7 +187,8 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
     except transient_errors() as exc:  # the database went away while the params were sampled
         record_failure(recorder, database_reason(exc) or failure_reason(exc))
         return Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
-    log.get(__name__).debug(f"trial {trial.number}: params {dict(trial.params)}")
+    if log.get(__name__).isEnabledFor(log.logging.DEBUG):  # -v
+        log.get(__name__).debug(f"trial {trial.number}: params {dict(trial.params)}")
     if is_ref(cfg.model.name) or is_ref(cfg.data.name):  # where that code came from: export --format python
         extra = {**extra, CODE_DIR_ATTR: str(spec.directory)}
 

@@ -107,7 +107,7 @@ def test_the_driver_uploads_every_trial_artifacts_and_keep_weights_best_leaves_t
     from regsweep.models.train import evaluate
     from regsweep.search.artifacts import ARTIFACTS_ATTR, open_store, stored_weights, trial_artifacts
 
-    spec, name, out = sweep
+    spec, name, _ = sweep
     study = _study(name)
     store = open_store(study.user_attrs[ARTIFACTS_ATTR])
     best = study.best_trial.number
@@ -127,7 +127,6 @@ def test_the_driver_uploads_every_trial_artifacts_and_keep_weights_best_leaves_t
     parts = build(TrainConfig.from_dict(payload["config"]), "cpu")
     parts.model.load_state_dict(payload["state_dict"])
     assert evaluate(parts.model, parts.eval_loader("val"))[0] == pytest.approx(study.best_value, rel=1e-9, abs=1e-12)
-    assert "keep_weights: best: removed the weights of" in out or len(study.get_trials()) == 1
 
 
 def test_the_driver_writes_the_study_note_and_progress(sweep):
