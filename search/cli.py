@@ -550,6 +550,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _main(argv: Optional[list[str]]) -> int:
     args = parser().parse_args(argv)  # a bad flag: one line, exit 2 (Parser.error)
     log.set_verbosity(args.verbosity)  # every call: main() runs many times in one test process
+    if args.verbosity < 0:  # -q: Optuna's own info lines ("A new study created ...") too
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # `kill -USR1 PID`: stacks
     try:

@@ -97,8 +97,8 @@ def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str,
     study = open_study_locked(spec, url, study_name, allow_spec_change=allow_spec_change, n_trials=n_trials)
     total = budget(study, spec)
     location = resolve(study, url, artifacts, coordinator=True)  # the workers read it from the study
-    print(f"study '{study_name}' in {mask(url)}: {done_count(study)}/{total} trials done"
-          + (f"; artifacts: {location}" if location else ""), flush=True)
+    log.get(__name__).info(f"study '{study_name}' in {mask(url)}: {done_count(study)}/{total} trials done"
+                           + (f"; artifacts: {location}" if location else ""))
     if location is None:
         warn_no_weights(spec)
     code = launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,

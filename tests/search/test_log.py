@@ -29,8 +29,10 @@ budget: {n_trials: 1}
 
 @pytest.fixture(autouse=True)
 def default_verbosity():
+    before = optuna.logging.get_verbosity()
     yield
     log.set_verbosity(0)  # main() sets it on every call; library calls after this test get the default
+    optuna.logging.set_verbosity(before)  # -q quietens Optuna's own info lines too
 
 
 def test_quiet_and_verbose_on_a_real_run_and_export(tmp_path, capsys, monkeypatch):
@@ -47,6 +49,7 @@ def test_quiet_and_verbose_on_a_real_run_and_export(tmp_path, capsys, monkeypatc
         assert chatter not in out and chatter not in err, chatter
     assert err == "warning: keep_weights: best: no artifact store (--artifacts off), so no trial's weights are kept\n"
     assert logging.getLogger("regsweep").level == logging.WARNING
+    assert optuna.logging.get_verbosity() == optuna.logging.WARNING
 
     # -v before the command, on a resume for one more trial: debug lines on stderr, the default stdout
     assert main(["-v", "run", str(spec), "--storage", url, "--device", "cpu", "--n-trials", "2"]) == 0
