@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_files(load_config(args.config).data, base_dir=Path(args.config).parent)
     from regsweep.models.train import run_training
 
-    return run_training(args.config, args.device, args.out)
+    return run_training(args.config, args.device, args.out, quiet=not log.get(__name__).isEnabledFor(log.logging.INFO))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import logging
 
 import optuna
 import pytest
+import torch
 
 from regsweep.search import log
 from regsweep.search.cli import main
@@ -70,6 +71,15 @@ def test_quiet_and_verbose_on_a_real_run_and_export(tmp_path, capsys, monkeypatc
     assert capsys.readouterr() == ("", "")
     assert main(["export", "--storage", url, "--out", str(tmp_path / "best.yaml")]) == 0
     assert capsys.readouterr().err == f"wrote trial 0 (yaml) to {tmp_path / 'best.yaml'}\n"
+
+    # train -q: no per-epoch table, the final line only
+    threads = torch.get_num_threads()
+    try:
+        assert main(["-q", "train", str(tmp_path / "best.yaml"), "--device", "cpu", "--out", str(tmp_path / "r")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    assert out.startswith("completed; best epoch 0: val_loss ") and out.count("\n") == 1 and err == "", (out, err)
 
     # errors stay under -q: one line, exit 2
     assert main(["export", "-q", "--storage", url, "--study-name", "nope"]) == 2
