@@ -197,8 +197,8 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     code = worst(codes)
     for env, p in zip(envs, procs):
         if p.returncode < 0 or p.returncode not in (0, 130, 143):
-            print(f"error: worker {env[WORKER_ENV]} (pid {p.pid}) {ended(p.returncode)}; its log: "
-                  f"{logs / env[WORKER_ENV]}.err", file=sys.stderr, flush=True)
+            log.get(__name__).error(f"worker {env[WORKER_ENV]} (pid {p.pid}) {ended(p.returncode)}; its log: "
+                                    f"{logs / env[WORKER_ENV]}.err")
     if code == 0:
         shutil.rmtree(logs, ignore_errors=True)
     return code
