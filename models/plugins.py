@@ -13,6 +13,7 @@ code runs it, so only the commands that train or validate call :func:`load_ref` 
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 import sys
 from importlib import metadata
@@ -45,6 +46,7 @@ def add_search_path(folder: Folders) -> None:
     for path in _folders(folder):
         if str(path) not in sys.path:
             sys.path.append(str(path))
+            logging.getLogger(__name__).debug(f"appended {path} to sys.path (for code by import path)")
 
 
 def load_ref(ref: str, field: str, base_dir: Folders = None) -> Any:

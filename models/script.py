@@ -34,11 +34,13 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from regsweep.models import build as build_mod
+from regsweep.models import data as data_mod
+from regsweep.models import plugins
 from regsweep.models import train as train_mod
-from regsweep.models.config import FREE_MAPPINGS, ConfigError, TrainConfig, get_path
+from regsweep.models.config import FREE_MAPPINGS, NAMED_FIELDS, ConfigError, TrainConfig, check_choice, get_path
 
 PACKAGE = "regsweep.models"
 # The config's dataclass sections: in the script the config is a namespace, so annotations naming them
@@ -407,8 +409,12 @@ class Collector:
                 self.need(elsewhere.get(n, module), n)
 
     def _registration(self, path: str, registry: Any) -> None:
-        """The statement registering the config's entry of ``registry`` (config field ``path``)."""
+        """The statement registering the config's entry of ``registry`` (config field ``path``); none for the
+        user's own code (a model or dataset by import path or plugin: the script imports it, the registry stays
+        empty)."""
         entry = get_path(self.cfg.to_dict(), path)
+        if path in user_code(self.cfg):
+            return
         if entry not in registry:
             raise ScriptError(f"{path}: {entry!r} is not a built-in {registry.kind}; --format python writes "
                               "built-in models and datasets only (export --format yaml and train it with regsweep)")
@@ -549,6 +555,7 @@ def main(argv=None):
                         help="save the final weights (the best epoch's with restore_best) as a state_dict")
     args = parser.parse_args(argv)
     cfg = namespace(CONFIG)
+    __USER_CODE__
 
     def report(epoch, record):  # one JSON line per epoch: epoch, train_loss, ..., val_loss, val_acc, lr, seconds
         print(json.dumps(record), flush=True)
@@ -569,7 +576,10 @@ if __name__ == "__main__":
     sys.exit(main())
 '''
 
-DRIVER_IMPORTS = ("import argparse", "import json", "import sys", "from types import SimpleNamespace", "import torch")
+USER_CODE_CALL = ("    add_search_path([*USER_CODE_DIRS, os.path.dirname(os.path.abspath(__file__))])  # appended, "
+                  "never prepended\n")
+DRIVER_IMPORTS = ("import argparse", "import json", "import os", "import sys", "from types import SimpleNamespace",
+                  "import torch")
 
 
 def collect(cfg: TrainConfig) -> Collector:
@@ -584,22 +594,85 @@ def collect(cfg: TrainConfig) -> Collector:
     return col
 
 
-def render_script(cfg: TrainConfig, header: list[str], comment: Callable[[str], str],
-                  version: str = "") -> str:
-    """The standalone script for ``cfg``. ``header``: provenance lines for the docstring; ``comment(path)``:
-    where each CONFIG value came from (:func:`value_origins`)."""
-    for path in ("model.name", "data.name"):
+def user_code(cfg: TrainConfig) -> dict[str, str]:
+    """The config's fields naming the user's own code, never imported here: ``{"model.name": "nets:GNNet"}`` for a
+    model or dataset by import path or by an installed plugin's short name (a name that is not built in)."""
+    out = {}
+    for path, registry in (("model.name", build_mod.MODELS), ("data.name", data_mod.DATASETS)):
         value = get_path(cfg.to_dict(), path)
-        if not isinstance(value, str) or ":" in value:
-            raise ScriptError(f"{path}: {value!r} is not allowed with --format python; it writes built-in models "
-                              "and datasets only (export --format yaml and train it with regsweep)")
-    build_mod.check_names(cfg)
+        if isinstance(value, str) and (plugins.is_ref(value) or value not in registry) \
+                and not value.startswith(data_mod.TORCHVISION):
+            out[path] = value
+    return out
+
+
+def check_user_code(cfg: TrainConfig) -> dict[str, str]:
+    """:func:`user_code`, each checked without importing it: an import path by its form, a short name by the
+    installed entry points (metadata only). A ``torchvision:`` dataset is refused (one line)."""
+    found = user_code(cfg)
+    if cfg.data.name.startswith(data_mod.TORCHVISION):
+        raise ScriptError(f"data.name: {cfg.data.name!r} is not allowed with --format python; it writes built-in "
+                          "datasets and your own by import path (export --format yaml and train it with regsweep)")
+    for path, value in found.items():
+        kind = "model" if path == "model.name" else "dataset"
+        if plugins.is_ref(value):
+            if not plugins.REF.fullmatch(value):
+                raise ScriptError(f"{path}: {value!r} is not allowed with --format python; an import path is "
+                                  "'package.module:name'")
+        elif value not in plugins.entry_points(kind):
+            raise ScriptError(f"{path}: {value!r} is not allowed with --format python; it is neither built in, an "
+                              f"import path nor an installed {plugins.GROUPS[kind]} entry point here")
+    return found
+
+
+def check_builtin_names(cfg: TrainConfig) -> None:
+    """``build.check_names`` for a config whose model or dataset is the user's own: the other registry names only
+    (the user's code is never imported by export)."""
+    found = check_user_code(cfg)
+    if "model.name" not in found:  # data.name is checked by its form only: nothing is imported
+        build_mod.check_names(cfg)
+        return
+    data = cfg.to_dict()
+    data_mod.check_name(cfg.data.name)  # its form only
+    for path in NAMED_FIELDS:
+        if path != "model.name" and path != "data.name":
+            check_choice(path, get_path(data, path), build_mod.REGISTRIES[path].names())
+
+
+def user_code_lines(found: Mapping[str, str], code_dirs: list[str]) -> list[str]:
+    """The script's statement (and comment) putting the folder(s) the user's code was imported from on
+    ``sys.path``, appended as regsweep appends them."""
+    named = ", ".join(f"{path} {value!r}" for path, value in found.items())
+    modules = ", ".join(sorted({v.split(":")[0].split(".")[0] for v in found.values() if plugins.is_ref(v)}))
+    lines = [f"# Your own code, imported by load_ref/load_entry_point below (regsweep.models.plugins): {named}.",
+             "# As regsweep did, main() APPENDS its folder to sys.path with add_search_path (never prepends: an",
+             "# installed package of the same name wins), then this script's own folder"
+             + (f" (so {modules} may also sit beside it)." if modules else ".")]
+    if code_dirs:
+        lines.append("# The folder that held the study's spec, recorded by the trial that ran it:")
+    else:
+        lines.append("# The trial recorded no folder (a plugin, or a trial made before regsweep recorded it).")
+    lines.append(f"USER_CODE_DIRS = {_literal(list(code_dirs))}")
+    return lines
+
+
+def render_script(cfg: TrainConfig, header: list[str], comment: Callable[[str], str],
+                  version: str = "", code_dirs: Sequence[str] = ()) -> str:
+    """The standalone script for ``cfg``. ``header``: provenance lines for the docstring; ``comment(path)``:
+    where each CONFIG value came from (:func:`value_origins`); ``code_dirs``: the folders a model or dataset by
+    import path was imported from (the spec's folder the trial recorded), appended to ``sys.path`` by the
+    script. The user's code is never imported here."""
+    check_builtin_names(cfg)
+    found = user_code(cfg)
     col = collect(cfg)
+    if found:
+        col.need(plugins.__name__, "add_search_path")
     imports = {"from __future__ import annotations", *col.imports.values(), *DRIVER_IMPORTS}
     names = set(col.owner)
     if col.aliases_needed:
         names.add("SimpleNamespace")
-    clash = names & {"argparse", "json", "sys", "namespace", "main", "CONFIG"} - set(col.imports)
+    driver_names = {"argparse", "json", "os", "sys", "namespace", "main", "CONFIG", "USER_CODE_DIRS"}
+    clash = names & driver_names - set(col.imports)
     if clash:
         raise ScriptError(f"the script's driver names clash with regsweep code: {sorted(clash)}")
     stdlib, third = import_lines(imports - {"from __future__ import annotations"})
@@ -609,6 +682,8 @@ def render_script(cfg: TrainConfig, header: list[str], comment: Callable[[str], 
     if col.aliases_needed:
         doc += ["", "# regsweep's config dataclasses, named in annotations below: the config is a namespace here.",
                 " = ".join(sorted(col.aliases_needed)) + " = SimpleNamespace"]
+    if found:
+        doc += ["", "", *user_code_lines(found, list(code_dirs))]
     body: list[str] = []
     current = None
     for unit in col.ordered():
@@ -619,7 +694,9 @@ def render_script(cfg: TrainConfig, header: list[str], comment: Callable[[str], 
         body += ["", ""] if body[-1].strip() else [""]
         body += [f"# {note}" for note in unit.notes]
         body += unit.text.split("\n")
-    text = "\n".join(doc + body).rstrip() + "\n" + DRIVER.replace("__FREE_MAPPINGS__", repr(FREE_MAPPINGS))
+    driver = DRIVER.replace("__FREE_MAPPINGS__", repr(FREE_MAPPINGS))
+    driver = driver.replace("    __USER_CODE__\n", USER_CODE_CALL if found else "")
+    text = "\n".join(doc + body).rstrip() + "\n" + driver
     text = re.sub(r"\n{4,}", "\n\n\n", text)
     compile(text, "train_best.py", "exec")  # a transformation that broke the syntax fails here, not at the user
     return text

@@ -347,8 +347,9 @@ def format_row(record: dict[str, Any]) -> str:
     return " ".join(fmt.format(record[k]) for k, fmt in COLUMNS)
 
 
-def run_training(config_path: str, device: str | None = None, out: str | None = None) -> int:
-    """Load, train with a per-epoch table, write config.yaml, history.json and checkpoint.pt to ``out``."""
+def run_training(config_path: str, device: str | None = None, out: str | None = None, quiet: bool = False) -> int:
+    """Load, train with a per-epoch table, write config.yaml, history.json and checkpoint.pt to ``out``.
+    ``quiet`` (``regsweep -q train``): no table, only the final line and errors."""
     cfg = load_config(config_path)
     add_search_path(Path(config_path).parent)  # a dataset by import path may live beside the config
     try:  # a model by import path: built once first, so that a factory's error is one line before any output
@@ -357,13 +358,14 @@ def run_training(config_path: str, device: str | None = None, out: str | None = 
         raise ConfigError(f"{config_path}: {exc}") from None
     dev = resolve_device(device)
     out_dir = Path(out) if out else Path("runs") / Path(config_path).stem
-    print(f"training {cfg.model.name} on {cfg.data.name} ({dev}); output: {out_dir.resolve()}", flush=True)
-    print(format_header(), flush=True)
+    if not quiet:
+        print(f"training {cfg.model.name} on {cfg.data.name} ({dev}); output: {out_dir.resolve()}", flush=True)
+        print(format_header(), flush=True)
 
     def show(epoch: int, record: dict[str, Any]) -> None:
         print(format_row(record), flush=True)
 
-    parts, hist = train(cfg, dev, report=show)
+    parts, hist = train(cfg, dev, report=None if quiet else show)
     cfg = parts.config  # data.residency resolved: the saved config replays the same way on any machine
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(out_dir / "config.yaml")

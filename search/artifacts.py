@@ -22,12 +22,12 @@ coordinator removes the finished non-best trials' files (and their entries) afte
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from regsweep.models.config import ConfigError
+from regsweep.search import log
 
 ARTIFACTS_ATTR = "regsweep:artifacts"
 OFF = "off"
@@ -148,8 +148,7 @@ def upload_trial(store, trial, history: list[dict[str, Any]], best_epoch: Option
             for f in files:
                 ids.append(upload_artifact(artifact_store=store, file_path=f, study_or_trial=trial))
     except Exception as exc:  # an unreachable bucket or a full disk must not fail a trained trial
-        print(f"warning: trial {trial.number}: artifact upload failed ({exc.__class__.__name__}: {exc})",
-              file=sys.stderr, flush=True)
+        log.get(__name__).warning(f"trial {trial.number}: artifact upload failed ({exc.__class__.__name__}: {exc})")
     return ids
 
 
@@ -227,8 +226,7 @@ def upload_weights(store, trial, state_dict: dict[str, Any], config: dict[str, A
             return upload_artifact(artifact_store=store, file_path=path, study_or_trial=trial,
                                    mimetype="application/octet-stream")
     except Exception as exc:  # a full disk or a gone bucket must not fail a trained trial
-        print(f"warning: trial {trial.number}: weights upload failed ({exc.__class__.__name__}: {exc})",
-              file=sys.stderr, flush=True)
+        log.get(__name__).warning(f"trial {trial.number}: weights upload failed ({exc.__class__.__name__}: {exc})")
         return None
 
 
@@ -293,14 +291,14 @@ def prune_weights(study, store, out=None) -> int:
             except ArtifactNotFound:
                 pass  # removed before (a clean-up that stopped half-way): its entry goes now
             except Exception as exc:  # a bucket that refuses: the file and its entry stay, the run goes on
-                print(f"warning: trial {t.number}: could not remove its weights ({exc.__class__.__name__}: {exc})",
-                      file=sys.stderr, flush=True)
+                log.get(__name__).warning(f"trial {t.number}: could not remove its weights "
+                                          f"({exc.__class__.__name__}: {exc})")
                 continue
             try:  # the trial's artifact entry too (RDB storages), so no listing names a file that is gone
                 remove_artifact_meta(study, t, aid)
             except Exception as exc:  # the database went away: the entry stays, the file is gone
-                print(f"warning: trial {t.number}: its weights' artifact entry stays ({exc.__class__.__name__})",
-                      file=sys.stderr, flush=True)
+                log.get(__name__).warning(f"trial {t.number}: its weights' artifact entry stays "
+                                          f"({exc.__class__.__name__})")
     if removed and out is not None:
         print(f"keep_weights: best: removed the weights of {removed} non-best trial(s); kept trial(s) {best}",
               file=out, flush=True)

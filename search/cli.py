@@ -17,7 +17,7 @@ from typing import Optional
 
 from regsweep import __version__
 from regsweep.models.config import ConfigError
-from regsweep.search import cli_checks
+from regsweep.search import cli_checks, log
 from regsweep.search.signals import Terminated
 from regsweep.search.study import SweepFailed
 from regsweep.search.urls import mask, sqlite_file
@@ -39,6 +39,9 @@ def _storage_url(args: argparse.Namespace, spec=None) -> str:
                  "$REGSWEEP_STORAGE" if os.environ.get("REGSWEEP_STORAGE") else
                  f"{spec.source}: storage" if spec is not None and spec.storage else "storage")
         raise ConfigError(f"{where}: {str(exc).removeprefix('storage: ')}") from None
+    source = ("--storage" if getattr(args, "storage", None) else "$REGSWEEP_STORAGE" if os.environ.get(
+        "REGSWEEP_STORAGE") else "the spec's storage" if spec is not None and spec.storage else "the default")
+    log.get(__name__).debug(f"storage {mask(url)} (from {source})")
     return url
 
 
@@ -80,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_files(load_config(args.config).data, base_dir=Path(args.config).parent)
     from regsweep.models.train import run_training
 
-    return run_training(args.config, args.device, args.out)
+    return run_training(args.config, args.device, args.out, quiet=not log.get(__name__).isEnabledFor(log.logging.INFO))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -123,12 +126,23 @@ def _load_spec_and_storage(args: argparse.Namespace, spec=None):
     from regsweep.search.study import warm_params
 
     spec = spec or load_spec(args.spec, allow_outside=args.allow_outside)
+    _debug_spec(spec)
     cli_checks.check_data_files(spec)
     cli_checks.check_tracker_packages(_trackers(args, spec))
     url = _storage_url(args, spec)
     cli_checks.check_reachable(url)
     warm_params(spec)  # a warm start that cannot be read: one line before any study is created
     return spec, url
+
+
+def _debug_spec(spec) -> None:
+    """-v: what the spec resolved to (its file, hash, space, sampler, pruner, weights and trackers)."""
+    logger = log.get(__name__)
+    if logger.isEnabledFor(log.logging.DEBUG):
+        params = ", ".join(p.path for p in spec.space) or "none"
+        logger.debug(f"spec {spec.source or spec.path}: hash {spec.spec_hash()}, params {params}"
+                     f"; sampler {spec.sampler}; pruner {spec.pruner}; keep_weights {spec.keep_weights}; trackers "
+                     f"{', '.join(spec.trackers) or 'none'}")
 
 
 def _run_setup(args: argparse.Namespace, spec=None):
@@ -142,7 +156,7 @@ def _run_setup(args: argparse.Namespace, spec=None):
 
 def _print_sqlite_file(url: str) -> None:
     if sqlite_file(url) is not None:
-        print(f"storage: {mask(url)} (SQLite file {sqlite_file(url).resolve()})", flush=True)
+        log.get(__name__).info(f"storage: {mask(url)} (SQLite file {sqlite_file(url).resolve()})")
 
 
 def _print_outcome(study, url: str, name: str) -> int:
@@ -151,13 +165,13 @@ def _print_outcome(study, url: str, name: str) -> int:
     from regsweep.search.report import format_summary, study_summary
     from regsweep.search.urls import storage_arg
 
-    print(format_summary(study_summary(study)))
+    print(format_summary(study_summary(study)), flush=True)
     if is_multi(study):
-        print(f"export a trial of the front and train it with:\n  regsweep export {storage_arg(url)} --study-name "
-              f"{name} --trial N --out chosen.yaml\n  regsweep train chosen.yaml")
+        log.get(__name__).info(f"export a trial of the front and train it with:\n  regsweep export {storage_arg(url)} "
+                               f"--study-name {name} --trial N --out chosen.yaml\n  regsweep train chosen.yaml")
         return 0
-    print(f"export the best config and train it with:\n  regsweep export {storage_arg(url)} --study-name {name} "
-          f"--out best.yaml\n  regsweep train best.yaml")
+    log.get(__name__).info(f"export the best config and train it with:\n  regsweep export {storage_arg(url)} "
+                           f"--study-name {name} --out best.yaml\n  regsweep train best.yaml")
     return 0
 
 
@@ -200,7 +214,7 @@ def _confirm_after_budget(spec, url: str, name: str, study, device) -> None:
     if not spec.confirm:
         return
     if done_count(study) < budget(study, spec):
-        print("confirm: skipped, the budget is not met yet (run again, or `regsweep confirm` later)", flush=True)
+        log.get(__name__).info("confirm: skipped, the budget is not met yet (run again, or `regsweep confirm` later)")
         return
     optuna_backend.run_confirm(spec, url, name, device=device)
 
@@ -227,6 +241,9 @@ def _progress(spec, url: str, name: str):
     mode = cli_checks.progress_mode()
     if mode == "off":
         return contextlib.nullcontext()
+    if not log.get(__name__).isEnabledFor(log.logging.INFO):  # -q: no display, the study note still kept current
+        return Progress(url, name, live=False, out=log.InfoStream(log.get("regsweep.search.progress")),
+                        on_change=lambda study: write_note(study, spec, url))
     return Progress(url, name, live=None if mode == "auto" else mode == "live",
                     on_change=lambda study: write_note(study, spec, url))
 
@@ -251,9 +268,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
     from regsweep.search.backends.ray import run as ray_run
 
     spec, url, name = _run_setup(args, spec)
-    if _trackers(args, spec):
-        print("warning: --backend ray runs no trackers (MLflow, TensorBoard); they run on regsweep's own workers "
-              "(--backend optuna)", file=sys.stderr)
+    _refuse_trackers_on_ray(args, spec)
     _print_sqlite_file(url)
     with _progress(spec, url, name):  # the driver is the coordinator: progress and the study note
         result = ray_run.run(spec, url, name, n_trials=args.n_trials, timeout=args.timeout, device=args.device,
@@ -262,6 +277,21 @@ def _run_on_ray(args: argparse.Namespace) -> int:
                              allow_spec_change=args.allow_spec_change, artifacts=args.artifacts)
     _confirm_after_budget(spec, url, name, result.study, args.device)
     return _print_outcome(result.study, url, name)
+
+
+def _refuse_trackers_on_ray(args: argparse.Namespace, spec) -> None:
+    """The Ray backend runs no trackers: a configured one (flag, $REGSWEEP_MLFLOW or the spec) is one line, exit 2,
+    before Ray is started or a study is created."""
+    from regsweep.search.spec_checks import MLFLOW_ENV
+
+    settings = _trackers(args, spec)
+    for tracker in ("mlflow", "tensorboard"):
+        if tracker not in settings:
+            continue
+        where = (f"--{tracker}" if getattr(args, tracker, None) else f"${MLFLOW_ENV}" if tracker == "mlflow"
+                 and os.environ.get(MLFLOW_ENV) else f"{spec.source}: trackers.{tracker}")
+        raise ConfigError(f"{where}: not allowed with --backend ray; the Ray backend runs no trackers (MLflow, "
+                          f"TensorBoard): run with --backend optuna, or turn it off (--{tracker} off)")
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -338,8 +368,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         row = confirm.best_mean(confirm.table(study))
         if row is not None and row["trial"] == trial.number:
-            print(f"confirm: best mean: {confirm.row_text(row, study.user_attrs.get('regsweep:objective', 'value'))}",
-                  file=sys.stderr)
+            log.note(__name__, "confirm: best mean: "
+                     f"{confirm.row_text(row, study.user_attrs.get('regsweep:objective', 'value'))}")
     if args.out:
         out = Path(args.out)
         if not out.parent.is_dir():
@@ -347,7 +377,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(out)  # never a half-written export
-        print(f"wrote trial {trial.number} ({args.format}) to {out}", file=sys.stderr)
+        log.note(__name__, f"wrote trial {trial.number} ({args.format}) to {out}")
     else:
         sys.stdout.write(text)
     return 0
@@ -384,10 +414,9 @@ def _export_weights(args: argparse.Namespace, study, trial, url: str) -> int:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(body)
         tmp.replace(path)  # never a half-written file
-    print(f"wrote trial {trial.number}'s best-epoch weights to {target}"
-          + (f" and its config ({args.format}) to {args.out}" if text is not None else "")
-          + "; load them with torch.load(FILE, weights_only=True) or regsweep.models.train.load_checkpoint(FILE)",
-          file=sys.stderr)
+    log.note(__name__, f"wrote trial {trial.number}'s best-epoch weights to {target}"
+             + (f" and its config ({args.format}) to {args.out}" if text is not None else "")
+             + "; load them with torch.load(FILE, weights_only=True) or regsweep.models.train.load_checkpoint(FILE)")
     return 0
 
 
@@ -408,6 +437,16 @@ ARTIFACTS_HELP = ("per-trial artifact store (curves PNG, config YAML, keep_weigh
                   "the workers, s3://BUCKET, gs://BUCKET or off (default: the study's; <db>-artifacts/ beside a "
                   "SQLite file)")
 
+def _verbosity_flags(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """-v/-q, before or after the command (after it they must not reset what was given before)."""
+    group = p.add_mutually_exclusive_group()
+    default = 0 if top else argparse.SUPPRESS
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                       help="debug details too (the spec and storage resolved, each trial's params)")
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                       help="warnings and errors only: no progress, trial lines or notes (results still print)")
+
+
 def _storage_flags(p: argparse.ArgumentParser, study: bool = True) -> None:
     p.add_argument("--storage", default=None,
                    help="storage URL (default: $REGSWEEP_STORAGE, the spec's storage, sqlite:///studies/regsweep.db)")
@@ -420,6 +459,7 @@ def parser() -> argparse.ArgumentParser:
     p = cli_checks.Parser(prog="regsweep", description="Hyperparameter search for the regularisation "
                                 "of image classifiers.")
     p.add_argument("--version", action="version", version=f"regsweep {__version__}")
+    _verbosity_flags(p, top=True)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train one TrainConfig YAML and write its history and checkpoint")
@@ -515,6 +555,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", default=None, help="also write the figures to FILE")
     b.add_argument("--only", default="mnist_cnn,resnet18,packing", help="a subset of mnist_cnn,resnet18,packing")
     b.set_defaults(func=cmd_bench)
+    for command in sub.choices.values():
+        _verbosity_flags(command)
     return p
 
 
@@ -532,6 +574,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _main(argv: Optional[list[str]]) -> int:
     args = parser().parse_args(argv)  # a bad flag: one line, exit 2 (Parser.error)
+    log.set_verbosity(args.verbosity)  # every call: main() runs many times in one test process
+    if args.verbosity < 0:  # -q: Optuna's own info lines ("A new study created ...") too
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # `kill -USR1 PID`: stacks
     try:
@@ -541,14 +588,14 @@ def _main(argv: Optional[list[str]]) -> int:
         sys.stdout.flush()  # a closed pipe raises here, inside main, not in the interpreter's exit
         return code
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.get(__name__).error(str(exc))
         return 2
     except KeyboardInterrupt:
         print("interrupted: the running trial ended FAIL (failed:interrupted); run again to resume",
               file=sys.stderr)
         return 130
     except SweepFailed as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.get(__name__).error(str(exc))
         return 1
     except Terminated:
         print("terminated: the running trial was re-queued; another worker or run finishes it", file=sys.stderr)

@@ -10,11 +10,11 @@ import argparse
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Optional
 
 from regsweep.models.config import ConfigError
+from regsweep.search import log
 
 DEVICE_RE = re.compile(r"^(cpu|cuda|cuda:[0-9]+|mps|auto)$")
 MESSAGE_MAX = 300  # an argparse message (which echoes the value) is cut to this many characters
@@ -134,7 +134,7 @@ def warn_sampler_limits(spec) -> None:
 
     line = limitation_warning(spec.sampler["name"], spec.space)
     if line:
-        print(f"warning: {line}", file=sys.stderr)
+        log.get(__name__).warning(line)
 
 
 def check_data_files(spec) -> None:

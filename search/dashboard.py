@@ -18,6 +18,7 @@ import sys
 from typing import Any, Optional, TextIO
 
 from regsweep.models.config import ConfigError
+from regsweep.search import log
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -101,9 +102,9 @@ def serve(url: str, host: str = "127.0.0.1", port: int = 8080, artifacts: Option
     except OSError as exc:
         raise ConfigError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
     if not is_loopback(host):
-        print(f"warning: the dashboard is bound to {host}: anyone who can reach this port can read and delete "
-              "studies (optuna-dashboard has no authentication); prefer 127.0.0.1 and an SSH tunnel",
-              file=sys.stderr, flush=True)
+        log.get(__name__).warning(f"the dashboard is bound to {host}: anyone who can reach this port can read and "
+                                  "delete studies (optuna-dashboard has no authentication); prefer 127.0.0.1 and an "
+                                  "SSH tunnel")
     shown = f"[{host}]" if ":" in host else host
     print(f"optuna-dashboard on {mask(url)}: http://{shown}:{server.server_port}/dashboard/"
           + (f"  (artifacts: {', '.join(locations)})" if locations else "  (no artifact store)"), file=out, flush=True)

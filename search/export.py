@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from regsweep import __version__ as regsweep_version
 from regsweep.models.config import ConfigError, TrainConfig, dump_yaml
-from regsweep.search.record import is_multi
+from regsweep.search.record import CODE_DIR_ATTR, is_multi
 
 FORMATS = ("yaml", "json", "params", "python", "snippet")
 
@@ -157,5 +157,6 @@ def code(cfg: TrainConfig, trial, prov: dict[str, Any], fmt: str) -> str:
     filled = {}
     if trial.user_attrs.get("config", {}).get("train", {}).get("num_threads") is None:
         filled["train.num_threads"] = f"the threads trial {trial.number} ran with (recorded)"
+    code_dir = trial.user_attrs.get(CODE_DIR_ATTR)  # the spec's folder, for a model or dataset by import path
     return render_script(cfg, header, value_origins(cfg, dict(trial.params), trial.number, filled),
-                         regsweep_version)
+                         regsweep_version, code_dirs=[code_dir] if isinstance(code_dir, str) else [])

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence, TextIO, Union
 
 from regsweep.models.config import ConfigError
+from regsweep.search import log
 from regsweep.search.optuna_internals import frozen_trial, study_storage, trial_id, trial_number
 from regsweep.search.record import failure_reason
 from regsweep.search.signals import Terminated, check_signals, terminate_on_sigterm
@@ -255,7 +255,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
     Raises KeyboardInterrupt / Terminated after ending the running trial FAIL (re-queued on Terminated),
     and SweepFailed after MAX_CONSECUTIVE_FAILURES failures in a row.
     """
-    out = out or sys.stdout
+    out = log.info_stream(__name__, out)
     transient = transient_errors()
     prefix = f"[{label}] " if label else ""
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, TextIO
 
+from regsweep.search import log
 from regsweep.search.record import first_value, minimizes, n_epochs
 
 
@@ -152,7 +153,7 @@ class Progress:
             except transient_errors():  # the database blinked; the next poll will tell
                 pass
             except Exception as exc:  # progress must never stop a sweep
-                print(f"warning: progress display stopped ({exc.__class__.__name__}: {exc})", file=sys.stderr)
+                log.get(__name__).warning(f"progress display stopped ({exc.__class__.__name__}: {exc})")
                 return
 
     def __enter__(self) -> "Progress":

@@ -33,6 +33,7 @@ CHUNK_PREFIX = "history:"  # record format 2: ``history:00040`` = the epochs 40.
 LEN_ATTR = "history_len"  # record format 2: epochs recorded (chunks may hold stale epochs past it after a resume)
 CHUNK = 10  # epochs per chunk attr: ~2.4 KB at most per write, and E/10 attr rows per trial (benchmarks/records.py)
 BASE_ATTR = "regsweep:base"  # user attr of the enqueued base trial: it trains the base config, suggests nothing
+CODE_DIR_ATTR = "code_dir"  # user attr: the spec's folder, on sys.path for a model or dataset by import path
 FORMAT_ATTR = "regsweep:record_format"  # study attr: 2 when every trial is format 2; absent: format 1 (or mixed)
 RECORD_FORMAT = 2
 EPOCH_KEY_PATTERNS = (HISTORY_ATTR, CHUNK_PREFIX + "%")  # SQL LIKE patterns of the per-epoch attrs

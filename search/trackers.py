@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +32,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Optional, TextIO
 
+from regsweep.search import log
 from regsweep.search.urls import mask, scrub
 
 PARENT_ATTR = "regsweep:mlflow"  # study attr: {"tracking_uri" (masked), "experiment_id", "run_id"}
@@ -70,9 +70,12 @@ class Tracker:
         if exc is not None:
             text = str(exc).strip().splitlines()
             detail = f" ({exc.__class__.__name__}: {text[0][:200] if text else ''})"
-        line = f"warning: {self.name} tracker: {what}{detail}; the trials go on (further {self.name} errors are " \
-               "not shown)"
-        print(scrub(line, self.secret_url) if self.secret_url else line, file=self.err or sys.stderr, flush=True)
+        line = f"{self.name} tracker: {what}{detail}; the trials go on (further {self.name} errors are not shown)"
+        line = scrub(line, self.secret_url) if self.secret_url else line
+        if self.err is not None:
+            print(f"warning: {line}", file=self.err, flush=True)
+        else:
+            log.get(__name__).warning(line)
 
     def start(self, trial) -> None: ...
 

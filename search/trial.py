@@ -15,7 +15,6 @@ import json
 import math
 import os
 import socket
-import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,11 @@ import torch
 from regsweep.models.build import build, resolve_device
 from regsweep.models.config import ConfigError, DataConfig, TrainConfig
 from regsweep.models.data import DataBundle, load, open_dataset, resolve_residency
+from regsweep.models.plugins import is_ref
 from regsweep.models.train import fit
+from regsweep.search import log
 from regsweep.search.optuna_internals import latest_trial
-from regsweep.search.record import BASE_ATTR, FAIL, PRUNED, Objective, Recorder, failure_reason
+from regsweep.search.record import BASE_ATTR, CODE_DIR_ATTR, FAIL, PRUNED, Objective, Recorder, failure_reason
 from regsweep.search.signals import Terminated, check_signals
 from regsweep.search.spec import StudySpec
 from regsweep.search.storage import TrialWriter, database_reason, retry_transient, transient_errors
@@ -140,6 +141,22 @@ class BestWeights:
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
 
+def upload_best_weights(store, spec: StudySpec, trial, weights: BestWeights, state: str,
+                        value: Optional[float]) -> None:
+    """At the trial's end (still RUNNING): its best-epoch weights when ``keep_weights`` keeps them
+    (search/artifacts.py ``keeps_weights``) and the copy is of the recorded best epoch; both backends call it."""
+    from regsweep.search.artifacts import keeps_weights, upload_weights
+    from regsweep.search.export import trial_config
+
+    if (weights.state is not None and weights.epoch == trial.user_attrs.get("best_epoch")
+            and trial.user_attrs.get("config") is not None
+            and keeps_weights(spec.keep_weights, state, value, trial.study)):
+        model = weights.model
+        upload_weights(store, trial, weights.state, trial_config(trial).to_dict(), best_epoch=weights.epoch,
+                       value=value, in_shape=getattr(model, "in_shape", ()),
+                       num_classes=getattr(model, "num_classes", 0))
+
+
 # called after each recorded epoch with (config, epoch, record, the stop reason the recorder returned)
 EpochHook = Callable[[TrainConfig, int, dict[str, Any], Optional[str]], None]
 # called at the trial's end with (trial, history, state, value) while it is still RUNNING
@@ -173,6 +190,10 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
     except transient_errors() as exc:  # the database went away while the params were sampled
         record_failure(recorder, database_reason(exc) or failure_reason(exc))
         return Outcome(FAIL, None, recorder.stop_reason or "", recorder.history)
+    if log.get(__name__).isEnabledFor(log.logging.DEBUG):  # -v
+        log.get(__name__).debug(f"trial {trial.number}: params {dict(trial.params)}")
+    if is_ref(cfg.model.name) or is_ref(cfg.data.name):  # where that code came from: export --format python
+        extra = {**extra, CODE_DIR_ATTR: str(spec.directory)}
 
     def report(epoch: int, record: dict[str, Any]) -> Optional[str]:
         reason = recorder.on_epoch(epoch, record)
@@ -248,17 +269,11 @@ class OptunaObjective:
         best-epoch weights when ``keep_weights`` says so."""
         if self.artifact_store is None:
             return
-        from regsweep.search.artifacts import keeps_weights, upload_trial_end, upload_weights
-        from regsweep.search.export import trial_config
+        from regsweep.search.artifacts import upload_trial_end
 
         upload_trial_end(self.artifact_store, trial, history, state, value, self.storage_label)
-        if (weights is not None and weights.state is not None and weights.epoch == trial.user_attrs.get("best_epoch")
-                and trial.user_attrs.get("config") is not None
-                and keeps_weights(self.spec.keep_weights, state, value, trial.study)):
-            model = weights.model
-            upload_weights(self.artifact_store, trial, weights.state, trial_config(trial).to_dict(),
-                           best_epoch=weights.epoch, value=value, in_shape=getattr(model, "in_shape", ()),
-                           num_classes=getattr(model, "num_classes", 0))
+        if weights is not None:
+            upload_best_weights(self.artifact_store, self.spec, trial, weights, state, value)
 
     def __call__(self, trial) -> Any:
         from optuna import TrialPruned
@@ -316,7 +331,7 @@ def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = 
     location = resolve(study, url, artifacts, coordinator=coordinator)
     if location is not None:
         objective.artifact_store = open_store(location)
-        print(f"artifacts: {location}", file=out or sys.stdout, flush=True)
+        print(f"artifacts: {location}", file=log.info_stream(__name__, out), flush=True)
     elif coordinator:
         warn_no_weights(spec)
     return objective
@@ -325,5 +340,5 @@ def make_objective(spec: StudySpec, study, url: str, *, device: Optional[str] = 
 def warn_no_weights(spec: StudySpec) -> None:
     """The one warning of a run (the coordinator's) whose weights cannot be kept: no artifact store."""
     if spec.keep_weights != "none":
-        print(f"warning: keep_weights: {spec.keep_weights}: no artifact store (--artifacts off), so no trial's "
-              "weights are kept", file=sys.stderr, flush=True)
+        log.get(__name__).warning(f"keep_weights: {spec.keep_weights}: no artifact store (--artifacts off), so no "
+                                  "trial's weights are kept")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
 
 from regsweep.models.config import ConfigError
+from regsweep.search import log
 from regsweep.search.loop import THREADS_ENV, WORKER_ENV, attach_trackers, close_trackers, worker_loop
 from regsweep.search.signals import terminate_on_sigterm
 from regsweep.search.spec import StudySpec
@@ -49,7 +50,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = out or sys.stdout
+    out = log.info_stream(__name__, out)
     study = open_study_locked(spec, url, study_name, allow_spec_change=allow_spec_change, n_trials=n_trials)
     seed_sampler(study, spec)  # a resumed run draws fresh params (its own seed); a fresh study's first, the spec's
     total = budget(study, spec)
@@ -80,7 +81,7 @@ def prune_after_budget(spec: StudySpec, study, total: int, store, out: Optional[
     from regsweep.search.artifacts import prune_weights
 
     if spec.keep_weights == "best" and done_count(study) >= total:
-        prune_weights(study, store, out=out or sys.stdout)
+        prune_weights(study, store, out=log.info_stream(__name__, out))
 
 
 def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str, str]], *,
@@ -96,8 +97,8 @@ def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str,
     study = open_study_locked(spec, url, study_name, allow_spec_change=allow_spec_change, n_trials=n_trials)
     total = budget(study, spec)
     location = resolve(study, url, artifacts, coordinator=True)  # the workers read it from the study
-    print(f"study '{study_name}' in {mask(url)}: {done_count(study)}/{total} trials done"
-          + (f"; artifacts: {location}" if location else ""), flush=True)
+    log.get(__name__).info(f"study '{study_name}' in {mask(url)}: {done_count(study)}/{total} trials done"
+                           + (f"; artifacts: {location}" if location else ""))
     if location is None:
         warn_no_weights(spec)
     code = launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
@@ -153,10 +154,10 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     pipe would tie them to this process: once it died, their next line would raise BrokenPipeError and stop
     them. Log files cannot break, keep the output of workers whose coordinator died (their directory is
     printed first), and need no code in the worker. The directory is removed when every worker exited 0."""
-    out = out or sys.stdout
+    out = log.info_stream(__name__, out)
     # the storage URL (maybe with a password) goes in the children's environment ($REGSWEEP_STORAGE, readable
     # only by this user in /proc/PID/environ), never on their command line, which `ps` shows to everyone
-    cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", "worker", spec_path,
+    cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", *log.verbosity_flags(), "worker", spec_path,
            "--study-name", study_name, *(["--device", device] if device else []),
            *(["--timeout", str(timeout)] if timeout is not None else []),
            *[arg for d in allow_outside for arg in ("--allow-outside", str(d))],  # each worker loads the same spec
@@ -196,8 +197,8 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     code = worst(codes)
     for env, p in zip(envs, procs):
         if p.returncode < 0 or p.returncode not in (0, 130, 143):
-            print(f"error: worker {env[WORKER_ENV]} (pid {p.pid}) {ended(p.returncode)}; its log: "
-                  f"{logs / env[WORKER_ENV]}.err", file=sys.stderr, flush=True)
+            log.get(__name__).error(f"worker {env[WORKER_ENV]} (pid {p.pid}) {ended(p.returncode)}; its log: "
+                                    f"{logs / env[WORKER_ENV]}.err")
     if code == 0:
         shutil.rmtree(logs, ignore_errors=True)
     return code
@@ -278,7 +279,7 @@ def run_confirm(spec: StudySpec, url: str, study_name: str, *, device: Optional[
     from regsweep.search.trial import OptunaObjective
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = out or sys.stdout
+    out = log.info_stream(__name__, out)
     if not spec.confirm:
         raise ConfigError(f"{spec.source or spec.path}: confirm: missing; add confirm: {{top_k: K, seeds: S}}")
     existing = open_existing(url)  # read-only first: confirming a study that is not there creates nothing

@@ -32,6 +32,20 @@ def a_study(d: Path) -> None:
     study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
 
 
+def a_study_of(config: dict):
+    """a_study, its trial recorded with ``config`` (a TrainConfig dict): what export --format python reads."""
+    def setup(d: Path) -> None:
+        import optuna
+
+        from regsweep.models.config import TrainConfig
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{d / 'db.sqlite'}")
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5, user_attrs={
+            "config": TrainConfig.from_dict(config).to_dict(), "best_epoch": 0, "stop_reason": "completed"}))
+    return setup
+
+
 def _sampler_args(args):
     return lambda s: s["sampler"].update(args=args)
 
@@ -97,6 +111,10 @@ CASES = [
     Case("run-cpus-per-trial-zero", [*RUN, "--backend", "ray", "--cpus-per-trial", "0"], files=SPEC,
          expect=("--cpus-per-trial", "0")),
     Case("run-ray-flag-on-optuna", [*RUN, "--address", "auto"], files=SPEC, expect=("--address", "--backend ray")),
+    Case("run-ray-with-tensorboard", [*RUN, "--backend", "ray", "--tensorboard", "{d}/tb"], files=SPEC,
+         expect=("--tensorboard", "not allowed with --backend ray", "runs no trackers")),
+    Case("verbose-and-quiet", ["-v", "-q", "status"], expect=("-q", "not allowed with argument -v")),
+    Case("run-verbose-and-quiet", [*RUN, "-q", "--verbose"], files=SPEC, expect=("--verbose", "-q")),
     Case("run-ray-with-workers", [*RUN, "--backend", "ray", "--workers", "2"], files=SPEC,
          expect=("--workers", "--backend ray")),
     # --artifacts (checked before the study is created)
@@ -130,6 +148,12 @@ CASES = [
          expect=("trial 0", "no recorded config")),
     Case("export-snippet-trial-without-config", ["export", "--storage", DB, "--format", "snippet"], setup=a_study,
          expect=("trial 0", "no recorded config")),
+    Case("export-python-torchvision-dataset", ["export", "--storage", DB, "--format", "python"],
+         setup=a_study_of({"model": {"name": "cnn"}, "data": {"name": "torchvision:CIFAR100"}}),
+         expect=("data.name", "'torchvision:CIFAR100'", "--format python")),
+    Case("export-python-model-plugin-not-installed", ["export", "--storage", DB, "--format", "python"],
+         setup=a_study_of({"model": {"name": "no_such_plugin"}, "data": {"name": "digits"}}),
+         expect=("model.name", "'no_such_plugin'", "entry point")),
     Case("export-trial-negative", ["export", "--storage", DB, "--trial", "-3"], setup=a_study,
          expect=("--trial", "-3")),
     Case("export-trial-missing", ["export", "--storage", DB, "--trial", "7"], setup=a_study,

@@ -6,6 +6,7 @@ tests/search/test_export_python.py)."""
 from __future__ import annotations
 
 import ast
+import json
 import sys
 import textwrap
 import types
@@ -200,11 +201,51 @@ def test_only_the_configs_registry_entries_are_in_the_script():
         "CONFIG = {")[1].replace("# dropped (regsweep.models.script.drop_calls): check_names(cfg)", "")
 
 
-def test_a_user_model_by_import_path_is_refused_in_one_line():
-    cfg = TrainConfig.from_dict({})
-    cfg.model.name = "my_pkg.nets:WideNet"
-    with pytest.raises(ScriptError, match="built-in models and datasets only"):
-        render_script(cfg, ["x"], value_origins(cfg, {}, None))
+USER_MODULE = '''from torch import nn
+
+
+def widenet(in_shape, num_classes, width: int = 4, dropout: float = 0.0):
+    return nn.Sequential(nn.Conv2d(in_shape[0], width, 3, padding=1), nn.ReLU(), nn.Dropout2d(dropout),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+def tensors(n: int = 64):
+    import torch
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return TensorDataset(torch.rand(n, 1, 6, 6, generator=g) + y.view(-1, 1, 1, 1), y), None
+'''
+
+
+def test_a_user_model_and_dataset_by_import_path_are_imported_from_the_recorded_folder(tmp_path, monkeypatch,
+                                                                                         threads):
+    """The script keeps regsweep's import-path loading, its registries hold no built-in entry, and main()'s
+    add_search_path appends USER_CODE_DIRS (never prepends); it trains exactly as regsweep; rendering it imports
+    nothing of the user's."""
+    (tmp_path / "scriptnets.py").write_text(USER_MODULE)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "scriptnets", raising=False)
+    cfg = TrainConfig.from_dict({"model": {"name": "scriptnets:widenet", "args": {"width": 6}, "dropout": 0.1},
+                                 "data": {"name": "scriptnets:tensors", "args": {"n": 64}, "batch_size": 16},
+                                 "train": {"epochs": 2, "num_threads": 1, "train_eval_size": 16}})
+    text = render_script(cfg, ["x"], value_origins(cfg, {}, None), code_dirs=[str(tmp_path)])
+    assert "scriptnets" not in sys.modules and str(tmp_path) not in sys.path
+    assert f"USER_CODE_DIRS = [{json.dumps(str(tmp_path))}]" in text and "class CNN" not in text
+    assert "model.name 'scriptnets:widenet', data.name 'scriptnets:tensors'" in text
+    module = types.ModuleType("exported_script")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(text, "train_best.py", "exec"), module.__dict__)
+        ns = module.__dict__
+        ns["add_search_path"](ns["USER_CODE_DIRS"])  # what main() does first
+        assert sys.path[-1] == str(tmp_path)
+        _, theirs = ns["train"](ns["namespace"](ns["CONFIG"]), "cpu")
+    finally:
+        del sys.modules[module.__name__]
+    _, ours = train(cfg, "cpu")
+    assert without_seconds(theirs.epochs) == without_seconds(ours.epochs) and theirs.n_params == ours.n_params
 
 
 def test_the_snippet_names_the_public_api_and_the_values():

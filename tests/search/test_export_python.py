@@ -235,3 +235,87 @@ def test_version_and_a_closed_pipe(digits_study):
         code = proc.wait(timeout=120)
     assert first.startswith(b'"""Trial') and "Traceback" not in err and "BrokenPipe" not in err, err
     assert code in (0, 1)  # 1 when the write hit the closed pipe (Python's docs: EPIPE exits 1), 0 if it fit
+
+
+USER_NETS = '''from torch import nn
+
+
+class TinyNet(nn.Module):
+    """The user's own model: conv -> GroupNorm -> SiLU -> Dropout2d, pooled, a linear classifier."""
+
+    def __init__(self, in_shape, num_classes, width: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(in_shape[0], width, 3, padding=1), nn.GroupNorm(2, width), nn.SiLU(),
+                                 nn.Dropout2d(dropout), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+'''
+
+USER_DATA = '''import torch
+from torch.utils.data import TensorDataset
+
+
+def make(n=200):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1)
+    return TensorDataset(x / 3, y), None
+'''
+
+USER_SPEC = """
+name: user_export
+base:
+  model: {name: "tinynets:TinyNet", args: {width: 4}}
+  data: {name: "tinydata:make", args: {n: 200}, batch_size: 32}
+  optim: {name: adamw, lr: 1.0e-2, weight_decay: 1.0e-3}
+  regularization: {l2: 1.0e-4}
+  train: {epochs: 3, num_threads: 1, train_eval_size: 64}
+objective: {metric: val_loss}
+space:
+  model.dropout: {type: float, low: 0.0, high: 0.3}
+  model.args.width: {type: categorical, choices: [4, 8]}
+sampler: {name: random, seed: 0}
+pruner: {name: none}
+budget: {n_trials: 2}
+enqueue: [{}]
+"""
+
+
+def test_a_user_model_and_dataset_by_import_path_are_imported_by_the_script_from_the_specs_folder(blocked, tmp_path):
+    """A model and a dataset by import path beside the spec: the script appends the folder the trial recorded to
+    sys.path (run from another folder, regsweep unimportable), imports both and gives the trial's val_loss exactly;
+    export itself never imports them."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "tinynets.py").write_text(USER_NETS)
+    (proj / "tinydata.py").write_text(USER_DATA)
+    url, study = make_study(proj, USER_SPEC, "user_export")
+    for trial in study.trials:
+        assert trial.user_attrs["code_dir"] == str(proj.resolve())
+    for module in ("tinynets", "tinydata"):  # imported by the run in this process: export must not need them
+        sys.modules.pop(module, None)
+    script = tmp_path / "train_best.py"
+    text = export(url, "user_export", "python", script)
+    assert "tinynets" not in sys.modules and "tinydata" not in sys.modules
+    assert f"USER_CODE_DIRS = [{json.dumps(str(proj.resolve()))}]" in text
+    assert "model.name 'tinynets:TinyNet', data.name 'tinydata:make'" in text
+    assert "class CNN" not in text and "def _digits" not in text  # no built-in model or dataset registered
+    assert "sys.path.insert" not in text and "add_search_path([*USER_CODE_DIRS" in text
+    epochs, summary = run_blocked(script, blocked)
+    check_reproduces(study, epochs, summary)
+    assert summary["n_params"] == study.best_trial.user_attrs["n_params"]
+
+
+def test_export_python_refuses_a_user_model_that_is_neither_an_import_path_nor_installed(tmp_path):
+    from regsweep.models.config import TrainConfig
+    from regsweep.models.script import ScriptError, render_script
+
+    cfg = TrainConfig.from_dict({"model": {"name": "cnn"}, "data": {"name": "digits"}})
+    for path, value, expect in (("model.name", "no_such_plugin", "neither built in"),
+                                ("data.name", "torchvision:CIFAR100", "built-in datasets and your own")):
+        with pytest.raises(ScriptError, match=expect) as err:
+            render_script(cfg.with_overrides({path: value}), ["x"], lambda p: "")
+        assert str(err.value).startswith(f"{path}: {value!r} is not allowed with --format python")
+        assert "\n" not in str(err.value)

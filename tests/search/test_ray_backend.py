@@ -96,18 +96,37 @@ def _study(name):
     return retry_transient(load)
 
 
-def test_the_driver_uploads_every_trial_artifacts(sweep):
-    from regsweep.search.artifacts import ARTIFACTS_ATTR, open_store, trial_artifacts
+def test_the_driver_uploads_every_trial_artifacts_and_keep_weights_best_leaves_the_best_trials(sweep, tmp_path):
+    """Curves and config of every trial (the driver); the best-epoch weights (keep_weights: best, the spec's
+    default) uploaded by the trainable, the non-best pruned by the driver after the budget: exactly one file left,
+    whose predictions on the validation split give the best trial's val_loss."""
+    import torch
+
+    from regsweep.models.build import build
+    from regsweep.models.config import TrainConfig
+    from regsweep.models.train import evaluate
+    from regsweep.search.artifacts import ARTIFACTS_ATTR, open_store, stored_weights, trial_artifacts
 
     spec, name, _ = sweep
     study = _study(name)
     store = open_store(study.user_attrs[ARTIFACTS_ATTR])
+    best = study.best_trial.number
+    assert list(stored_weights(study, store)) == [best]
     for t in study.get_trials():
         metas = {m["filename"]: m["artifact_id"] for m in trial_artifacts(study, t)}
-        assert set(metas) == {f"trial-{t.number}-curves.png", f"trial-{t.number}-config.yaml"}
+        weights = {f"trial-{t.number}-weights.pt"} if t.number == best else set()
+        assert set(metas) == {f"trial-{t.number}-curves.png", f"trial-{t.number}-config.yaml"} | weights
         text = store.open_reader(metas[f"trial-{t.number}-config.yaml"]).read().decode()
         assert f"state: {t.state.name}" in text  # the final state: PRUNED ones too (ended by the driver)
         assert SECRET not in text and store.open_reader(metas[f"trial-{t.number}-curves.png"]).read(4) == b"\x89PNG"
+    reader = store.open_reader(stored_weights(study, store)[best])
+    (tmp_path / "best.pt").write_bytes(reader.read())
+    reader.close()
+    payload = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert (payload["trial"], payload["best_epoch"]) == (best, study.best_trial.user_attrs["best_epoch"])
+    parts = build(TrainConfig.from_dict(payload["config"]), "cpu")
+    parts.model.load_state_dict(payload["state_dict"])
+    assert evaluate(parts.model, parts.eval_loader("val"))[0] == pytest.approx(study.best_value, rel=1e-9, abs=1e-12)
 
 
 def test_the_driver_writes_the_study_note_and_progress(sweep):
@@ -336,6 +355,27 @@ def test_unsupported_ray_uses_give_the_documented_error(spec_file, tmp_path, cap
                                    f"sqlite:///{tmp_path / 'db'}", *flags])
     assert says in err
     assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("where, flags, env, says", [
+    ("spec", [], {}, "{d}/s.yaml: trackers.tensorboard: not allowed with --backend ray"),
+    ("flag", ["--tensorboard", "{d}/tb"], {}, "--tensorboard: not allowed with --backend ray"),
+    ("env", [], {"REGSWEEP_MLFLOW": "sqlite:///{d}/mlflow.db"}, "$REGSWEEP_MLFLOW: not allowed with --backend ray"),
+])
+def test_trackers_are_refused_on_the_ray_backend(tmp_path, capsys, monkeypatch, where, flags, env, says):
+    """The Ray backend runs no trackers: a configured one is one line naming where it came from, exit 2, before
+    Ray starts or anything is written; `--tensorboard off` turns the spec's off and the refusal with it."""
+    require(_ray_installed(), "ray (pip install 'regsweep[ray]')")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC + ("trackers: {tensorboard: {log_dir: tb}}\n" if where == "spec" else ""))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value.format(d=tmp_path))
+    argv = ["run", str(spec), "--backend", "ray", "--storage", f"sqlite:///{tmp_path / 'db'}", "--workers", "2"]
+    err = _one_line_error(capsys, argv[:-2] + [f.format(d=tmp_path) for f in flags])
+    assert err.startswith(f"error: {says.format(d=tmp_path)}") and "--backend optuna" in err, err
+    assert not (tmp_path / "db").exists() and not (tmp_path / "tb").exists()
+    if where == "spec":  # with the tracker off, the next check speaks: the flag refused with Ray
+        assert "--workers: not allowed" in _one_line_error(capsys, [*argv, "--tensorboard", "off"])
 
 
 def test_in_memory_sqlite_is_refused(spec_file, capsys):

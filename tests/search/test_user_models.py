@@ -105,7 +105,7 @@ def test_status_export_report_and_dashboard_never_import_user_modules(readme_run
     url = f"sqlite:///{d / 'regsweep.db'}"
     assert main(["status", "--storage", url]) == 0
     assert main(["status", "--storage", url, "--study-name", "mine"]) == 0
-    for fmt in ("yaml", "json", "params"):
+    for fmt in ("yaml", "json", "params", "python", "snippet"):
         assert main(["export", "--storage", url, "--format", fmt, "--out", str(tmp_path / f"x.{fmt}")]) == 0
     assert main(["report", "--storage", url, "--out", str(tmp_path / "report")]) == 0
     assert "study mine: 3 trials" in capsys.readouterr().out

@@ -5,10 +5,10 @@ trials a dead or interrupted driver left RUNNING. Imports no Ray."""
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from typing import Any, Iterator, Mapping, Optional, TextIO
 
+from regsweep.search import log
 from regsweep.search.backends.ray import RUN_ATTR, STOP_KEY
 from regsweep.search.backends.ray.trainable import storage_fingerprint
 from regsweep.search.loop import FailureStreak, Heartbeat, ask_within_budget, requeue, tell_trial, trial_line
@@ -85,7 +85,7 @@ class RayDriver:
         self.spec, self.study, self.url = spec, study, url
         self.run_name, self.scheduler = run_name, scheduler
         self.fingerprint, self.storage_label = storage_fingerprint(url), mask(url)
-        self.out = out or sys.stdout
+        self.out = log.info_stream(__name__, out)
         self.deadline = deadline  # time.monotonic() after which no trial is asked
         self.artifact_store = artifact_store  # the driver uploads every trial's curves + config at its end
         self.open: dict[str, int] = {}

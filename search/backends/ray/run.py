@@ -7,20 +7,21 @@ import contextlib
 import io
 import math
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, TextIO
 
 from regsweep.models.config import ConfigError
-from regsweep.search.backends.optuna_backend import RunResult
+from regsweep.search import log
+from regsweep.search.backends.optuna_backend import RunResult, prune_after_budget
 from regsweep.search.backends.ray import FORMAT_ATTR, RAY_FORMAT, RESULTS_ENV, STORAGE_ENV
 from regsweep.search.backends.ray.driver import RayDriver, fail_dead_driver
 from regsweep.search.backends.ray.trainable import storage_fingerprint, train_trial
 from regsweep.search.spec import StudySpec
 from regsweep.search.spec_checks import SCHEDULER_DEFAULTS, parse_scheduler
 from regsweep.search.study import budget, done_count, open_study_locked
+from regsweep.search.trial import warn_no_weights
 from regsweep.search.urls import check_url, mask, sqlite_file
 
 PAUSING = ("hyperband",)  # schedulers that pause and resume trials: every epoch is checkpointed (models.train)
@@ -110,8 +111,7 @@ def check_run_args(url: str, *, n_trials: Optional[int], device: Optional[str], 
         raise ConfigError(f"storage: {url!r} is not allowed with --backend ray; an in-memory SQLite database "
                           "is not shared with Ray's worker processes; use sqlite:///PATH")
     if address is not None and sqlite_file(url) is not None:
-        print(f"warning: storage is a SQLite file ({sqlite_file(url)}); every Ray node must see that path",
-              file=sys.stderr)
+        log.get(__name__).warning(f"storage is a SQLite file ({sqlite_file(url)}); every Ray node must see that path")
     return {"cpu": cpus, "gpu": gpus}
 
 
@@ -225,7 +225,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     from regsweep.search.artifacts import open_store
     from regsweep.search.artifacts import resolve as resolve_artifacts
 
-    out = out or sys.stdout
+    out = log.info_stream(__name__, out)
     if spec.multi:  # the CLI refuses it first (search/cli.py); Tune's schedulers take one metric and mode
         raise ConfigError(f"{spec.source or spec.path}: objectives: several objectives are not allowed with the Ray "
                           "backend; run them with --backend optuna")
@@ -256,21 +256,26 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     location = resolve_artifacts(study, url, artifacts, coordinator=True)
     if location is not None:
         print(f"artifacts: {location}", file=out, flush=True)
+    else:
+        warn_no_weights(spec)
     driver = RayDriver(scrubbed(spec), study, url, run_name=previous.name if previous else "", out=out,
                        scheduler=scheduler_label(sched), artifact_store=open_store(location) if location else None,
                        deadline=None if deadline_s is None else time.monotonic() + deadline_s)
     start = time.monotonic()
     root_run = run_experiments(driver, spec, sched, root, previous, resources, device or (
-        "cuda" if resources["gpu"] else "cpu"))
+        "cuda" if resources["gpu"] else "cpu"), location)
     print(f"ran {driver.ran} trials in {time.monotonic() - start:.1f}s on Ray (experiment {root_run})",
           file=out, flush=True)
     if driver.streak.broken:
         raise driver.streak.error()
+    if driver.artifact_store is not None:  # keep_weights: best: the driver is the coordinator
+        prune_after_budget(spec, study, budget(study, spec), driver.artifact_store, out)
     return RunResult(study, driver.ran, False)
 
 
 def run_experiments(driver: RayDriver, spec: StudySpec, sched: Mapping[str, Any], root: Path,
-                    previous: Optional[Path], resources: dict[str, float], trial_device: str) -> Path:
+                    previous: Optional[Path], resources: dict[str, float], trial_device: str,
+                    artifacts: Optional[str] = None) -> Path:
     """Restore ``previous`` (when resuming) and fit it; when it had already finished its search, or without
     one, fit a new experiment for the rest of the budget (under ``previous``'s name when Ray cannot restore
     it). Returns the last experiment's directory."""
@@ -278,7 +283,7 @@ def run_experiments(driver: RayDriver, spec: StudySpec, sched: Mapping[str, Any]
 
     pausing = sched["name"] in PAUSING
     trainable = tune.with_resources(tune.with_parameters(train_trial, spec=driver.spec, device=trial_device,
-                                                         checkpoints=pausing), resources)
+                                                         checkpoints=pausing, artifacts=artifacts), resources)
     new_name = f"{driver.study.study_name}-ray-{time.strftime('%Y%m%d-%H%M%S')}"
     if previous is not None and tune.Tuner.can_restore(str(previous)):
         print(f"resume: restoring Ray experiment {previous}", file=driver.out, flush=True)

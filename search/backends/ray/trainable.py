@@ -14,7 +14,7 @@ from regsweep.search.backends.ray import STORAGE_ENV
 from regsweep.search.loop import Heartbeat
 from regsweep.search.record import FAIL, history
 from regsweep.search.spec import StudySpec
-from regsweep.search.trial import DataCache, run_trial, worker_label
+from regsweep.search.trial import BestWeights, DataCache, run_trial, upload_best_weights, worker_label
 from regsweep.search.urls import mask
 
 CHECKPOINT_FILE = "state.pt"  # models.train's training state in a Ray checkpoint dir (torch.save)
@@ -45,6 +45,15 @@ class ProcessCache:
         self.key: Optional[tuple[str, str, str]] = None
         self.opened = None
         self.data = DataCache()
+        self.stores: dict[str, Any] = {}  # artifact location -> its opened store
+
+    def store(self, location: str):
+        """The study's artifact store at ``location`` (opened once per process), for the trials' weights."""
+        if location not in self.stores:
+            from regsweep.search.artifacts import open_store
+
+            self.stores[location] = open_store(location)
+        return self.stores[location]
 
     def study(self, spec: StudySpec, study_name: str, fingerprint: str):
         import optuna
@@ -88,7 +97,7 @@ def report_with_checkpoint(metrics: dict[str, Any], state: dict[str, Any]) -> No
 
 
 def train_trial(config: dict[str, Any], spec: Optional[StudySpec] = None, device: Optional[str] = None,
-                checkpoints: bool = False) -> None:
+                checkpoints: bool = False, artifacts: Optional[str] = None) -> None:
     """One Ray trial: ``run_trial`` on the Optuna trial the searcher asked (``config["trial_id"]``).
 
     Every epoch is recorded (history + report from step 0), then reported to Ray. An epoch after which the trial
@@ -99,6 +108,12 @@ def train_trial(config: dict[str, Any], spec: Optional[StudySpec] = None, device
     checkpoint callback with the training state as a Ray checkpoint, and a trial started with a checkpoint
     resumes ``fit`` from it and continues the trial's recorded history (Ray pauses a trial only while it waits
     in ``tune.report``, so the recorded history ends exactly at the checkpoint's epoch).
+
+    ``artifacts`` (the study's artifact location, resolved by the driver): with ``keep_weights`` other than none,
+    the trial's best-epoch weights are uploaded from here at its end, as regsweep's own workers do
+    (``search.trial.upload_best_weights``); the driver prunes the non-best ones after the budget. A trial Ray
+    stops from outside (its scheduler) never reaches its end here, and one HyperBand resumed keeps them only when
+    its best epoch came after the resume (the copy lives in the process).
     """
     import optuna
     from ray import tune
@@ -136,10 +151,17 @@ def train_trial(config: dict[str, Any], spec: Optional[StudySpec] = None, device
     def on_checkpoint(train_state: dict[str, Any]) -> None:
         report_with_checkpoint(pending.pop(), train_state)
 
+    keeper = BestWeights(spec.objective) if artifacts and spec.keep_weights != "none" else None
+
+    def on_end(ended, recorded_history, end_state: str, value: Optional[float]) -> None:
+        if keeper is not None:
+            upload_best_weights(PROCESS.store(artifacts), spec, ended, keeper, end_state, value)
+
     with Heartbeat(study, config["trial_id"]):
         # a FAIL is recorded with its reason and not reported: no Ray retry, it would fail again
         got = run_trial(spec, trial, device=dev, data=PROCESS.data, extra=extra, history=recorded,
-                        after_epoch=after_epoch, state=state, checkpoint=on_checkpoint if checkpoints else None)
+                        after_epoch=after_epoch, state=state, checkpoint=on_checkpoint if checkpoints else None,
+                        on_end=on_end, weights=keeper)
     if got.state == FAIL:
         return
     for metrics in pending + deferred:  # pending: the epoch early stopping ended the run at
