@@ -1,0 +1,338 @@
+"""`regsweep storage-proxy` and grpc:// storage URLs (issue 22) against the real local PostgreSQL.
+
+Each test uses a PostgreSQL database of its own (``regsweep_proxy_<pid>``), so ``pg_stat_activity`` on it shows
+exactly who connects to it: through a proxy, only the proxy (application_name ``regsweep-storage-proxy``).
+The in-process tests drive the proxy's storage with Optuna's GrpcStorageProxy (regsweep's ProxyClient) and
+take seconds; the process tests run `regsweep run --workers N` / `regsweep worker` through a proxy process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+from regsweep.search.proxy import BudgetFull
+from regsweep.search.storage import STALE_REASON
+from regsweep.search.study import BUDGET_ATTR
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+pytest.importorskip("grpc")
+
+PG = "postgresql://postgres@127.0.0.1:5432/{db}"
+APP = "regsweep-storage-proxy"
+FAST_HEARTBEAT = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+SPEC = """
+name: {name}
+base:
+  model: {{name: cnn, widths: [4]}}
+  data: {{name: synthetic, n_samples: 120, shape: [1, 8, 8], batch_size: 64}}
+  train: {{epochs: {epochs}, num_threads: 1, train_eval_size: 16}}
+space:
+  model.dropout: {{type: float, low: 0.0, high: 0.5}}
+sampler: {{name: random, seed: 0}}
+pruner: none
+budget: {{n_trials: {n}}}
+enqueue: [{{}}]
+"""
+# a model (by import path, beside the spec) whose training batches sleep: a trial is still training when the test
+# kills its worker (as tests/search/test_faults.py's SlowNet)
+SLOW_NET = """
+import time
+
+from torch import nn
+
+
+class SlowNet(nn.Module):
+    def __init__(self, in_shape, num_classes, dropout=0.0):
+        super().__init__()
+        c, h, w = in_shape
+        self.body = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, num_classes))
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(0.1)
+        return self.body(x)
+"""
+
+
+@pytest.fixture
+def proxy_db(postgres_url):
+    """(url, database name) of a PostgreSQL database of this test's own, dropped afterwards."""
+    db = f"regsweep_proxy_{os.getpid()}"
+    admin = sqlalchemy.create_engine(postgres_url, poolclass=sqlalchemy.pool.NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        conn.exec_driver_sql(f"CREATE DATABASE {db}")
+    try:
+        yield PG.format(db=db), db
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def proxy_process(url, env=None):
+    """`regsweep storage-proxy --port 0` serving ``url`` (given in $REGSWEEP_STORAGE only); yields (grpc URL,
+    process). Stopped with SIGTERM afterwards (it must exit 0)."""
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", "storage-proxy", "--port", "0"],
+                            env={**ENV, **(env or {}), "REGSWEEP_STORAGE": url}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"on (grpc://127\.0\.0\.1:\d+)", line)
+        assert m, (line, proc.stderr.read()[-2000:] if proc.poll() is not None else "")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # a full pipe must not stall it
+        yield m.group(1), proc
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def proxy_in_process(url, monkeypatch, env=None):
+    """The proxy's server in this process (port 0); yields (grpc URL, its storage)."""
+    from regsweep.search.proxy_server import start
+
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    server, storage, port = start(url, "127.0.0.1", 0)
+    try:
+        yield f"grpc://127.0.0.1:{port}", storage
+    finally:
+        server.stop(grace=1).wait()
+        storage.engine.dispose()
+
+
+def cli(*args, env=None):
+    return subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", *args], env={**ENV, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_ok(proc, timeout=240):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s\n{out[-2000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+    return out, err
+
+
+def trials_of(url, name):
+    storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
+
+
+def assert_exact(trials, n):
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == n, \
+        [(t.number, t.state.name) for t in trials]
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+class Sessions:
+    """Samples ``pg_stat_activity`` of one database every 0.5 s (from the shared `test` database, so the sampler
+    itself is not counted): the application_name of every session seen, and the most sessions at once."""
+
+    def __init__(self, db):
+        self.db, self.names, self.most, self.samples = db, set(), 0, 0
+        self._stop = threading.Event()
+        self._engine = sqlalchemy.create_engine(PG.format(db="test"), poolclass=sqlalchemy.pool.NullPool)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        with self._engine.connect() as conn:
+            while not self._stop.is_set():
+                rows = conn.execute(sqlalchemy.text("SELECT application_name FROM pg_stat_activity WHERE datname = :d"),
+                                    {"d": self.db}).fetchall()
+                conn.commit()
+                self.names.update(r[0] for r in rows)
+                self.most, self.samples = max(self.most, len(rows)), self.samples + 1
+                self._stop.wait(0.5)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._engine.dispose()
+
+
+# ------------------------------------------------------------------------------------ in process: seconds
+def test_the_proxy_admits_within_the_budget_and_beats_for_the_worker(proxy_db, monkeypatch):
+    """Admission in the proxy: RUNNING + COMPLETE + PRUNED never pass n_trials (a WAITING trial popped by ask
+    included); a FAIL frees a place; an admitted trial has a heartbeat row at once."""
+    from regsweep.search import optuna_internals as internals
+    from regsweep.search.storage import open_storage
+
+    url, _ = proxy_db
+    with proxy_in_process(url, monkeypatch) as (grpc_url, served):
+        storage = open_storage(grpc_url)
+        study = optuna.create_study(storage=storage, study_name="adm")
+        study.set_user_attr(BUDGET_ATTR, 2)
+        study.enqueue_trial({"x": 1.0})  # an enqueue is never refused (it is WAITING)
+        first, second = study.ask(), study.ask()
+        assert first.params == {} and study.trials[0].state == TrialState.RUNNING  # the enqueued one, popped
+        with pytest.raises(BudgetFull):
+            study.ask()
+        study.enqueue_trial({"x": 2.0})
+        with pytest.raises(BudgetFull):  # the WAITING trial's move to RUNNING is refused as well
+            study.ask()
+        assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.RUNNING, TrialState.RUNNING,
+                                                                       TrialState.WAITING]
+        study.tell(second, state=TrialState.FAIL)
+        third = study.ask()
+        assert third.number == 2  # the queued one
+        study.tell(first, 1.0)
+        study.tell(third, 2.0)
+        beating = internals.beating_trial_ids(served, [internals.trial_id(t) for t in (first, second, third)])
+        assert len(beating) == 3
+        with pytest.raises(BudgetFull):  # two COMPLETE fill the budget
+            study.ask()
+    assert [t.state for t in trials_of(url, "adm")] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_a_silent_trial_fails_stale_in_the_proxy_and_is_requeued_once(proxy_db, monkeypatch):
+    """A trial whose worker stops beating (heartbeats are attr writes the proxy turns into record_heartbeat) is
+    failed by the proxy with `failed:stale heartbeat (worker ...)` and re-queued with its params, once."""
+    from regsweep.search.loop import Heartbeat
+    from regsweep.search.storage import open_storage
+
+    url, _ = proxy_db
+    with proxy_in_process(url, monkeypatch, FAST_HEARTBEAT) as (grpc_url, served):
+        storage = open_storage(grpc_url)
+        assert storage.get_heartbeat_interval() == 1
+        study = optuna.create_study(storage=storage, study_name="stale")
+        study.set_user_attr(BUDGET_ATTR, 5)
+        live, dead = study.ask(), study.ask()
+        live.suggest_float("x", 0, 1)
+        dead.suggest_float("x", 0, 1)
+        dead.set_user_attr("worker", "host:4242")
+        with Heartbeat(study, live._trial_id):  # beats through the proxy; `dead` never beats after admission
+            time.sleep(4.5)
+            served.sweep_stale()  # what the proxy's main loop does every heartbeat interval
+        trials = study.get_trials(deepcopy=False)
+        assert trials[live.number].state == TrialState.RUNNING
+        assert trials[dead.number].state == TrialState.FAIL
+        assert trials[dead.number].user_attrs["stop_reason"] == f"{STALE_REASON} (worker host:4242)"
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+        assert len(retries) == 1 and retries[0].state == TrialState.WAITING
+        assert retries[0].params == dead.params and "stop_reason" not in retries[0].user_attrs
+        served.sweep_stale()  # a second sweep finds nothing new
+        assert len(study.get_trials(deepcopy=False)) == 3
+        assert not any(k.startswith("regsweep:proxy") for t in trials for k in t.system_attrs)  # nothing stored
+
+
+def test_a_worker_holds_the_study_lock_through_the_proxy(proxy_db, monkeypatch):
+    """budget_lock on a grpc:// URL is the proxy's lock: a second holder waits until the first gives it back."""
+    from regsweep.search.study import budget_lock
+
+    url, _ = proxy_db
+    order = []
+    with proxy_in_process(url, monkeypatch) as (grpc_url, _):
+        def second():
+            with budget_lock(grpc_url, "lk"):
+                order.append("second")
+
+        with budget_lock(grpc_url, "lk"):
+            other = threading.Thread(target=second)
+            other.start()
+            time.sleep(1.0)
+            order.append("first")
+        other.join(timeout=10)
+    assert order == ["first", "second"]
+
+
+def test_an_unreachable_proxy_is_one_line(monkeypatch):
+    from regsweep.models.config import ConfigError
+    from regsweep.search import storage
+
+    monkeypatch.setattr(storage, "PROXY_WAIT", 0.5)
+    with pytest.raises(ConfigError, match=r"cannot reach grpc://127\.0\.0\.1:1: no storage proxy answered"):
+        storage.check_reachable("grpc://127.0.0.1:1")
+
+
+# ------------------------------------------------------------------------------------ processes
+@pytest.mark.procs
+@pytest.mark.parametrize("workers", [4, pytest.param(16, marks=pytest.mark.slow)])
+def test_workers_through_the_proxy_make_exactly_the_budget_and_only_the_proxy_connects(proxy_db, tmp_path, workers):
+    url, db = proxy_db
+    n = 8 if workers == 4 else 32
+    spec = tmp_path / "px.yaml"
+    spec.write_text(SPEC.format(name="px", n=n, epochs=1))
+    with proxy_process(url) as (grpc_url, _), Sessions(db) as sessions:
+        out, err = wait_ok(cli("run", str(spec), "--workers", str(workers), env={"REGSWEEP_STORAGE": grpc_url,
+                                                                                 "REGSWEEP_PROGRESS": "plain"}),
+                           timeout=120 + 15 * workers)
+        status, _ = wait_ok(cli("status", "--storage", grpc_url, "--study-name", "px"))
+        exported, _ = wait_ok(cli("export", "--storage", grpc_url, "--study-name", "px", "--format", "json"))
+    trials = trials_of(url, "px")
+    assert_exact(trials, n)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert not failed, [t.user_attrs.get("stop_reason") for t in failed]  # no storage error
+    assert f"started {workers} workers" in out
+    assert sessions.samples >= 4 and sessions.names == {APP}, sessions.names  # nobody but the proxy connects
+    assert sessions.most <= 10  # its pool (4 + 4) and a study lock or two
+    assert "px" in status and "COMPLETE" in status
+    assert '"model"' in exported
+
+
+@pytest.mark.procs
+def test_a_killed_worker_trial_fails_stale_through_the_proxy_and_is_retried_once(proxy_db, tmp_path):
+    url, _ = proxy_db
+    spec = tmp_path / "kx.yaml"
+    (tmp_path / "slownet.py").write_text(SLOW_NET)
+    spec.write_text(SPEC.format(name="kx", n=3, epochs=10).replace("{name: cnn, widths: [4]}",
+                                                                    "{name: 'slownet:SlowNet'}"))
+    with proxy_process(url, FAST_HEARTBEAT) as (grpc_url, _):
+        env = {**FAST_HEARTBEAT, "REGSWEEP_STORAGE": grpc_url}
+        procs = [cli("worker", str(spec), env=env) for _ in range(2)]
+        try:
+            deadline, victim = time.monotonic() + 90, None
+            while victim is None and time.monotonic() < deadline:
+                live = [t for t in trials_of(url, "kx") if t.state == TrialState.RUNNING and "worker" in t.user_attrs
+                        and t.intermediate_values]
+                victim = live[0] if live else None
+                time.sleep(0.25)
+            assert victim is not None, "no trial started training"
+            pid = int(victim.user_attrs["worker"].rsplit(":", 1)[1])
+            killed = next(p for p in procs if p.pid == pid)
+            os.kill(pid, signal.SIGKILL)
+            killed.wait()
+            for p in procs:
+                if p is not killed:
+                    wait_ok(p, timeout=240)
+        finally:
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+    trials = trials_of(url, "kx")
+    assert_exact(trials, 3)
+    dead = trials[victim.number]
+    assert dead.state == TrialState.FAIL
+    assert dead.user_attrs["stop_reason"] == f"{STALE_REASON} (worker {victim.user_attrs['worker']})"
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].params == victim.params
+    assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
