@@ -139,6 +139,8 @@ def trials_of(url, name):
     storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
     try:
         return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:  # no study yet
+        return []
     finally:
         storage.engine.dispose()
 
