@@ -197,7 +197,7 @@ def check_url(url: str) -> str:
     return scheme
 
 
-_GRPC = re.compile(r"grpc://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-_]*)(?::([^/]*))?/?")
+_GRPC = re.compile(r"grpc://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-_]*)(?::([^/?#@]*))?/?")
 
 
 def grpc_address(url: str) -> tuple[str, int]:
@@ -212,7 +212,7 @@ def grpc_address(url: str) -> tuple[str, int]:
     if port is None or port == "":
         raise ConfigError(f"storage: {shown(url)} is not allowed; the port is missing (grpc://HOST:PORT)")
     if not re.fullmatch(r"[0-9]{1,5}", port):
-        raise ConfigError(f"storage: {shown(url)} is not allowed; port {port[:24]!r} is not a number")
+        raise ConfigError(f"storage: {shown(url)} is not allowed; port {scrub(port, url)[:24]!r} is not a number")
     if not 1 <= int(port) <= 65535:
         raise ConfigError(f"storage: {shown(url)} is not allowed; port {int(port)} must be 1..65535")
     return m.group(1).strip("[]"), int(port)
