@@ -198,7 +198,7 @@ def storage_class():
             for frozen in self.get_all_studies():
                 if BUDGET_ATTR not in frozen.user_attrs:
                     continue
-                study = self.study(frozen._study_id)
+                study = self.study(self.get_study_id_from_name(frozen.study_name))
                 with self.locked(study.study_name):
                     retry_transient(self.fail_stale, study)
 
