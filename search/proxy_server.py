@@ -194,12 +194,12 @@ def storage_class():
 
         # ---------------------------------------------------------------- the stale sweep
         def sweep_stale(self) -> None:
-            """Fail stale trials of every regsweep study (under its lock: a failure and its retry are one step)."""
+            """Fail stale trials of every study: a study with a budget under its lock (a failure and its retry are
+            one step for admission). Only trials with a heartbeat row can go stale: those of regsweep workers
+            (a confirm study's too), never a plain Optuna client's, which never beats."""
             for frozen in self.get_all_studies():
-                if BUDGET_ATTR not in frozen.user_attrs:
-                    continue
                 study = self.study(self.get_study_id_from_name(frozen.study_name))
-                with self.locked(study.study_name):
+                with self.locked(study.study_name) if BUDGET_ATTR in frozen.user_attrs else contextlib.nullcontext():
                     retry_transient(self.fail_stale, study)
 
     ProxyStorage.__module__ = __name__
