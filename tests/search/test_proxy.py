@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
+from regsweep.search.optuna_internals import trial_id
 from regsweep.search.proxy import BudgetFull
 from regsweep.search.storage import STALE_REASON
 from regsweep.search.study import BUDGET_ATTR
@@ -232,7 +233,7 @@ def test_a_silent_trial_fails_stale_in_the_proxy_and_is_requeued_once(proxy_db, 
         live.suggest_float("x", 0, 1)
         dead.suggest_float("x", 0, 1)
         dead.set_user_attr("worker", "host:4242")
-        with Heartbeat(study, live._trial_id):  # beats through the proxy; `dead` never beats after admission
+        with Heartbeat(study, trial_id(live)):  # beats through the proxy; `dead` never beats after admission
             time.sleep(4.5)
             served.sweep_stale()  # what the proxy's main loop does every heartbeat interval
         trials = study.get_trials(deepcopy=False)
@@ -245,6 +246,35 @@ def test_a_silent_trial_fails_stale_in_the_proxy_and_is_requeued_once(proxy_db, 
         served.sweep_stale()  # a second sweep finds nothing new
         assert len(study.get_trials(deepcopy=False)) == 3
         assert not any(k.startswith("regsweep:proxy") for t in trials for k in t.system_attrs)  # nothing stored
+
+
+def test_the_worker_loop_through_the_proxy_requeues_a_terminated_trial_and_meets_the_budget(proxy_db, monkeypatch):
+    """regsweep's own loop on a grpc:// URL: a trial ended `failed:terminated` (SIGTERM) is re-queued with its
+    params through the proxy, the loop runs it first and stops at exactly the budget."""
+    import io
+
+    from regsweep.search.loop import ask_through_proxy, fail_trial, worker_loop
+    from regsweep.search.storage import open_storage
+
+    url, _ = proxy_db
+    with proxy_in_process(url, monkeypatch) as (grpc_url, _):
+        study = optuna.create_study(storage=open_storage(grpc_url), study_name="loop")
+        study.set_user_attr(BUDGET_ATTR, 3)
+        first, done = ask_through_proxy(study)
+        assert done == 0 and first.user_attrs["worker"]
+        x = first.suggest_float("x", 0.0, 1.0)
+        fail_trial(study, trial_id(first), "failed:terminated", first, retry=True)
+
+        def objective(trial):
+            return trial.suggest_float("x", 0.0, 1.0)
+
+        ran = worker_loop(study, objective, grpc_url, 3, out=io.StringIO(), poll=0.2)
+        assert ran == 3
+        assert ask_through_proxy(study) == (None, 3)  # the budget is done: refused, and the loop would exit 0
+    trials = trials_of(url, "loop")
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    assert trials[0].user_attrs["stop_reason"] == "failed:terminated"
+    assert trials[1].system_attrs.get("failed_trial") == 0 and trials[1].params == {"x": x}
 
 
 def test_a_worker_holds_the_study_lock_through_the_proxy(proxy_db, monkeypatch):
