@@ -26,6 +26,9 @@ HEARTBEAT_KEY = "regsweep:proxy:heartbeat"
 LOCK_KEY = "regsweep:proxy:lock"
 FULL = "regsweep:budget-full"  # in the text of the proxy's refusal of a RUNNING trial over the budget
 LEASE = 120.0  # seconds a worker may hold a study's lock through the proxy before the proxy takes it back
+BUSY = "regsweep:lock-busy"  # in the text of the proxy's answer to a lock request it could not grant in LOCK_WAIT
+LOCK_WAIT = 1.0  # seconds the proxy waits for a study's lock per request (a waiting request holds a server thread)
+LOCK_TIMEOUT = 600.0  # seconds a worker asks again for a study's lock before it gives up
 
 
 class BudgetFull(Exception):
@@ -83,8 +86,17 @@ def client_class():
         @contextlib.contextmanager
         def lock(self, study_name: str) -> Iterator[None]:
             """The study's budget lock, held by the proxy for this worker until the block ends."""
-            token = uuid.uuid4().hex
-            self.set_study_system_attr(0, LOCK_KEY, {"study": study_name, "op": "acquire", "token": token})
+            import time
+
+            token, deadline = uuid.uuid4().hex, time.monotonic() + LOCK_TIMEOUT
+            while True:  # each request waits LOCK_WAIT in the proxy at most, so waiters never fill its threads
+                try:
+                    self.set_study_system_attr(0, LOCK_KEY, {"study": study_name, "op": "acquire", "token": token})
+                    break
+                except grpc.RpcError as exc:
+                    if BUSY not in (exc.details() or "") or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             try:
                 yield
             finally:

@@ -30,7 +30,7 @@ import time
 from typing import Optional
 
 from regsweep.models.config import ConfigError
-from regsweep.search.proxy import FULL, HEARTBEAT_KEY, LEASE, LOCK_KEY
+from regsweep.search.proxy import BUSY, FULL, HEARTBEAT_KEY, LEASE, LOCK_KEY, LOCK_WAIT
 from regsweep.search.storage import (
     GRACE_PERIOD,
     HEARTBEAT_INTERVAL,
@@ -43,7 +43,8 @@ from regsweep.search.urls import check_url, is_proxy, mask, reason
 
 APPLICATION_NAME = "regsweep-storage-proxy"  # PostgreSQL's application_name of every connection of the proxy
 POOL_SIZE, POOL_OVERFLOW = 4, 4
-THREADS = 64  # gRPC server threads: calls served at once (a waiting lock request holds one)
+THREADS = 64  # gRPC server threads: calls served at once (a waiting lock request or admission holds one, briefly)
+ADMIT_WAIT = 2.0  # seconds an admission waits for a study lock a worker holds before it says "full for now"
 DEFAULT_PORT = 13000
 
 
@@ -82,13 +83,14 @@ def storage_class():
                 return self._leases.setdefault(name, Lease())
 
         def take(self, name: str, token: str, timeout: float = 600.0) -> None:
+            """Take the study's lock within ``timeout`` seconds (TimeoutError with BUSY in its text otherwise)."""
             lease, deadline = self._lease(name), time.monotonic() + timeout
-            while not lease.lock.acquire(timeout=1.0):
+            while not lease.lock.acquire(timeout=max(0.0, min(1.0, deadline - time.monotonic()))):
                 held_by = lease.token
                 if held_by is not None and time.monotonic() - lease.since > LEASE:
                     self.give(name, held_by)  # its holder stopped talking: the lease is taken back
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"could not take the lock of study '{name}' in {timeout:.0f}s")
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{BUSY}: the lock of study '{name}' is held")
             held = contextlib.ExitStack()
             try:
                 held.enter_context(budget_lock(self.proxy_url, name))
@@ -112,7 +114,7 @@ def storage_class():
 
         @contextlib.contextmanager
         def locked(self, name: str):
-            token = f"admission-{threading.get_ident()}-{time.monotonic_ns()}"
+            token = f"sweep-{threading.get_ident()}-{time.monotonic_ns()}"
             self.take(name, token)
             try:
                 yield
@@ -147,14 +149,21 @@ def storage_class():
             if n_trials is None:  # not a regsweep study (a plain Optuna client): no budget to keep
                 return move()
             study = self.study(study_id)
-            with self.locked(study.study_name):
+            name, token = study.study_name, f"admission-{threading.get_ident()}-{time.monotonic_ns()}"
+            try:
+                self.take(name, token, ADMIT_WAIT)
+            except TimeoutError:  # a worker holds the study's lock: "full for now", the worker asks again soon
+                raise RuntimeError(f"{FULL}: the study's lock is busy") from None
+            try:
                 retry_transient(self.fail_stale, study)
                 counts = state_counts(study) or {}
                 taken = sum(counts.get(s, 0) for s in ("COMPLETE", "PRUNED", "RUNNING"))
                 if taken >= n_trials:
-                    raise RuntimeError(f"{FULL}: {taken} of {n_trials} trials of '{study.study_name}' are "
-                                       "COMPLETE, PRUNED or RUNNING")
+                    raise RuntimeError(f"{FULL}: {taken} of {n_trials} trials of '{name}' are COMPLETE, PRUNED or "
+                                       "RUNNING")
                 return move()
+            finally:
+                self.give(name, token)
 
         def create_new_trial(self, study_id, template_trial=None):
             if template_trial is not None and template_trial.state != TrialState.RUNNING:
@@ -187,8 +196,8 @@ def storage_class():
             if not isinstance(value, dict) or value.get("op") not in ("acquire", "release"):
                 raise ValueError(f"{LOCK_KEY}: {str(value)[:80]!r} is not a lock request")
             name, token = str(value.get("study")), str(value.get("token"))
-            if value["op"] == "acquire":
-                self.take(name, token)
+            if value["op"] == "acquire":  # waits LOCK_WAIT at most: a waiting request holds a server thread
+                self.take(name, token, LOCK_WAIT)
             else:
                 self.give(name, token)
 

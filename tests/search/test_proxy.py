@@ -278,12 +278,18 @@ def test_the_worker_loop_through_the_proxy_requeues_a_terminated_trial_and_meets
 
 
 def test_a_worker_holds_the_study_lock_through_the_proxy(proxy_db, monkeypatch):
-    """budget_lock on a grpc:// URL is the proxy's lock: a second holder waits until the first gives it back."""
+    """budget_lock on a grpc:// URL is the proxy's lock: a second holder asks again (each request waits at most
+    LOCK_WAIT in the proxy, so waiters never fill its threads) until the first gives it back, and meanwhile the
+    study admits no trial ("full for now": the worker's loop asks again)."""
+    from regsweep.search.storage import open_storage
     from regsweep.search.study import budget_lock
 
     url, _ = proxy_db
     order = []
     with proxy_in_process(url, monkeypatch) as (grpc_url, _):
+        study = optuna.create_study(storage=open_storage(grpc_url), study_name="lk")
+        study.set_user_attr(BUDGET_ATTR, 5)
+
         def second():
             with budget_lock(grpc_url, "lk"):
                 order.append("second")
@@ -291,9 +297,12 @@ def test_a_worker_holds_the_study_lock_through_the_proxy(proxy_db, monkeypatch):
         with budget_lock(grpc_url, "lk"):
             other = threading.Thread(target=second)
             other.start()
-            time.sleep(1.0)
+            with pytest.raises(BudgetFull):  # the lock is held: no admission (after ADMIT_WAIT)
+                study.ask()
+            time.sleep(0.5)
             order.append("first")
         other.join(timeout=10)
+        assert study.ask().number == 0  # free again
     assert order == ["first", "second"]
 
 
