@@ -345,6 +345,23 @@ def test_workers_through_the_proxy_make_exactly_the_budget_and_only_the_proxy_co
     assert '"model"' in exported
 
 
+@pytest.mark.slow  # `make test` keeps the lock through the proxy in process (test_a_worker_holds_the_study_lock...)
+@pytest.mark.procs
+def test_workers_started_at_the_same_instant_through_the_proxy_make_one_study(proxy_db, tmp_path):
+    """Study creation and its enqueue under the proxy's study lock: one study, the base config enqueued once."""
+    url, _ = proxy_db
+    spec = tmp_path / "si.yaml"
+    spec.write_text(SPEC.format(name="si", n=4, epochs=1))
+    with proxy_process(url) as (grpc_url, _):
+        procs = [cli("worker", str(spec), env={"REGSWEEP_STORAGE": grpc_url}) for _ in range(3)]
+        for p in procs:
+            wait_ok(p)
+    assert optuna.get_all_study_names(url) == ["si"]
+    trials = trials_of(url, "si")
+    assert_exact(trials, 4)
+    assert sum(bool(t.user_attrs.get("regsweep:base")) for t in trials) == 1  # enqueued once
+
+
 @pytest.mark.slow  # ~40 s; `make test` keeps the proxy's stale failing and retry in process (above)
 @pytest.mark.procs
 def test_killed_workers_trials_fail_stale_through_the_proxy_and_are_retried_once(proxy_db, tmp_path):
