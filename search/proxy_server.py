@@ -45,7 +45,6 @@ APPLICATION_NAME = "regsweep-storage-proxy"  # PostgreSQL's application_name of 
 POOL_SIZE, POOL_OVERFLOW = 4, 4
 THREADS = 64  # gRPC server threads: calls served at once (a waiting lock request or admission holds one, briefly)
 ADMIT_WAIT = 2.0  # seconds an admission waits for a study lock a worker holds before it says "full for now"
-DEFAULT_PORT = 13000
 
 
 class Lease:
