@@ -312,6 +312,31 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return serve(url, host=args.host, port=args.port, artifacts=args.artifacts)
 
 
+def cmd_storage_proxy(args: argparse.Namespace) -> int:
+    """Serve $REGSWEEP_STORAGE's database to workers through gRPC (search/proxy_server.py)."""
+    from regsweep.search.proxy_server import serve
+    from regsweep.search.urls import STORAGE_ENV, check_sqlite_path, check_url, is_proxy
+
+    url = os.environ.get(STORAGE_ENV)
+    if not url:
+        raise ConfigError(f"${STORAGE_ENV}: not set; the proxy reads its database URL from ${STORAGE_ENV} only "
+                          "(never the command line: a URL may hold a password)")
+    try:
+        check_url(url)
+        check_sqlite_path(url)
+    except ConfigError as exc:
+        raise ConfigError(f"${STORAGE_ENV}: {str(exc).removeprefix('storage: ')}") from None
+    if is_proxy(url):
+        raise ConfigError(f"${STORAGE_ENV}: {mask(url)!r} is not allowed; the proxy serves a database "
+                          "(postgresql://, mysql+pymysql:// or sqlite:///), not another proxy")
+    cli_checks.check_grpc()
+    cli_checks.check_reachable(url)
+    try:
+        return serve(url, args.host, args.port)
+    except KeyboardInterrupt:
+        return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from regsweep.search.report import write_report
     from regsweep.search.urls import mask
@@ -541,6 +566,12 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     d.add_argument("--artifacts", default=None, metavar="LOC", help="artifact store (default: the studies' own)")
     d.set_defaults(func=cmd_dashboard)
+
+    sp = sub.add_parser("storage-proxy", help="serve $REGSWEEP_STORAGE to workers over gRPC (grpc://HOST:PORT "
+                        "storage URLs): one process holds the database connections")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; it has no login)")
+    sp.add_argument("--port", type=int, default=13000, help="port (default 13000; 0 picks a free one)")
+    sp.set_defaults(func=cmd_storage_proxy)
 
     rep = sub.add_parser("report", help="a static HTML report of a study: plots, curves, stop reasons")
     _storage_flags(rep)

@@ -158,6 +158,19 @@ def check_reachable(url: str) -> None:
     reach(url)
 
 
+def check_grpc() -> None:
+    """grpcio (and protobuf, which Optuna's gRPC stubs need) installed: else one line naming the extra."""
+    import importlib.util
+
+    for module, package in (("grpc", "grpcio"), ("google.protobuf", "protobuf")):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            raise ConfigError(f"storage-proxy: needs {package}, which is not installed; pip install 'regsweep[grpc]'")
+
+
 def progress_mode() -> str:
     mode = os.environ.get("REGSWEEP_PROGRESS", "auto")
     if mode not in ("auto", "live", "plain", "off"):
@@ -171,7 +184,7 @@ def check_environment(command: str) -> None:
     from regsweep.search.loop import thread_share
     from regsweep.search.storage import check_env
 
-    if command in ("validate", "run", "worker", "status", "export", "dashboard", "report"):
+    if command in ("validate", "run", "worker", "status", "export", "dashboard", "report", "storage-proxy"):
         check_env()
     if command in ("validate", "run", "worker"):
         thread_share()

@@ -43,6 +43,7 @@ from regsweep.search.storage import (
 )
 from regsweep.search.study import SweepFailed, budget, budget_lock, done_count, open_study_locked, seed_sampler
 from regsweep.search.trial import BASE_ATTR, TrialFailed, make_objective, worker_label
+from regsweep.search.urls import is_proxy
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
 WORKER_ENV = "REGSWEEP_WORKER"  # worker label printed in front of its lines
@@ -156,6 +157,8 @@ def ask_within_budget(study, url: str, n_trials: int) -> tuple[Any, int]:
     """Under the budget lock: (a new trial, given its first heartbeat, or None when COMPLETE + PRUNED +
     RUNNING trials fill ``n_trials``; COMPLETE + PRUNED). Stale trials are failed and re-queued first, under the
     same lock (they free places, and ``ask`` pops their WAITING retries before sampling anything new)."""
+    if is_proxy(url):
+        return ask_through_proxy(study)
     with budget_lock(url, study.study_name):
         # inside the lock: failing a stale trial and enqueueing its retry are two writes; a worker counting
         # between them would ask a NEW trial, fill the budget and strand the retry WAITING
@@ -170,6 +173,21 @@ def ask_within_budget(study, url: str, n_trials: int) -> tuple[Any, int]:
             # who holds it, for `failed:stale heartbeat (worker HOST:PID)` if this worker dies before its 1st epoch
             retry_transient(trial.set_user_attr, "worker", worker_label())
     return trial, done
+
+
+def ask_through_proxy(study) -> tuple[Any, int]:
+    """:func:`ask_within_budget` through a `regsweep storage-proxy`: the proxy itself fails stale trials, counts
+    and admits (or refuses: BudgetFull) the trial's move to RUNNING under the study's lock, and gives it its
+    first heartbeat (search/proxy_server.py); the worker only asks."""
+    from regsweep.search.proxy import BudgetFull
+
+    try:
+        trial = ask(study)
+    except BudgetFull:
+        return None, retry_transient(done_count, study)
+    with contextlib.suppress(*transient_errors()):  # as ask_within_budget: the trial runs; its writes tell
+        retry_transient(trial.set_user_attr, "worker", worker_label())
+    return trial, retry_transient(done_count, study)
 
 
 def tell_trial(study, tid: int, state, value, trial=None):
@@ -274,9 +292,11 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
         if trial is None:
             if done >= n_trials:
                 return ran
-            # others hold the rest of the budget; a dead one's trial goes stale (and an orphan is adopted so it can)
-            with contextlib.suppress(*transient), budget_lock(url, study.study_name):  # fail + requeue as one
-                retry_transient(adopt_orphans, study, ORPHAN_AFTER)
+            # others hold the rest of the budget; a dead one's trial goes stale (and an orphan is adopted so it can;
+            # through a proxy, the proxy beats an admitted trial's first heartbeat itself: there are no orphans)
+            if not is_proxy(url):
+                with contextlib.suppress(*transient), budget_lock(url, study.study_name):  # fail + requeue as one
+                    retry_transient(adopt_orphans, study, ORPHAN_AFTER)
             time.sleep(min(idle, poll))  # the last trials usually end within seconds: a worker notices soon
             idle *= IDLE_GROWTH
             continue

@@ -143,6 +143,27 @@ def _session(backend, *, ignore_integrity_error: bool):
     return _create_scoped_session(backend.scoped_session, ignore_integrity_error)
 
 
+def study_id_of_trial(backend, trial_id_: int) -> int:
+    """The id of the study a trial (by id) belongs to, on an RDBStorage; KeyError when there is no such trial."""
+    from optuna.storages._rdb import models  # private module: the ORM models of Optuna's schema
+
+    # The public ``get_trial`` returns a FrozenTrial, which carries no study id; the storage proxy must know the
+    # study of a trial ``ask`` moves to RUNNING to decide its admission under that study's budget.
+    with _session(backend, ignore_integrity_error=False) as session:
+        return int(models.TrialModel.find_or_raise_by_id(trial_id_, session).study_id)
+
+
+def add_servicer(server, storage) -> None:
+    """Serve ``storage`` on a ``grpc.Server`` with Optuna's storage-proxy servicer."""
+    from optuna.storages._grpc.auto_generated import api_pb2_grpc
+    from optuna.storages._grpc.servicer import OptunaStorageProxyService
+
+    # ``run_grpc_proxy_server`` blocks until termination and ``make_server`` binds a fixed port without saying
+    # which port it got (``--port 0``) and without a way to stop it on SIGTERM: the proxy builds its own server
+    # around Optuna's servicer (the same two calls make_server makes).
+    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(storage), server)
+
+
 def distribution_contains(distribution, value) -> bool:
     """Whether ``value`` (external form) lies inside an Optuna distribution: range, step and choices.
 

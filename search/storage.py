@@ -13,7 +13,7 @@ from typing import Optional
 
 from regsweep.models.config import ConfigError
 from regsweep.search import optuna_internals as internals
-from regsweep.search.urls import check_sqlite_path, check_url, mask, reason, sqlite_file
+from regsweep.search.urls import check_sqlite_path, check_url, grpc_address, is_proxy, mask, reason, sqlite_file
 
 HEARTBEAT_INTERVAL = 30  # seconds between a running trial's heartbeats ($REGSWEEP_HEARTBEAT_INTERVAL)
 GRACE_PERIOD = 90  # a RUNNING trial without a heartbeat this long is failed and retried ($REGSWEEP_GRACE_PERIOD)
@@ -28,7 +28,7 @@ EXTERNAL_REASONS = (STALE_REASON, DATABASE_REASON)  # failed from outside the tr
 MAX_SECONDS = 86400  # a heartbeat interval or grace period longer than a day is a typo
 
 
-def _seconds(env: str, default: int) -> int:
+def env_seconds(env: str, default: int) -> int:
     value = os.environ.get(env)
     if value is None:
         return default
@@ -42,8 +42,8 @@ def check_env() -> None:
     """The storage's environment variables ($REGSWEEP_DB_POOL, $REGSWEEP_HEARTBEAT_INTERVAL,
     $REGSWEEP_GRACE_PERIOD), checked before anything is created, whatever the storage; ConfigError."""
     _pool_options()
-    interval = _seconds("REGSWEEP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)
-    grace = _seconds("REGSWEEP_GRACE_PERIOD", GRACE_PERIOD)
+    interval = env_seconds("REGSWEEP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)
+    grace = env_seconds("REGSWEEP_GRACE_PERIOD", GRACE_PERIOD)
     if grace <= interval:
         raise ConfigError(f"$REGSWEEP_GRACE_PERIOD: {grace} is not allowed; must exceed the heartbeat interval "
                           f"({interval} s, $REGSWEEP_HEARTBEAT_INTERVAL), or live trials are failed as stale")
@@ -82,6 +82,9 @@ def check_reachable(url: str) -> None:
     if check_url(url) == "sqlite":
         check_sqlite_path(url)
         return  # the file is created on first use
+    if is_proxy(url):
+        open_proxy(url, wait=PROXY_WAIT).close()
+        return
     try:
         engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
         with engine.connect() as conn:
@@ -90,12 +93,33 @@ def check_reachable(url: str) -> None:
         raise ConfigError(f"storage: cannot reach {mask(url)}: {reason(exc, url)}") from None
 
 
+PROXY_WAIT = 10.0  # seconds a command waits for a `regsweep storage-proxy` to answer
+
+
+def open_proxy(url: str, *, heartbeat: bool = False, wait: float = PROXY_WAIT):
+    """A storage reached through the `regsweep storage-proxy` of a ``grpc://HOST:PORT`` URL (search/proxy.py);
+    ConfigError when grpcio is missing or nothing answers there within ``wait`` seconds."""
+    host, port = grpc_address(url)
+    try:
+        from regsweep.search.proxy import connect
+
+        interval = env_seconds("REGSWEEP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL) if heartbeat else None
+        return connect(host, port, heartbeat_interval=interval, wait=wait)
+    except ImportError as exc:
+        raise ConfigError(f"storage: {mask(url)} needs grpcio ({exc.name or exc}); install regsweep[grpc]") from None
+    except ConnectionError:
+        raise ConfigError(f"storage: cannot reach {mask(url)}: no storage proxy answered in {wait:.0f} s "
+                          "(start one with `regsweep storage-proxy`)") from None
+
+
 def open_existing(url: str):
     """A read-only view of an EXISTING storage (no file, table or study is created), or None."""
     import optuna
     import sqlalchemy
     import sqlalchemy.exc
 
+    if is_proxy(url):
+        return open_proxy(url)  # the proxy's database: the proxy made its tables when it started
     if check_url(url) == "sqlite":
         check_sqlite_path(url)
         file = sqlite_file(url)
@@ -145,6 +169,8 @@ def open_storage(url: str, *, heartbeat: bool = True):
     import sqlalchemy.exc
 
     scheme = check_url(url)
+    if scheme == "grpc":
+        return open_proxy(url, heartbeat=heartbeat)
     engine: dict = {"pool_pre_ping": True}
     if scheme == "sqlite":
         check_sqlite_path(url)
@@ -156,8 +182,8 @@ def open_storage(url: str, *, heartbeat: bool = True):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             kwargs = {}
             if heartbeat:
-                kwargs = dict(heartbeat_interval=_seconds("REGSWEEP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
-                              grace_period=_seconds("REGSWEEP_GRACE_PERIOD", GRACE_PERIOD),
+                kwargs = dict(heartbeat_interval=env_seconds("REGSWEEP_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
+                              grace_period=env_seconds("REGSWEEP_GRACE_PERIOD", GRACE_PERIOD),
                               heartbeat_stale_trial_callback=stale_trial_callback())
             # reachability was checked before (check_reachable); a connection dropped now is retried
             storage = retry_transient(optuna.storages.RDBStorage, url, engine_kwargs=engine, **kwargs)
@@ -188,7 +214,10 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     import optuna
     import sqlalchemy.exc
 
-    return (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, optuna.exceptions.StorageInternalError)
+    from regsweep.search.proxy import rpc_errors
+
+    return (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, optuna.exceptions.StorageInternalError,
+            *rpc_errors())
 
 
 def database_reason(exc: BaseException) -> Optional[str]:

@@ -237,9 +237,21 @@ def budget_lock(url: str, study_name: str, timeout: float = 600.0) -> Iterator[N
     """A lock shared by every worker of one study, held only around count-then-ask.
 
     PostgreSQL: ``pg_advisory_lock``; MySQL/MariaDB: ``GET_LOCK``; SQLite: ``flock`` on ``<db>.lock``. Each is
-    released by the database / kernel when its holder dies, so a killed worker never leaves it taken.
+    released by the database / kernel when its holder dies, so a killed worker never leaves it taken. Through a
+    storage proxy (``grpc://``): the proxy takes the same lock on its own connection and holds it for this worker
+    (a lease the proxy takes back after search/proxy.py LEASE seconds, when its holder died).
     """
     scheme = check_url(url)
+    if scheme == "grpc":
+        from regsweep.search.storage import open_proxy
+
+        client = open_proxy(url)
+        try:
+            with client.lock(study_name):
+                yield
+        finally:
+            client.close()
+        return
     key = int.from_bytes(hashlib.sha256(f"regsweep:{study_name}".encode()).digest()[:8], "big", signed=True)
     if scheme == "sqlite":
         file = sqlite_file(url)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from regsweep.models.config import ConfigError
 
-SCHEMES = ("sqlite", "postgresql", "mysql")
+SCHEMES = ("sqlite", "postgresql", "mysql", "grpc")  # grpc://HOST:PORT: a `regsweep storage-proxy` (search/proxy.py)
 STORAGE_ENV = "REGSWEEP_STORAGE"  # also how `run --workers N` hands the URL to its workers (never argv)
 
 
@@ -161,10 +161,11 @@ def _query_has(url: str, *keys: str) -> bool:
 
 
 def check_url(url: str) -> str:
-    """The URL's scheme (sqlite, postgresql or mysql) once it is a URL regsweep can use; ConfigError (one line,
-    password masked) for anything else: unknown scheme, no ``://``, a port that is not 1..65535, no host, a
-    ``sqlite://`` without the third slash."""
-    allowed = "use sqlite:///PATH, postgresql://USER@HOST:PORT/DB or mysql+pymysql://USER@HOST:PORT/DB"
+    """The URL's scheme (sqlite, postgresql, mysql or grpc) once it is a URL regsweep can use; ConfigError (one
+    line, password masked) for anything else: unknown scheme, no ``://``, a port that is not 1..65535, no host, a
+    ``sqlite://`` without the third slash, a ``grpc://`` that is not exactly ``grpc://HOST:PORT``."""
+    allowed = ("use sqlite:///PATH, postgresql://USER@HOST:PORT/DB, mysql+pymysql://USER@HOST:PORT/DB or "
+               "grpc://HOST:PORT (a regsweep storage-proxy)")
     scheme = url.split(":", 1)[0].split("+", 1)[0]
     if "://" not in url or scheme not in SCHEMES:
         raise ConfigError(f"storage: {shown(url)} is not allowed; {allowed}")
@@ -175,6 +176,9 @@ def check_url(url: str) -> str:
         if rest and not rest.startswith("/"):
             raise ConfigError(f"storage: {shown(url)} is not allowed; a SQLite URL is sqlite:///PATH (three slashes, "
                               "four for an absolute path)")
+        return scheme
+    if scheme == "grpc":
+        grpc_address(url)
         return scheme
     from sqlalchemy.engine import make_url
 
@@ -191,6 +195,32 @@ def check_url(url: str) -> str:
         raise ConfigError(f"storage: {shown(url)} is not allowed; the host is empty ({scheme}://USER@HOST:PORT/DB, "
                           "or ?host=/socket/dir for a Unix socket)")
     return scheme
+
+
+_GRPC = re.compile(r"grpc://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-_]*)(?::([^/?#@]*))?/?")
+
+
+def grpc_address(url: str) -> tuple[str, int]:
+    """(host, port) of a ``grpc://HOST:PORT`` URL (a `regsweep storage-proxy`); ConfigError (one line) for
+    anything else: a user or password, a path or query, no port, a port that is not 1..65535."""
+    m = _GRPC.fullmatch(url)
+    if m is None:
+        why = ("a proxy URL holds no user or password" if "@" in url else
+               "a proxy URL is grpc://HOST:PORT, nothing after the port")
+        raise ConfigError(f"storage: {shown(url)} is not allowed; {why}")
+    port = m.group(2)
+    if port is None or port == "":
+        raise ConfigError(f"storage: {shown(url)} is not allowed; the port is missing (grpc://HOST:PORT)")
+    if not re.fullmatch(r"[0-9]{1,5}", port):
+        raise ConfigError(f"storage: {shown(url)} is not allowed; port {scrub(port, url)[:24]!r} is not a number")
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(f"storage: {shown(url)} is not allowed; port {int(port)} must be 1..65535")
+    return m.group(1).strip("[]"), int(port)
+
+
+def is_proxy(url: str) -> bool:
+    """Whether ``url`` names a `regsweep storage-proxy` (``grpc://``) rather than a database."""
+    return url.startswith("grpc://")
 
 
 def sqlite_file(url: str) -> Optional[Path]:

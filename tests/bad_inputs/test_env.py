@@ -29,6 +29,17 @@ def storage_case(id_: str, command: str, url: str, expect: tuple[str, ...], **kw
 
 
 CASES = [
+    # `regsweep storage-proxy` reads its database URL from $REGSWEEP_STORAGE only
+    Case("proxy-storage-unset", ["storage-proxy"], expect=("$REGSWEEP_STORAGE", "not set", "never the command line")),
+    Case("proxy-storage-flag", ["storage-proxy", "--storage", f"{PG}/test"], expect=("--storage",)),
+    Case("proxy-of-a-proxy", ["storage-proxy"], env={"REGSWEEP_STORAGE": "grpc://127.0.0.1:13000"},
+         expect=("$REGSWEEP_STORAGE", "not another proxy")),
+    Case("proxy-storage-bad-url", ["storage-proxy"], env={"REGSWEEP_STORAGE": "postgresql://u:Zq7wX/9k@/test"},
+         expect=("$REGSWEEP_STORAGE", "host is empty"), absent=SECRET),
+    Case("proxy-storage-unreachable", ["storage-proxy"], env={"REGSWEEP_STORAGE": "postgresql://u:Zq7wX/9k@127.0.0.1:1/t"},
+         expect=("cannot reach", "u:***@127.0.0.1:1"), absent=SECRET),
+    Case("proxy-port", ["storage-proxy", "--port", "70000"], env={"REGSWEEP_STORAGE": f"{PG}/test"},
+         expect=("--port", "70000", "0..65535")),
     storage_case("storage-unknown-scheme", "validate", "redis://h/0", ("'redis://h/0'", "sqlite:///")),
     storage_case("storage-missing-slashes", "status", "postgresql:/h/test", ("postgresql:/h/test",)),
     storage_case("storage-port-not-a-number", "run", f"{PG}:abc/test", ("port 'abc'",), subprocess=True),
