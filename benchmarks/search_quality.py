@@ -17,7 +17,7 @@ Arms, each run per sampler seed on a fresh temporary SQLite study, in this proce
   the setting of studies/overfit_demo.yaml);
 - ``<best pruning arm>+confirm``: the pruning arm of the two above whose selected configurations have the lower mean
   objective (val_loss) over their new-seed retrainings (the test set chooses nothing), with ``confirm: {top_k: 3,
-  seeds: 2}`` (search/backends/optuna_backend.py ``run_confirm``).
+  seeds: 2}`` (``--confirm K,S``; search/backends/optuna_backend.py ``run_confirm``).
 
 Equal budget: an arm runs one trial at a time until the sum of the epochs its trials recorded (pruned, stopped and
 failed ones included) reaches the budget; the last trial may overshoot it. The confirm arm searches until the sum
@@ -36,7 +36,8 @@ Goals (printed, never asserted): in ``lowdata`` the chosen configuration beats t
 with confirm, the mean test accuracy over new seeds is at least that without it.
 
     .venv/bin/python benchmarks/search_quality.py [--seeds 3] [--retrain-seeds 3] [--budget 300] \\
-        [--lowdata-budget 300] [--epochs 15] [--studies digits,lowdata] [--quick] [--out docs/search_quality.md]
+        [--lowdata-budget 300] [--epochs 15] [--lowdata-epochs 15] [--confirm 3,2] [--studies digits,lowdata] \\
+        [--quick] [--out docs/search_quality.md]
 """
 
 from __future__ import annotations
@@ -221,6 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--lowdata-budget", type=int, default=None, help="the same for lowdata (default: --budget)")
     p.add_argument("--epochs", type=int, default=None, help="train.epochs per trial (default: the base's, 15)")
     p.add_argument("--lowdata-epochs", type=int, default=None, help="the same for lowdata (default: --epochs)")
+    p.add_argument("--confirm", default=f"{CONFIRM['top_k']},{CONFIRM['seeds']}", metavar="K,S",
+                   help="the confirm arm's top_k and seeds")
     p.add_argument("--studies", default="digits,lowdata", help="comma-separated, run in this order")
     p.add_argument("--quick", action="store_true",
                    help="CI size: 1 sampler seed, 1 retrain seed, a CNN of widths [8, 16], 2 epochs, budget 4, "
@@ -235,7 +238,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)
     common: dict[str, Any] = {}
-    confirm = dict(CONFIRM)
+    try:
+        confirm = dict(zip(("top_k", "seeds"), (int(v) for v in args.confirm.split(","))), strict=True)
+    except ValueError:
+        p.error(f"--confirm: {args.confirm!r} is not K,S (two integers)")
+    if min(confirm.values()) < 1:
+        p.error(f"--confirm: {args.confirm!r}: K and S must be >= 1")
     if args.quick:
         args.seeds, args.retrain_seeds, args.budget, args.lowdata_budget = 1, 1, 4, 4
         common = {"model.widths": [8, 16], "train.epochs": 2}
