@@ -239,7 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(1)
     common: dict[str, Any] = {}
     try:
-        confirm = dict(zip(("top_k", "seeds"), (int(v) for v in args.confirm.split(","))), strict=True)
+        confirm = dict(zip(("top_k", "seeds"), (int(v) for v in args.confirm.split(",")), strict=True))
     except ValueError:
         p.error(f"--confirm: {args.confirm!r} is not K,S (two integers)")
     if min(confirm.values()) < 1:
