@@ -226,7 +226,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="the confirm arm's top_k and seeds")
     p.add_argument("--studies", default="digits,lowdata", help="comma-separated, run in this order")
     p.add_argument("--quick", action="store_true",
-                   help="CI size: 1 sampler seed, 1 retrain seed, a CNN of widths [8, 16], 2 epochs, budget 4, "
+                   help="CI size: 1 sampler seed, 1 retrain seed, a CNN of widths [8, 16], 1 epoch, budget 2, "
                         "confirm top 1 x 1 seed")
     p.add_argument("--out", default=None, help="also write the table as Markdown to this file (after every row, "
                                                "marked partial until the end)")
@@ -245,8 +245,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if min(confirm.values()) < 1:
         p.error(f"--confirm: {args.confirm!r}: K and S must be >= 1")
     if args.quick:
-        args.seeds, args.retrain_seeds, args.budget, args.lowdata_budget = 1, 1, 4, 4
-        common = {"model.widths": [8, 16], "train.epochs": 2}
+        args.seeds, args.retrain_seeds, args.budget, args.lowdata_budget = 1, 1, 2, 2
+        common = {"model.widths": [8, 16], "train.epochs": 1}
         confirm = {"top_k": 1, "seeds": 1}
     overrides = {s: dict(common) for s in STUDIES}
     for study, epochs in (("digits", args.epochs), ("lowdata", args.lowdata_epochs or args.epochs)):
