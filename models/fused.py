@@ -8,8 +8,10 @@ batch the members' forward passes run as ONE computation: ``torch.func.functiona
 module under ``torch.func.vmap`` over the members' parameters stacked from their own leaf tensors
 (``mode="vmap"``), so the backward fills each member's own ``.grad`` and each member's own optimizer and
 scheduler step it (per-member lr, decoupled weight decay, momentum/betas and every scheduler's parameters,
-plateau included). ``mode="loop"`` runs the members' own models one after the other instead (the solo
-arithmetic exactly; the measured alternative, see benchmarks/fused.py).
+plateau included). ``mode="loop"`` runs the members' own models one after the other in one graph instead
+(the solo arithmetic exactly). ``mode="auto"`` (the default) is ``loop`` on the CPU, where it measured
+faster (vmap turns convolutions into grouped convolutions, slower there: benchmarks/fused.py), and ``vmap``
+on an accelerator (issue 20's H100 figure: 16 vmapped copies 1.8x (fp32) one in-process model).
 
 Structural fields must be equal (:data:`STRUCTURAL`, :func:`fusable` says why not); per member may differ:
 model.dropout and model.init, optim.lr/weight_decay/momentum/nesterov/betas, every regularization field,
@@ -40,7 +42,7 @@ from regsweep.models.train import History, autocast, configure_torch, evaluate
 
 # (member index, epoch, record) -> a truthy value (a stop-reason string) stops that member after the epoch
 MemberReport = Callable[[int, int, dict[str, Any]], Any]
-MODES = ("vmap", "loop")
+MODES = ("auto", "vmap", "loop")  # auto: loop on the CPU (measured faster there), vmap on an accelerator
 # dotted fields every member of a group must share ("data" and "model.args": the whole mapping)
 STRUCTURAL = ("model.name", "model.widths", "model.hidden", "model.bn", "model.activation", "model.args", "data",
               "optim.name", "scheduler.name", "train.epochs", "train.precision", "train.num_threads",
@@ -389,7 +391,7 @@ def run_epoch(members: list[Member], stacked: Optional[Stacked], epoch: int, dev
 
 
 def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None = None,
-                report: Optional[MemberReport] = None, mode: str = "vmap") -> tuple[list[Parts], list[History]]:
+                report: Optional[MemberReport] = None, mode: str = "auto") -> tuple[list[Parts], list[History]]:
     """Train ``cfgs`` as one fused group (see the module docstring); returns each member's (Parts, History) as
     ``train.train`` would. Raises ValueError when :func:`fusable` says no or ``mode`` is unknown."""
     if mode not in MODES:
@@ -398,6 +400,8 @@ def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None =
     if why is not None:
         raise ValueError(f"cannot fuse these configurations: {why}")
     dev = resolve_device(device)
+    if mode == "auto":
+        mode = "loop" if dev.type == "cpu" else "vmap"
     configure_torch(cfgs[0], dev)
     members = make_members(cfgs, dev)
     stacked = Stacked([m.parts.model for m in members]) if mode == "vmap" else None
@@ -427,6 +431,6 @@ def finish(m: Member) -> None:
 
 
 def fit_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None = None,
-              report: Optional[MemberReport] = None, mode: str = "vmap") -> list[History]:
+              report: Optional[MemberReport] = None, mode: str = "auto") -> list[History]:
     """:func:`train_fused`'s histories, one per configuration, in order."""
     return train_fused(cfgs, device, report, mode)[1]

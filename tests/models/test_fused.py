@@ -68,7 +68,7 @@ def test_fusable_names_the_first_structural_difference():
     assert fusable([]) == "no configurations"
     with pytest.raises(ValueError, match="cannot fuse these configurations: optim.name differs"):
         train_fused([cfgs[0], cfgs[1].with_overrides({"optim.name": "sgd"})], "cpu")
-    with pytest.raises(ValueError, match="unknown fused mode 'x'; choose one of: vmap, loop"):
+    with pytest.raises(ValueError, match="unknown fused mode 'x'; choose one of: auto, vmap, loop"):
         train_fused(cfgs, "cpu", mode="x")
 
 
@@ -131,7 +131,7 @@ def test_vmap_histories_differ_from_solo_no_more_than_thread_counts_do(sched):
     members = [{k: v for k, v in m.items() if k != "model.dropout"} for m in MEMBERS]
     members[1]["scheduler.max_lr"] = 2e-2
     cfgs = group(members=members, **sched, **{"data.train_fraction": 0.3, "train.train_eval_size": 128})
-    fused = fit_fused(cfgs, "cpu")
+    fused = fit_fused(cfgs, "cpu", mode="vmap")
     solos = [fit(cfg, "cpu") for cfg in cfgs]
     spread = max(max_diff(fit(cfg.with_overrides({"train.num_threads": 2}), "cpu"), solo)
                  for cfg, solo in zip(cfgs, solos))
@@ -141,12 +141,15 @@ def test_vmap_histories_differ_from_solo_no_more_than_thread_counts_do(sched):
 
 
 # ------------------------------------------------------------------------------------ stops and failures
-def test_a_stopped_member_and_a_nan_member_leave_the_others_unchanged():
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_a_stopped_member_and_a_nan_member_leave_the_others_unchanged(mode):
+    """A member pruned after epoch 1 keeps its epoch-1 weights and records; one whose lr sends it to NaN fails
+    alone; the other two train as they would alone (as a pair, and solo: exactly in loop mode)."""
+    tol = 0.0 if mode == "loop" else 1e-5
     members = [m for m in MEMBERS if "model.dropout" not in m]  # 2 members
     members = members + [{"optim.lr": 1e30, "train.seed": 7}, {"train.seed": 8, "optim.lr": 2e-3}]
     cfgs = group(members=members, **{"train.epochs": 4, "train.early_stopping.restore_best": False,
                                      "data.train_fraction": 0.5})
-    frozen = {}
 
     def report(member, epoch, record):
         assert set(record) == set(HISTORY_KEYS)
@@ -154,7 +157,7 @@ def test_a_stopped_member_and_a_nan_member_leave_the_others_unchanged():
             return "pruned:test@1"
         return None
 
-    parts, hists = train_fused(cfgs, "cpu", report=report)
+    parts, hists = train_fused(cfgs, "cpu", report=report, mode=mode)
     frozen = {k: v.clone() for k, v in parts[3].model.state_dict().items()}
     assert hists[3].stop_reason == "pruned:test@1" and len(hists[3].epochs) == 2
     assert hists[2].stop_reason.startswith("failed:non-finite") and len(hists[2].epochs) == 1
@@ -163,11 +166,10 @@ def test_a_stopped_member_and_a_nan_member_leave_the_others_unchanged():
     solo_parts = build(cfgs[3].with_overrides({"train.epochs": 2}), "cpu")
     fit(cfgs[3].with_overrides({"train.epochs": 2}), "cpu", parts=solo_parts)
     for k, v in solo_parts.model.state_dict().items():
-        assert (frozen[k].float() - v.float()).abs().max().item() <= 1e-5
+        assert (frozen[k].float() - v.float()).abs().max().item() <= tol
     # the other two members: the same curves as the two trained alone as a group, and as their solo runs
-    pair = fit_fused(cfgs[:2], "cpu")
-    for hist, alone in zip(hists[:2], pair):
-        assert max_diff(hist, alone) <= 2e-6
-        solo = fit(cfgs[hists.index(hist)], "cpu")
-        assert max_diff(hist, solo) <= 1e-5
+    pair = fit_fused(cfgs[:2], "cpu", mode=mode)
+    for i, (hist, alone) in enumerate(zip(hists[:2], pair)):
+        assert max_diff(hist, alone) <= tol / 5
+        assert max_diff(hist, fit(cfgs[i], "cpu")) <= tol
     assert all(math.isfinite(e["val_loss"]) for h in hists[:2] for e in h.epochs)
