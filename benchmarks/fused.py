@@ -12,7 +12,8 @@ seeded RNG) for the same epochs, with the same thread count:
   batch (convolutions become grouped convolutions).
 
 Figure: trials/hour = configurations trained / wall seconds of the whole run (build, epochs, test split) x
-3600, and its ratio to the one-at-a-time arm measured here, in the same process. Goals are printed, never
+3600 (the median over rounds that alternate the order of the runs), and its ratio to the one-at-a-time arm
+measured here, in the same process. Goals are printed, never
 asserted. Run: ``.venv/bin/python benchmarks/fused.py [--quick] [--threads N]``.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,8 +37,9 @@ from regsweep.models.train import fit  # noqa: E402
 
 DIGITS_YAML = ROOT / "studies" / "base" / "digits_cnn.yaml"
 GOAL = 3.0  # issue 20: fused N = 8 and 16 vs one at a time, trials/hour on 2 cores
-# mode -> (epochs, data.train_fraction, fused sizes, one-at-a-time trials); tiny: the CI test's
-MODES = {"tiny": (1, 0.1, (1, 2), 1), "quick": (1, 0.25, (1, 4, 8, 16), 2), "full": (3, 1.0, (1, 4, 8, 16), 4)}
+# mode -> (epochs, data.train_fraction, fused sizes, one-at-a-time trials, rounds); tiny: the CI test's
+MODES = {"tiny": (1, 0.1, (1, 2), 1, 1), "quick": (1, 0.25, (1, 4, 8, 16), 2, 1),
+         "full": (2, 1.0, (1, 4, 8, 16), 4, 3)}
 ARMS = ("one at a time", "fused loop", "fused vmap")
 
 
@@ -68,25 +71,31 @@ def timed(fn) -> float:
 
 
 def measure(mode: str, threads: int = 1) -> list[Row]:
-    """Every arm of ``mode`` on the CPU; the first row is the baseline every ratio is against."""
-    epochs, fraction, sizes, n_base = MODES[mode]
+    """Every arm of ``mode`` on the CPU, each run once per round (rounds alternate the order of the runs; the
+    median seconds count: the machine is shared); the first row is the baseline every ratio is against."""
+    epochs, fraction, sizes, n_base, rounds = MODES[mode]
     cfgs = configs(max(sizes), epochs, fraction, threads)
     fit(cfgs[0], "cpu")  # warm-up: the dataset's first load and torch's first kernels are in no arm
-    seconds = timed(lambda: [fit(c, "cpu") for c in cfgs[:n_base]])
-    rows = [Row("one at a time", n_base, seconds, n_base * 3600 / seconds)]
-    for arm in ARMS[1:]:
-        for n in sizes:
-            seconds = timed(lambda: fit_fused(cfgs[:n], "cpu", mode=arm.split()[1]))
-            rows.append(Row(arm, n, seconds, n * 3600 / seconds))
+    runs = [("one at a time", n_base, lambda: [fit(c, "cpu") for c in cfgs[:n_base]])]
+    runs += [(arm, n, lambda arm=arm, n=n: fit_fused(cfgs[:n], "cpu", mode=arm.split()[1]))
+             for arm in ARMS[1:] for n in sizes]
+    seconds: dict[int, list[float]] = {i: [] for i in range(len(runs))}
+    for r in range(rounds):
+        for i in (range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))):
+            seconds[i].append(timed(runs[i][2]))
+    rows = []
+    for i, (arm, n, _) in enumerate(runs):
+        median = statistics.median(seconds[i])
+        rows.append(Row(arm, n, median, n * 3600 / median))
     for row in rows:
         row.ratio = row.trials_per_hour / rows[0].trials_per_hour
     return rows
 
 
 def format_report(rows: list[Row], mode: str, threads: int) -> str:
-    epochs, fraction, *_ = MODES[mode]
+    epochs, fraction, _, _, rounds = MODES[mode]
     lines = [f"fused trials, digits cnn [32, 64], batch 32, {epochs} epoch(s), train_fraction {fraction}, "
-             f"cpu, {threads} thread(s), torch {torch.__version__}, mode {mode}",
+             f"cpu, {threads} thread(s), torch {torch.__version__}, mode {mode}, median of {rounds} round(s)",
              f"{'arm':<14} {'N':>3} {'seconds':>8} {'trials/hour':>12} {'ratio':>6}"]
     lines += [f"{r.arm:<14} {r.n:>3d} {r.seconds:>8.3f} {r.trials_per_hour:>12.0f} {r.ratio:>6.2f}" for r in rows]
     lines.append(f"goal: fused N = 8 and 16 >= {GOAL:g}x one at a time (printed, never asserted)")

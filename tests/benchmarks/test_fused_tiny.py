@@ -28,7 +28,7 @@ def test_tiny_mode_prints_every_arm_against_the_baseline(capsys):
     assert lines[1].split() == ["arm", "N", "seconds", "trials/hour", "ratio"]
     assert lines[-1].startswith("goal: fused N = 8 and 16 >= 3x one at a time")
     rows = lines[2:-1]
-    _, _, sizes, n_base = mod.MODES["tiny"]
+    _, _, sizes, n_base, _ = mod.MODES["tiny"]
     expected = [("one at a time", n_base)] + [(arm, n) for arm in mod.ARMS[1:] for n in sizes]
     parsed = []
     for row in rows:
