@@ -72,15 +72,18 @@ def fusable(cfgs: Sequence[TrainConfig]) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------ RNG streams
-def _rng_get(dev: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(dev) if dev.type == "cuda" else torch.get_rng_state()
-
-
-def _rng_set(dev: torch.device, state: torch.Tensor) -> None:
+def _rng_get(dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """The global RNG states a training step draws from: the CPU's (dropout and noise on the CPU, mixup's
+    coin) and, on CUDA, the device's too."""
     if dev.type == "cuda":
-        torch.cuda.set_rng_state(state, dev)
-    else:
-        torch.set_rng_state(state)
+        return torch.get_rng_state(), torch.cuda.get_rng_state(dev)
+    return (torch.get_rng_state(),)
+
+
+def _rng_set(dev: torch.device, state: tuple[torch.Tensor, ...]) -> None:
+    torch.set_rng_state(state[0])
+    if dev.type == "cuda":
+        torch.cuda.set_rng_state(state[1], dev)
 
 
 class MaskDropout(nn.Module):
@@ -190,7 +193,7 @@ class Member:
     index: int
     parts: Parts
     hist: History
-    rng: torch.Tensor  # the global RNG state its solo run would have now (dropout, noise, mixup)
+    rng: tuple[torch.Tensor, ...]  # the global RNG states its solo run would have now (dropout, noise, mixup)
     params: list[nn.Parameter] = field(default_factory=list)  # by position, as the template's
     buffers: list[torch.Tensor] = field(default_factory=list)
     p: list[float] = field(default_factory=list)  # dropout rate per template site ([] = no dropout)

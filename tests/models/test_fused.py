@@ -20,7 +20,7 @@ MEMBERS = [{},
            {"model.dropout": 0.1, "regularization.l2": 1e-3, "optim.weight_decay": 0.05, "model.init": "kaiming_normal",
             "scheduler.step_size": 2, "train.seed": 2, "regularization.label_smoothing": 0.1},
            {"optim.weight_decay": 0.01, "optim.lr": 5e-3, "model.init": "xavier_uniform", "train.seed": 3,
-            "regularization.l1": 1e-5, "regularization.l2": 1e-4}]
+            "regularization.l1": 1e-5, "regularization.l2": 1e-4, "regularization.input_noise_std": 0.05}]
 
 
 def group(base=None, members=MEMBERS, **over):
@@ -48,6 +48,8 @@ def solo_first_step(cfg):
     parts = build(cfg, "cpu")
     parts.model.train()
     x, y = next(iter(parts.train_loader()))
+    if parts.regularize_batch is not None:
+        x, y = parts.regularize_batch(x, y)
     loss = parts.loss_fn(parts.model(x), y)
     if parts.penalty_fn:
         loss = loss + parts.penalty_fn()
@@ -110,9 +112,11 @@ def test_first_forward_and_backward_match_each_solo_run(bn):
 
 # ------------------------------------------------------------------------------------ whole histories
 def test_loop_mode_is_the_solo_run_exactly_with_dropout_on():
-    """mode 'loop' shares everything but the forward pass: the histories (dropout, label smoothing, schedules,
-    seeds, early stopping, test split) are bit-identical to solo runs, which checks the bookkeeping."""
-    cfgs = group(**{"train.early_stopping.patience": 1, "data.train_fraction": 0.5})
+    """mode 'loop' shares everything but the forward pass: the histories (dropout, mixup, input noise, label
+    smoothing, schedules, seeds, early stopping, test split) are bit-identical to solo runs, which checks the
+    bookkeeping and each member's own RNG stream."""
+    members = [{**MEMBERS[0], "regularization.mixup_alpha": 0.2}] + MEMBERS[1:]  # mixup and noise on too
+    cfgs = group(members=members, **{"train.early_stopping.patience": 1, "data.train_fraction": 0.5})
     fused = fit_fused(cfgs, "cpu", mode="loop")
     for cfg, hist in zip(cfgs, fused):
         solo = fit(cfg, "cpu")
@@ -128,7 +132,8 @@ def test_vmap_histories_differ_from_solo_no_more_than_thread_counts_do(sched):
     """Dropout off: every member's whole history against its solo run differs no more than two legitimate solo
     runs of the group's members (1 vs 2 threads) differ, measured here; 2e-6 relative where threads make no
     difference."""
-    members = [{k: v for k, v in m.items() if k != "model.dropout"} for m in MEMBERS]
+    members = [{k: v for k, v in m.items() if k not in ("model.dropout", "regularization.input_noise_std")}
+               for m in MEMBERS]
     members[1]["scheduler.max_lr"] = 2e-2
     cfgs = group(members=members, **sched, **{"data.train_fraction": 0.3, "train.train_eval_size": 128})
     fused = fit_fused(cfgs, "cpu", mode="vmap")
@@ -146,7 +151,8 @@ def test_a_stopped_member_and_a_nan_member_leave_the_others_unchanged(mode):
     """A member pruned after epoch 1 keeps its epoch-1 weights and records; one whose lr sends it to NaN fails
     alone; the other two train as they would alone (as a pair, and solo: exactly in loop mode)."""
     tol = 0.0 if mode == "loop" else 1e-5
-    members = [m for m in MEMBERS if "model.dropout" not in m]  # 2 members
+    members = [{k: v for k, v in m.items() if k != "regularization.input_noise_std"}
+               for m in MEMBERS if "model.dropout" not in m]  # 2 members
     members = members + [{"optim.lr": 1e30, "train.seed": 7}, {"train.seed": 8, "optim.lr": 2e-3}]
     cfgs = group(members=members, **{"train.epochs": 4, "train.early_stopping.restore_best": False,
                                      "data.train_fraction": 0.5})
