@@ -105,11 +105,15 @@ class MaskDropout(nn.Module):
         return x * self.mask
 
 
+def noise_shape(shape: tuple[int, ...], channelwise: bool) -> tuple[int, ...]:
+    """The shape of the noise dropout multiplies by: the input's, or ``(N, C, 1, ...)`` for Dropout2d."""
+    return (*shape[:2], *([1] * (len(shape) - 2))) if channelwise else shape
+
+
 def draw_mask(shape: tuple[int, ...], p: float, channelwise: bool, device: torch.device) -> torch.Tensor:
     """The noise torch's (feature) dropout multiplies by on the CPU: Bernoulli(1 - p) / (1 - p), drawn from
-    the global RNG; ``(N, C, 1, 1)`` for Dropout2d."""
-    if channelwise:
-        shape = (*shape[:2], *([1] * (len(shape) - 2)))
+    the global RNG."""
+    shape = noise_shape(shape, channelwise)
     if p >= 1:
         return torch.zeros(shape, device=device)
     return torch.empty(shape, device=device).bernoulli_(1 - p).div_(1 - p)
@@ -241,7 +245,7 @@ def _masks(stacked: Stacked, x_shape: tuple[int, ...], dev: torch.device,
         if member.p and member.p[k] > 0:
             masks[k] = draw_mask(shape, member.p[k], site.channelwise, dev)
         else:
-            masks[k] = torch.ones(shape[:2] + (1,) * (len(shape) - 2) if site.channelwise else shape, device=dev)
+            masks[k] = torch.ones(noise_shape(shape, site.channelwise), device=dev)
     return masks  # type: ignore[return-value]
 
 
@@ -289,7 +293,8 @@ def forward_backward(active: list[Member], stacked: Optional[Stacked], stacked_b
     _rng_set(dev, saved)
     losses = []
     for i, (m, y) in enumerate(zip(active, ys)):
-        loss = m.parts.loss_fn(logits[i], y)
+        with autocast(dev, precision):  # as train.train computes it
+            loss = m.parts.loss_fn(logits[i], y)
         if m.parts.penalty_fn:
             loss = loss + m.parts.penalty_fn()
         m.loss_sum += loss.detach().double() * y.shape[0]

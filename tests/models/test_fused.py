@@ -179,3 +179,18 @@ def test_a_stopped_member_and_a_nan_member_leave_the_others_unchanged(mode):
         assert max_diff(hist, alone) <= tol / 5
         assert max_diff(hist, fit(cfgs[i], "cpu")) <= tol
     assert all(math.isfinite(e["val_loss"]) for h in hists[:2] for e in h.epochs)
+
+
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_a_bf16_group_trains_as_its_solo_runs(mode):
+    """train.precision bf16 (autocast on the CPU): loop mode replays the solo runs exactly, vmap mode stays
+    within bf16's rounding of them."""
+    members = [{k: v for k, v in m.items() if k != "regularization.input_noise_std"} for m in MEMBERS[:2]]
+    cfgs = group(members=members, **{"train.precision": "bf16", "train.epochs": 1, "data.train_fraction": 0.3,
+                                     "train.train_eval_size": 128})
+    for cfg, hist in zip(cfgs, fit_fused(cfgs, "cpu", mode=mode)):
+        solo = fit(cfg, "cpu")
+        if mode == "loop":
+            assert curves(hist) == curves(solo)
+        else:
+            assert max_diff(hist, solo) <= 0.05, max_diff(hist, solo)
