@@ -145,6 +145,20 @@ def test_vmap_histories_differ_from_solo_no_more_than_thread_counts_do(sched):
     assert [(h.stop_reason, h.best_epoch) for h in fused] == [(h.stop_reason, h.best_epoch) for h in solos]
 
 
+@pytest.mark.parametrize("bn", ["none", "before_act"])
+def test_vmap_histories_with_dropout_noise_and_mixup_on_stay_within_the_thread_spread_too(bn):
+    """Each member draws its masks, noise and mixup from its solo run's RNG stream, so with them on the vmap
+    histories still differ from the solo runs only by arithmetic order (no 8-seed statistics needed)."""
+    members = [{**MEMBERS[0], "regularization.mixup_alpha": 0.2}] + MEMBERS[1:]
+    cfgs = group(members=members, **{"model.bn": bn, "data.train_fraction": 0.3, "train.train_eval_size": 128})
+    fused = fit_fused(cfgs, "cpu", mode="vmap")
+    solos = [fit(cfg, "cpu") for cfg in cfgs]
+    spread = max(max_diff(fit(cfg.with_overrides({"train.num_threads": 2}), "cpu"), solo)
+                 for cfg, solo in zip(cfgs, solos))
+    worst = max(max_diff(hist, solo) for hist, solo in zip(fused, solos))
+    assert worst <= max(spread, 2e-6), (worst, spread)
+
+
 # ------------------------------------------------------------------------------------ stops and failures
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 def test_a_stopped_member_and_a_nan_member_leave_the_others_unchanged(mode):
