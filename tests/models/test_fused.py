@@ -113,10 +113,11 @@ def test_first_forward_and_backward_match_each_solo_run(bn):
 # ------------------------------------------------------------------------------------ whole histories
 def test_loop_mode_is_the_solo_run_exactly_with_dropout_on():
     """mode 'loop' shares everything but the forward pass: the histories (dropout, mixup, input noise, label
-    smoothing, schedules, seeds, early stopping, test split) are bit-identical to solo runs, which checks the
-    bookkeeping and each member's own RNG stream."""
+    smoothing, augmentation, schedules, seeds, early stopping, test split) are bit-identical to solo runs,
+    which checks the bookkeeping, each member's own RNG stream and its own batch order."""
     members = [{**MEMBERS[0], "regularization.mixup_alpha": 0.2}] + MEMBERS[1:]  # mixup and noise on too
-    cfgs = group(members=members, **{"train.early_stopping.patience": 1, "data.train_fraction": 0.5})
+    cfgs = group(members=members, **{"train.early_stopping.patience": 1, "data.train_fraction": 0.5,
+                                     "data.augment": True})
     fused = fit_fused(cfgs, "cpu", mode="loop")
     for cfg, hist in zip(cfgs, fused):
         solo = fit(cfg, "cpu")
