@@ -189,7 +189,8 @@ def test_an_unreachable_mlflow_server_warns_once_and_does_not_slow_the_epochs(tm
     ratio = statistics.median(tracked) / statistics.median(plain)
     print(f"unreachable MLflow: median epoch {statistics.median(tracked):.3f}s vs {statistics.median(plain):.3f}s "
           f"without trackers: x{ratio:.2f}")
-    assert ratio <= 1.5, (plain, tracked)  # a blocking call would wait out MLflow's HTTP retries (seconds); the slow test holds 1.10
+    # a blocking call would wait out MLflow's HTTP retries (seconds a call); the slow test holds the 1.10
+    assert ratio <= 1.5, (plain, tracked)
 
 
 @needs_trackers
