@@ -50,3 +50,55 @@ def ray_session(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+# ------------------------------------------------------------------------------------ tiny specs
+# The process tests' spec: a 4-wide CNN on 120 synthetic 8x8 images, dropout searched, seeded random sampler.
+# Test modules import it: `from tests.search.conftest import tiny_spec` (pytest's importlib mode registers it).
+TINY_SPEC = """
+name: {name}
+base:
+  model: {model}
+  data: {{name: synthetic, n_samples: 120, shape: [1, 8, 8], batch_size: 64}}
+  train: {{epochs: {epochs}, num_threads: 1, train_eval_size: 16}}
+space:
+  model.dropout: {{type: float, low: 0.0, high: 0.5}}
+sampler: {{name: random, seed: 0}}
+pruner: {pruner}
+budget: {{n_trials: {n}}}
+"""
+TINY_MODEL = "{name: cnn, widths: [4]}"
+# a user model (by import path, beside the spec) whose every training batch sleeps ``PAUSE`` seconds: a trial that
+# must still be training when a test acts (cuts the database, kills its worker or node) cannot finish first
+SLOW_NET = """
+import time
+
+from torch import nn
+
+PAUSE = {pause}
+
+
+class SlowNet(nn.Module):
+    def __init__(self, in_shape, num_classes, dropout=0.0):
+        super().__init__()
+        c, h, w = in_shape
+        self.body = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, num_classes))
+
+    def forward(self, x):
+        if self.training:
+            time.sleep(PAUSE)
+        return self.body(x)
+"""
+
+
+def tiny_spec(name: str, n: int, epochs: int, *, pruner: str = "none", enqueue: bool = False,
+              extra: str = "") -> str:
+    """TINY_SPEC's text; ``enqueue`` adds the base config as the first trial, ``extra`` more top-level YAML."""
+    text = TINY_SPEC.format(name=name, n=n, epochs=epochs, pruner=pruner, model=TINY_MODEL)
+    return text + ("enqueue: [{}]\n" if enqueue else "") + extra
+
+
+def slow_net(folder: Path, pause: float) -> str:
+    """Write SLOW_NET beside a spec in ``folder``; returns the ``model:`` value naming it."""
+    (folder / "slownet.py").write_text(SLOW_NET.format(pause=pause))
+    return "{name: 'slownet:SlowNet'}"

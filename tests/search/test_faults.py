@@ -29,56 +29,24 @@ from regsweep.search.loop import FailureStreak, ask_within_budget, fail_stale, r
 from regsweep.search.record import history
 from regsweep.search.storage import database_reason, open_storage
 from regsweep.search.trial import worker_label
+from tests.search.conftest import TINY_MODEL, slow_net, tiny_spec  # pytest (importlib mode) registers it
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-SPEC = """
-name: {name}
-base:
-  model: {{name: cnn, widths: [4]}}
-  data: {{name: synthetic, n_samples: 120, shape: [1, 8, 8], batch_size: 64}}
-  train: {{epochs: {epochs}, num_threads: 1, train_eval_size: 16}}
-space:
-  model.dropout: {{type: float, low: 0.0, high: 0.5}}
-sampler: {{name: random, seed: 0}}
-pruner: none
-budget: {{n_trials: {n}}}
-enqueue: [{{}}]
-"""
 FAST_HEARTBEAT = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
-# a user model (by import path, beside the spec) whose every training batch takes ``PAUSE`` seconds: a trial that
-# must still be training when the test acts (cuts the database, kills its worker) cannot finish first
-SLOW_NET = """
-import time
 
-from torch import nn
-
-PAUSE = {pause}
-
-
-class SlowNet(nn.Module):
-    def __init__(self, in_shape, num_classes, dropout=0.0):
-        super().__init__()
-        c, h, w = in_shape
-        self.body = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, num_classes))
-
-    def forward(self, x):
-        if self.training:
-            time.sleep(PAUSE)
-        return self.body(x)
-"""
 EXTERNAL = ("failed:database: ", "failed:stale heartbeat (worker ")
 
 
 # ------------------------------------------------------------------------------------ helpers
 def write_spec(tmp_path, name, n, epochs, pause=None):
-    """The spec; with ``pause`` its model is SLOW_NET (each training batch sleeps ``pause`` seconds)."""
+    """The tiny spec (base config enqueued); with ``pause`` its model is SLOW_NET (each training batch sleeps
+    ``pause`` seconds)."""
     path = tmp_path / f"{name}.yaml"
-    text = SPEC.format(name=name, n=n, epochs=epochs)
+    text = tiny_spec(name, n, epochs, enqueue=True)
     if pause is not None:
-        (tmp_path / "slownet.py").write_text(SLOW_NET.format(pause=pause))
-        text = text.replace("{name: cnn, widths: [4]}", "{name: 'slownet:SlowNet'}")
+        text = text.replace(TINY_MODEL, slow_net(tmp_path, pause))
     path.write_text(text)
     return path
 

@@ -27,6 +27,7 @@ from regsweep.search.proxy import BudgetFull
 from regsweep.search.storage import STALE_REASON
 from regsweep.search.study import BUDGET_ATTR
 from tests.conftest import require  # pytest (importlib mode) registers it
+from tests.search.conftest import TINY_MODEL, slow_net, tiny_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -34,38 +35,6 @@ PG = "postgresql://postgres@127.0.0.1:5432/{db}"
 APP = "regsweep-storage-proxy"
 FAST_HEARTBEAT = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-SPEC = """
-name: {name}
-base:
-  model: {{name: cnn, widths: [4]}}
-  data: {{name: synthetic, n_samples: 120, shape: [1, 8, 8], batch_size: 64}}
-  train: {{epochs: {epochs}, num_threads: 1, train_eval_size: 16}}
-space:
-  model.dropout: {{type: float, low: 0.0, high: 0.5}}
-sampler: {{name: random, seed: 0}}
-pruner: none
-budget: {{n_trials: {n}}}
-enqueue: [{{}}]
-"""
-# a model (by import path, beside the spec) whose training batches sleep: a trial is still training when the test
-# kills its worker (as tests/search/test_faults.py's SlowNet)
-SLOW_NET = """
-import time
-
-from torch import nn
-
-
-class SlowNet(nn.Module):
-    def __init__(self, in_shape, num_classes, dropout=0.0):
-        super().__init__()
-        c, h, w = in_shape
-        self.body = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c * h * w, num_classes))
-
-    def forward(self, x):
-        if self.training:
-            time.sleep(0.1)
-        return self.body(x)
-"""
 
 
 @pytest.fixture(autouse=True)
@@ -329,7 +298,7 @@ def test_workers_through_the_proxy_make_exactly_the_budget_and_only_the_proxy_co
     url, db = proxy_db
     workers, n = 3, 6  # 4 processes importing torch on 2 cores; the 16-worker run is `slow`
     spec = tmp_path / "px.yaml"
-    spec.write_text(SPEC.format(name="px", n=n, epochs=1))
+    spec.write_text(tiny_spec("px", n, 1, enqueue=True))
     with proxy_process(url) as (grpc_url, _), Sessions(db) as sessions:
         out, err = wait_ok(cli("run", str(spec), "--workers", str(workers), env={"REGSWEEP_STORAGE": grpc_url,
                                                                                  "REGSWEEP_PROGRESS": "plain"}),
@@ -360,10 +329,8 @@ def test_sixteen_workers_through_the_proxy_two_killed(proxy_db, tmp_path):
     url, db = proxy_db
     workers = int(os.environ.get("REGSWEEP_TEST_PROXY_WORKERS", "16"))
     n = 2 * workers
-    (tmp_path / "slownet.py").write_text(SLOW_NET)
     spec = tmp_path / "sx.yaml"
-    spec.write_text(SPEC.format(name="sx", n=n, epochs=6).replace("{name: cnn, widths: [4]}",
-                                                                   "{name: 'slownet:SlowNet'}"))
+    spec.write_text(tiny_spec("sx", n, 6, enqueue=True).replace(TINY_MODEL, slow_net(tmp_path, 0.1)))
     with proxy_process(url, FAST_HEARTBEAT) as (grpc_url, _), Sessions(db) as sessions:
         from regsweep.search.storage import open_storage
 
@@ -412,7 +379,7 @@ def test_workers_started_at_the_same_instant_through_the_proxy_make_one_study(pr
     """Study creation and its enqueue under the proxy's study lock: one study, the base config enqueued once."""
     url, _ = proxy_db
     spec = tmp_path / "si.yaml"
-    spec.write_text(SPEC.format(name="si", n=4, epochs=1))
+    spec.write_text(tiny_spec("si", 4, 1, enqueue=True))
     with proxy_process(url) as (grpc_url, _):
         procs = [cli("worker", str(spec), env={"REGSWEEP_STORAGE": grpc_url}) for _ in range(3)]
         for p in procs:
@@ -430,9 +397,7 @@ def test_killed_workers_trials_fail_stale_through_the_proxy_and_are_retried_once
     and re-queues it once; the third worker finishes exactly the budget."""
     url, _ = proxy_db
     spec = tmp_path / "kx.yaml"
-    (tmp_path / "slownet.py").write_text(SLOW_NET)
-    spec.write_text(SPEC.format(name="kx", n=4, epochs=10).replace("{name: cnn, widths: [4]}",
-                                                                    "{name: 'slownet:SlowNet'}"))
+    spec.write_text(tiny_spec("kx", 4, 10, enqueue=True).replace(TINY_MODEL, slow_net(tmp_path, 0.1)))
     with proxy_process(url, FAST_HEARTBEAT) as (grpc_url, _):
         env = {**FAST_HEARTBEAT, "REGSWEEP_STORAGE": grpc_url}
         procs = [cli("worker", str(spec), env=env) for _ in range(3)]

@@ -28,6 +28,7 @@ import optuna
 import pytest
 
 from regsweep.search.urls import mask, reason, scrub, shown
+from tests.search.conftest import tiny_spec  # pytest (importlib mode) registers it
 
 # ------------------------------------------------------------------------------------------- the table
 MASK_TABLE = [
@@ -178,19 +179,6 @@ TOKENS = ("Zq7wX", "9k@", SSL_PASSWORD)  # pieces of the passwords that must app
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "REGSWEEP_PROGRESS": "plain"}
 ENV.pop("REGSWEEP_STORAGE", None)
 
-SPEC = """
-name: {name}
-base:
-  model: {{name: cnn, widths: [4]}}
-  data: {{name: synthetic, n_samples: 120, shape: [1, 8, 8], batch_size: 64}}
-  train: {{epochs: {epochs}, num_threads: 1, train_eval_size: 16}}
-space:
-  model.dropout: {{type: float, low: 0.0, high: 0.5}}
-sampler: {{name: random, seed: 0}}
-pruner: none
-budget: {{n_trials: {n}}}
-description: secrets test
-"""
 
 
 def pw_url(password: str = PASSWORD, query: str = f"?sslpassword={SSL_PASSWORD}", port: int = 5432,
@@ -204,7 +192,7 @@ def pg_study(tmp_path):
     _c.require(_c.reachable(POSTGRES_URL), f"postgresql at {POSTGRES_URL}")
     name = f"t-secrets-{uuid.uuid4().hex[:10]}"
     spec = tmp_path / "secrets.yaml"
-    spec.write_text(SPEC.format(name=name, epochs=1, n=2))
+    spec.write_text(tiny_spec(name, 2, 1, extra="description: secrets test\n"))
     yield spec, name
     try:
         optuna.delete_study(study_name=name, storage=POSTGRES_URL)
@@ -358,7 +346,7 @@ def test_a_failed_connection_prints_the_masked_url(command, url, tmp_path, capsy
     from regsweep.search.cli import main
 
     spec = tmp_path / "s.yaml"
-    spec.write_text(SPEC.format(name="s", epochs=1, n=1))
+    spec.write_text(tiny_spec("s", 1, 1, extra="description: secrets test\n"))
     args = {"validate": [str(spec)], "run": [str(spec)], "worker": [str(spec)], "status": [],
             "export": ["--study-name", "s"], "report": ["--study-name", "s", "--out", str(tmp_path / "r")],
             "dashboard": ["--port", "0"]}[command]

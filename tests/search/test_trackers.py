@@ -20,20 +20,7 @@ from regsweep.search.record import history
 from regsweep.search.spec import parse_spec
 from regsweep.search.spec_checks import tracker_settings
 from regsweep.search.trackers import PARENT_ATTR, Outbox
-
-TINY = """
-name: {name}
-base:
-  model: {{name: cnn, widths: [4]}}
-  data: {{name: synthetic, n_samples: 120, shape: [1, 8, 8], batch_size: 64}}
-  train: {{epochs: {epochs}, num_threads: 1, train_eval_size: 16}}
-space:
-  model.dropout: {{type: float, low: 0.0, high: 0.5}}
-sampler: {{name: random, seed: 0}}
-pruner: {{name: none}}
-budget: {{n_trials: {n}}}
-enqueue: [{{}}]
-"""
+from tests.search.conftest import tiny_spec  # pytest (importlib mode) registers it
 
 # epochs long enough (~0.1-0.3 s on 2 loaded cores) that a per-epoch slowdown would show in the medians
 DIGITS = """
@@ -63,7 +50,7 @@ def done_trials(url: str, name: str):
 
 # ------------------------------------------------------------------------------------ spec and flags
 def test_the_trackers_section_is_parsed_and_leaves_the_spec_hash_alone(tmp_path):
-    plain = TINY.format(name="t", epochs=2, n=2)
+    plain = tiny_spec("t", 2, 2, enqueue=True)
     path = tmp_path / "t.yaml"
     without = parse_spec(__import__("yaml").safe_load(plain), path, "t.yaml")
     with_trackers = parse_spec(__import__("yaml").safe_load(
@@ -105,7 +92,7 @@ def test_run_workers_2_logs_one_mlflow_run_and_one_event_stream_per_trial(tmp_pa
     epochs, n = 3, 4
     spec = tmp_path / "tiny.yaml"
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    spec.write_text(TINY.format(name="tiny", epochs=epochs, n=n) + "trackers: {tensorboard: {log_dir: tb}}\n")
+    spec.write_text(tiny_spec("tiny", n, epochs, enqueue=True) + "trackers: {tensorboard: {log_dir: tb}}\n")
     url = f"sqlite:///{tmp_path / 'regsweep.db'}"
     # MLflow by flag (the workers get it through their environment), TensorBoard by the spec (beside it)
     proc = subprocess.run([sys.executable, "-P", "-m", "regsweep.search.cli", "run", str(spec), "--storage", url,
@@ -219,7 +206,7 @@ def test_a_failing_tracker_warns_once_and_the_trials_complete(tmp_path, monkeypa
 
     monkeypatch.setenv("REGSWEEP_PROGRESS", "off")
     spec = tmp_path / "t.yaml"
-    spec.write_text(TINY.format(name="t", epochs=2, n=3) + "trackers: {tensorboard: {log_dir: tb}}\n")
+    spec.write_text(tiny_spec("t", 3, 2, enqueue=True) + "trackers: {tensorboard: {log_dir: tb}}\n")
     url = f"sqlite:///{tmp_path / 'regsweep.db'}"
     parsed = load_spec(spec)
     (tmp_path / "tb").write_text("not a directory")  # after the check: every SummaryWriter fails
@@ -235,7 +222,7 @@ def test_a_missing_tracker_package_is_one_line(tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     spec = tmp_path / "t.yaml"
-    spec.write_text(TINY.format(name="t", epochs=1, n=1))
+    spec.write_text(tiny_spec("t", 1, 1, enqueue=True))
     assert main(["validate", str(spec), "--storage", f"sqlite:///{tmp_path / 'r.db'}"]) == 0
     capsys.readouterr()
     assert main(["run", str(spec), "--storage", f"sqlite:///{tmp_path / 'r.db'}", "--mlflow", "sqlite:///m.db"]) == 2

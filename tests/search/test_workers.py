@@ -20,27 +20,14 @@ from regsweep.models.config import ConfigError
 from regsweep.search.backends.optuna_backend import assignments, parse_gpus
 from regsweep.search.loop import THREADS_ENV
 from regsweep.search.record import history
-
-FAST = """
-name: {name}
-base:
-  model: {{name: cnn, widths: [4]}}
-  data: {{name: synthetic, n_samples: 120, shape: [1, 8, 8], batch_size: 64}}
-  train: {{epochs: {epochs}, num_threads: 1, train_eval_size: 16}}
-space:
-  model.dropout: {{type: float, low: 0.0, high: 0.5}}
-sampler: {{name: random, seed: 0}}
-pruner: {{name: median, args: {{n_startup_trials: 5}}}}
-budget: {{n_trials: {n}}}
-enqueue: [{{}}]
-"""
+from tests.search.conftest import tiny_spec  # pytest (importlib mode) registers it
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def write_spec(tmp_path, name, n, epochs=1):
     p = tmp_path / f"{name}.yaml"
-    p.write_text(FAST.format(name=name, n=n, epochs=epochs))
+    p.write_text(tiny_spec(name, n, epochs, pruner="{name: median, args: {n_startup_trials: 5}}", enqueue=True))
     return p
 
 
