@@ -125,8 +125,9 @@ def test_loop_mode_is_the_solo_run_exactly_with_dropout_on():
         assert (hist.stop_reason, hist.best_epoch, hist.test) == (solo.stop_reason, solo.best_epoch, solo.test)
 
 
-@pytest.mark.parametrize("sched", [{"scheduler.name": "step"},
-                                   {"scheduler.name": "cosine", "scheduler.eta_min": 1e-4, "model.bn": "after_act"},
+@pytest.mark.parametrize("sched", [pytest.param({"scheduler.name": "step"}, marks=pytest.mark.slow),  # CI time:
+                                   pytest.param({"scheduler.name": "cosine", "scheduler.eta_min": 1e-4,  # onecycle
+                                                 "model.bn": "after_act"}, marks=pytest.mark.slow),  # runs there
                                    {"scheduler.name": "onecycle", "scheduler.pct_start": 0.2, "model.bn": "before_act",
                                     "optim.name": "sgd"}])
 def test_vmap_histories_differ_from_solo_no_more_than_thread_counts_do(sched):
@@ -146,7 +147,7 @@ def test_vmap_histories_differ_from_solo_no_more_than_thread_counts_do(sched):
     assert [(h.stop_reason, h.best_epoch) for h in fused] == [(h.stop_reason, h.best_epoch) for h in solos]
 
 
-@pytest.mark.parametrize("bn", ["none", "before_act"])
+@pytest.mark.parametrize("bn", [pytest.param("none", marks=pytest.mark.slow), "before_act"])
 def test_vmap_histories_with_dropout_noise_and_mixup_on_stay_within_the_thread_spread_too(bn):
     """Each member draws its masks, noise and mixup from its solo run's RNG stream, so with them on the vmap
     histories still differ from the solo runs only by arithmetic order (no 8-seed statistics needed)."""
