@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TextIO, Union
 from regsweep.models.config import ConfigError
 from regsweep.search import log
 from regsweep.search.optuna_internals import frozen_trial, study_storage, trial_id, trial_number
-from regsweep.search.record import failure_reason
+from regsweep.search.record import BASE_ATTR, TrialFailed, failure_reason
 from regsweep.search.signals import Terminated, check_signals, terminate_on_sigterm
 from regsweep.search.storage import (
     MAX_RETRY,
@@ -40,9 +40,9 @@ from regsweep.search.storage import (
     retry_attrs,
     retry_transient,
     transient_errors,
+    worker_label,
 )
 from regsweep.search.study import SweepFailed, budget, budget_lock, done_count, open_study_locked, seed_sampler
-from regsweep.search.trial import BASE_ATTR, TrialFailed, make_objective, worker_label
 from regsweep.search.urls import is_proxy
 
 THREADS_ENV = "REGSWEEP_NUM_THREADS"  # threads for configs that leave train.num_threads unset
@@ -401,6 +401,9 @@ def worker_main(spec, url: str, study_name: str, *, device: Optional[str] = None
     if not retry_transient(seed_sampler, study, spec, label):
         study.sampler.reseed_rng()
     total = budget(study, spec)
+    from regsweep.search.trial import make_objective  # torch: the worker loop itself imports none (benchmarks/
+    # scale.py and the proxy's many-worker test run it on a torch-free objective)
+
     objective = make_objective(spec, study, url, device=device, artifacts=artifacts, coordinator=False, out=out)
     attach_trackers(objective, spec.trackers if trackers is None else trackers, study, url)
     try:

@@ -142,6 +142,10 @@ def best_epoch(history: list[dict[str, Any]], objective: Objective) -> Optional[
     return best_i
 
 
+class TrialFailed(RuntimeError):
+    """Raised to end a trial FAIL; its message is the stop reason."""
+
+
 def failure_reason(exc: BaseException) -> str:
     """``failed:<ExceptionClass>: <first line of its message>``: the stop reason of a trial that raised."""
     text = str(exc)

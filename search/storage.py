@@ -241,6 +241,13 @@ def database_reason(exc: BaseException) -> Optional[str]:
     return f"{DATABASE_REASON}: {root.__class__.__name__}: {text[:200]}".rstrip(": ")
 
 
+def worker_label() -> str:
+    """``HOST:PID`` of this process: the ``worker`` attr of the trials it runs, named by a stale trial's reason."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def is_external(reason: Optional[str]) -> bool:
     """Whether a stop reason says the trial failed from outside itself (stale worker, database)."""
     return bool(reason) and reason.startswith(EXTERNAL_REASONS)

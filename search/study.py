@@ -11,13 +11,15 @@ import contextlib
 import fcntl
 import hashlib
 import os
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from regsweep.models.config import ConfigError
-from regsweep.search.spec import StudySpec
+from regsweep.search.record import BASE_ATTR
 from regsweep.search.storage import open_existing, open_storage
-from regsweep.search.trial import BASE_ATTR
 from regsweep.search.urls import check_url, mask, sqlite_file
+
+if TYPE_CHECKING:  # annotations only: importing the study layer needs no torch (search/spec.py imports models)
+    from regsweep.search.spec import StudySpec
 
 SPEC_HASH_ATTR, SPEC_ATTR, BUDGET_ATTR = "regsweep:spec_hash", "regsweep:spec", "regsweep:n_trials"
 OBJECTIVES_ATTR = "regsweep:objectives"  # a multi-objective study's metric names, in the order of trial values

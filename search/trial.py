@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +27,23 @@ from regsweep.models.plugins import is_ref
 from regsweep.models.train import fit
 from regsweep.search import log
 from regsweep.search.optuna_internals import latest_trial
-from regsweep.search.record import BASE_ATTR, CODE_DIR_ATTR, FAIL, PRUNED, Objective, Recorder, failure_reason
+from regsweep.search.record import (
+    BASE_ATTR,
+    CODE_DIR_ATTR,
+    FAIL,
+    PRUNED,
+    Objective,
+    Recorder,
+    TrialFailed,
+    failure_reason,
+)
 from regsweep.search.signals import Terminated, check_signals
 from regsweep.search.spec import StudySpec
-from regsweep.search.storage import TrialWriter, database_reason, retry_transient, transient_errors
+from regsweep.search.storage import TrialWriter, database_reason, retry_transient, transient_errors, worker_label
 from regsweep.search.urls import mask
 
 # data fields that do not change the loaded tensors
 LOADER_ONLY = ("batch_size", "augment", "num_workers")
-
-
-class TrialFailed(RuntimeError):
-    """Raised to end a trial FAIL; its message is the stop reason."""
 
 
 class DataCache:
@@ -239,10 +242,6 @@ def record_failure(recorder: Recorder, reason: str) -> None:
         recorder.fail(reason)
     except transient_errors():
         recorder.stop_reason = reason[:2000]
-
-
-def worker_label() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class OptunaObjective:

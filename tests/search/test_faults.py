@@ -27,8 +27,7 @@ from optuna.trial import TrialState
 from regsweep.search import optuna_internals as internals
 from regsweep.search.loop import FailureStreak, ask_within_budget, fail_stale, run_one
 from regsweep.search.record import history
-from regsweep.search.storage import database_reason, open_storage
-from regsweep.search.trial import worker_label
+from regsweep.search.storage import database_reason, open_storage, worker_label
 from tests.search.conftest import TINY_MODEL, slow_net, tiny_spec  # pytest (importlib mode) registers it
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

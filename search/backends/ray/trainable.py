@@ -14,7 +14,8 @@ from regsweep.search.backends.ray import STORAGE_ENV
 from regsweep.search.loop import Heartbeat
 from regsweep.search.record import FAIL, history
 from regsweep.search.spec import StudySpec
-from regsweep.search.trial import BestWeights, DataCache, run_trial, upload_best_weights, worker_label
+from regsweep.search.storage import worker_label
+from regsweep.search.trial import BestWeights, DataCache, run_trial, upload_best_weights
 from regsweep.search.urls import mask
 
 CHECKPOINT_FILE = "state.pt"  # models.train's training state in a Ray checkpoint dir (torch.save)
