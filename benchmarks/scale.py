@@ -13,8 +13,8 @@ Checked, never timed: every study ends with exactly its budget COMPLETE and noth
     .venv/bin/python benchmarks/scale.py [--workers 1,8,32,64] [--layouts direct,proxy] [--trials-per-worker 4]
                                          [--sleep 0.2] [--admin postgresql://postgres@127.0.0.1:5432/test]
 
-Each worker imports regsweep (and with it torch: ~0.6 GB resident, mostly shared pages); 64 workers need a few
-GB of memory and many cores to be a fair measurement. Reuses benchmarks/scaling.py's process helpers.
+Each worker imports regsweep's worker loop, which imports no torch (~50 MB resident a process; with torch it was
+~0.6 GB). Reuses benchmarks/scaling.py's process helpers.
 """
 
 from __future__ import annotations

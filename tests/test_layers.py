@@ -307,3 +307,18 @@ def test_a_table_entry_without_a_module_file_is_reported(tmp_path):
     table = f"{BEGIN}\n| layer | modules |\n|---|---|\n| root | regsweep, regsweep.gone |\n{END}\n"
     found = check_tree({"regsweep": tmp_path / "__init__.py"}, parse_table(table), tmp_path)
     assert found == ["docs/architecture.md: regsweep.gone (root) has no module file"]
+
+
+def test_the_worker_loop_and_the_storage_layer_import_no_torch():
+    """A worker loop on a torch-free objective (benchmarks/scale.py, the proxy's many-worker test) stays ~50 MB a
+    process: regsweep.search.loop, .study, .storage, .proxy and .record import neither torch nor regsweep.models'
+    training code (search/spec.py and search/trial.py, which do, are imported only where a spec or a trial is)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, regsweep.search.loop, regsweep.search.study, regsweep.search.storage, regsweep.search.proxy, "
+            "regsweep.search.record; print(sorted(m for m in ('torch', 'regsweep.search.spec', 'regsweep.search.trial',"
+            " 'regsweep.models.build') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
