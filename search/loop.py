@@ -185,8 +185,14 @@ def ask_through_proxy(study) -> tuple[Any, int]:
         trial = ask(study)
     except BudgetFull:
         return None, retry_transient(done_count, study)
-    with contextlib.suppress(*transient_errors()):  # as ask_within_budget: the trial runs; its writes tell
-        retry_transient(trial.set_user_attr, "worker", worker_label())
+    import optuna
+
+    try:
+        with contextlib.suppress(*transient_errors()):  # as ask_within_budget: the trial runs; its writes tell
+            retry_transient(trial.set_user_attr, "worker", worker_label())
+    except optuna.exceptions.UpdateFinishedTrialError:  # a loaded proxy failed it stale before this first write
+        # (and re-queued it): not this worker's trial any more; it asks again (seen with 64 workers on 2 cores)
+        return None, retry_transient(done_count, study)
     return trial, retry_transient(done_count, study)
 
 
