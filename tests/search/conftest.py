@@ -102,3 +102,60 @@ def slow_net(folder: Path, pause: float) -> str:
     """Write SLOW_NET beside a spec in ``folder``; returns the ``model:`` value naming it."""
     (folder / "slownet.py").write_text(SLOW_NET.format(pause=pause))
     return "{name: 'slownet:SlowNet'}"
+
+
+# ------------------------------------------------------------------------------------ process-test helpers
+PROCS_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def cli(*args, env=None, **kw):
+    """`python -P -m regsweep.search.cli ARGS` in its own session (so a test can kill its whole group), pipes
+    for its output; ``env`` adds to the environment."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", *args],
+                            env={**PROCS_ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, **kw)
+
+
+def wait_ok(proc, timeout=240):
+    """(stdout, stderr) of a :func:`cli` process that must exit 0 within ``timeout`` s (else its group is killed)."""
+    import signal
+    import subprocess
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers: nothing outlives the test
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s\n{out[-2000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
+    return out, err
+
+
+_STORAGES: dict = {}  # one pool-less storage per URL: opening one per poll costs the CPU the workers need
+
+
+def trials_of(url, name):
+    """The study's trials read straight from the database (no pooled connection stays open), [] before it
+    exists."""
+    import optuna
+    import sqlalchemy
+
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
+    try:
+        return optuna.load_study(study_name=name, storage=_STORAGES[url]).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def assert_exact(trials, n):
+    """The exact budget: ``n`` COMPLETE + PRUNED trials, unique numbers, none left RUNNING."""
+    from optuna.trial import TrialState
+
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == n, \
+        [(t.number, t.state.name) for t in trials]
+    assert len({t.number for t in trials}) == len(trials)
+    assert not [t for t in trials if t.state == TrialState.RUNNING]

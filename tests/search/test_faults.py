@@ -28,7 +28,13 @@ from regsweep.search import optuna_internals as internals
 from regsweep.search.loop import FailureStreak, ask_within_budget, fail_stale, run_one
 from regsweep.search.record import history
 from regsweep.search.storage import database_reason, open_storage, worker_label
-from tests.search.conftest import TINY_MODEL, slow_net, tiny_spec  # pytest (importlib mode) registers it
+from tests.search.conftest import (  # pytest (importlib mode) registers it
+    TINY_MODEL,
+    assert_exact,
+    slow_net,
+    tiny_spec,
+    trials_of,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -98,18 +104,6 @@ def kill(*pids):
             pass
 
 
-STORAGES: dict = {}  # one storage per URL: opening one per poll costs the CPU the workers need
-
-
-def trials_of(url, name):
-    if url not in STORAGES:
-        STORAGES[url] = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
-    try:
-        return optuna.load_study(study_name=name, storage=STORAGES[url]).get_trials(deepcopy=False)
-    except KeyError:
-        return []
-
-
 def wait_training(url, name, pids, logs, count=1, timeout=90):
     """Until ``count`` trials are RUNNING with at least one recorded epoch; else the workers' stacks and logs."""
     deadline = time.monotonic() + timeout
@@ -138,11 +132,6 @@ def check_reasons_and_retries(trials):
         assert len(retries) == 1 and retries[0].params == t.params, (t.number, [r.number for r in retries])
         assert retries[0].state != TrialState.RUNNING
     return external
-
-
-def assert_exact(trials, n):
-    assert sum(t.state in DONE for t in trials) == n, [(t.number, t.state.name) for t in trials]
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 # ------------------------------------------------------------------------------------ a loopback TCP proxy

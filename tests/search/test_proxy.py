@@ -29,14 +29,22 @@ from regsweep.search.proxy import BudgetFull
 from regsweep.search.storage import STALE_REASON
 from regsweep.search.study import BUDGET_ATTR
 from tests.conftest import require  # pytest (importlib mode) registers it
-from tests.search.conftest import TINY_MODEL, slow_net, tiny_spec
+from tests.search.conftest import (
+    PROCS_ENV,
+    TINY_MODEL,
+    assert_exact,
+    cli,
+    slow_net,
+    tiny_spec,
+    trials_of,
+    wait_ok,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 PG = "postgresql://postgres@127.0.0.1:5432/{db}"
 APP = "regsweep-storage-proxy"
 FAST_HEARTBEAT = {"REGSWEEP_HEARTBEAT_INTERVAL": "1", "REGSWEEP_GRACE_PERIOD": "3"}
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +76,7 @@ def proxy_process(url, env=None):
     """`regsweep storage-proxy --port 0` serving ``url`` (given in $REGSWEEP_STORAGE only); yields (grpc URL,
     process). Stopped with SIGTERM afterwards (it must exit 0)."""
     proc = subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", "storage-proxy", "--port", "0"],
-                            env={**ENV, **(env or {}), "REGSWEEP_STORAGE": url}, stdout=subprocess.PIPE,
+                            env={**PROCS_ENV, **(env or {}), "REGSWEEP_STORAGE": url}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         line = proc.stdout.readline()
@@ -97,39 +105,6 @@ def proxy_in_process(url, monkeypatch, env=None):
     finally:
         server.stop(grace=1).wait()
         storage.engine.dispose()
-
-
-def cli(*args, env=None):
-    return subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", *args], env={**ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_ok(proc, timeout=240):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s\n{out[-2000:]}\n{err[-3000:]}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
-    return out, err
-
-
-def trials_of(url, name):
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sqlalchemy.pool.NullPool})
-    try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    except KeyError:  # no study yet
-        return []
-    finally:
-        storage.engine.dispose()
-
-
-def assert_exact(trials, n):
-    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == n, \
-        [(t.number, t.state.name) for t in trials]
-    assert len({t.number for t in trials}) == len(trials)
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
 class Sessions:
@@ -361,7 +336,7 @@ def test_many_torch_free_workers_through_the_proxy_two_killed(proxy_db, tmp_path
         watch = open_storage(grpc_url)  # this test reads through the proxy too: nobody else may connect
         optuna.create_study(study_name=name, storage=watch).set_user_attr(BUDGET_ATTR, n)
         procs = [subprocess.Popen([sys.executable, "-P", str(script), grpc_url, name, str(n), "1.0"],
-                                  env={**ENV, **beat}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  env={**PROCS_ENV, **beat}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True, start_new_session=True) for _ in range(workers)]
         try:
             deadline, victims, rss = time.monotonic() + 120, [], 0.0

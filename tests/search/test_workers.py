@@ -8,8 +8,6 @@ the SQLite `run --workers 2` run.
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
@@ -20,20 +18,13 @@ from regsweep.models.config import ConfigError
 from regsweep.search.backends.optuna_backend import assignments, parse_gpus
 from regsweep.search.loop import THREADS_ENV
 from regsweep.search.record import history
-from tests.search.conftest import tiny_spec  # pytest (importlib mode) registers it
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+from tests.search.conftest import cli, tiny_spec, wait_ok  # pytest (importlib mode) registers it
 
 
 def write_spec(tmp_path, name, n, epochs=1):
     p = tmp_path / f"{name}.yaml"
     p.write_text(tiny_spec(name, n, epochs, pruner="{name: median, args: {n_startup_trials: 5}}", enqueue=True))
     return p
-
-
-def cli(*args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-P", "-m", "regsweep.search.cli", *args], env={**ENV, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
 def load(url, name):
@@ -56,17 +47,6 @@ def assert_exact(url, name, n):
     assert len({t.number for t in trials}) == len(trials)
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     return trials
-
-
-def wait_ok(proc, timeout=240):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run and its workers: nothing outlives the test
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s\n{out[-2000:]}\n{err[-3000:]}")
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
-    return out, err
 
 
 @pytest.mark.procs
