@@ -179,20 +179,18 @@ def ask_through_proxy(study) -> tuple[Any, int]:
     """:func:`ask_within_budget` through a `regsweep storage-proxy`: the proxy itself fails stale trials, counts
     and admits (or refuses: BudgetFull) the trial's move to RUNNING under the study's lock, and gives it its
     first heartbeat (search/proxy_server.py); the worker only asks."""
+    import optuna
+
     from regsweep.search.proxy import BudgetFull
 
     try:
         trial = ask(study)
-    except BudgetFull:
-        return None, retry_transient(done_count, study)
-    import optuna
-
-    try:
         with contextlib.suppress(*transient_errors()):  # as ask_within_budget: the trial runs; its writes tell
             retry_transient(trial.set_user_attr, "worker", worker_label())
+    except BudgetFull:
+        trial = None
     except optuna.exceptions.UpdateFinishedTrialError:  # a loaded proxy failed it stale before this first write
-        # (and re-queued it): not this worker's trial any more; it asks again (seen with 64 workers on 2 cores)
-        return None, retry_transient(done_count, study)
+        trial = None  # (and re-queued it): not this worker's trial any more; it asks again (seen: 64 workers, 2 cores)
     return trial, retry_transient(done_count, study)
 
 
