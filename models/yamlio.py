@@ -60,6 +60,15 @@ def excerpt(value: Any, limit: int = 80) -> str:
     return f"{''.join(head)}... ({total} chars)"
 
 
+def path_excerpt(path: Any, limit: int = 80) -> str:
+    """``repr(str(path))`` for an error message; a long path keeps its END (the part the user typed last, e.g.
+    the file name) and says how long it was: ``'.../case/nope' (120 chars)``. Never reads the path."""
+    text = str(path)
+    if len(text) <= limit:
+        return repr(text)
+    return f"'...{text[-(limit - 3):]}' ({len(text):,} chars)"
+
+
 def _repr_chunks(value: Any, active: set[int]) -> Iterator[str]:
     """The pieces of ``repr(value)`` one at a time: containers item by item, long strings in slices."""
     if type(value) in (list, tuple, dict):

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 from regsweep.models.build import check_model, check_names
 from regsweep.models.config import ConfigError, TrainConfig, clip, config_paths, excerpt, get_path, load_yaml_file
 from regsweep.models.plugins import is_ref
+from regsweep.models.yamlio import path_excerpt
 from regsweep.search.record import Objective
 from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root
 from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section, parse_trackers_section
@@ -241,7 +242,7 @@ def load_spec(path: str | Path, allow_outside: Sequence[str | Path] = ()) -> Stu
     roots = [project_root(path.resolve().parent, builtin is not None)]
     for extra in allow_outside:
         if not Path(extra).is_dir():
-            raise SpecError(f"--allow-outside: {excerpt(str(extra))} is not a directory")
+            raise SpecError(f"--allow-outside: {path_excerpt(extra)} is not a directory")
         roots.append(Path(extra).resolve())
     try:
         data = load_yaml_file(path)

@@ -316,6 +316,15 @@ def test_excerpt_is_the_repr_when_short_and_a_cut_with_the_size_when_long():
     assert excerpt(shared).endswith("... (more than 100,000 chars)") and len(excerpt(shared)) < 120
 
 
+def test_a_long_path_keeps_its_end_in_an_error():
+    from regsweep.models.yamlio import path_excerpt
+
+    assert path_excerpt("/a/b") == "'/a/b'"
+    long = "/tmp/" + "d" * 200 + "/case/nope"
+    cut = path_excerpt(long)
+    assert cut.endswith("/case/nope' (215 chars)") and len(cut) < 100  # the part the user named survives
+
+
 def test_alias_bomb_is_refused_while_composing():
     text = alias_bomb()
     assert len(text) < 1024
