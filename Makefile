@@ -38,9 +38,13 @@ lint: $(STAMP)
 # (the README's test command, run by .ci/run); `make test-fast` = no servers, subprocesses, Ray, browser or
 # benchmarks; `make test-all` = lint + everything. Extra pytest arguments: make test PYTEST_ARGS="--durations=25".
 # pytest's exit 5 (no tests collected) is a failure.
+# pytest runs on PYTEST_WORKERS processes (pytest-xdist; 0 = in this process): the tests that start processes, time
+# heartbeats or share the Ray session (procs, ray, browser, slow) all go to one of them, one after another
+# (tests/conftest.py SERIAL_TIERS); the other runs the in-process tests meanwhile.
+PYTEST_WORKERS ?= 2
 FAST := not db and not procs and not ray and not browser and not bench and not slow
 define pytest
-	$(BIN)/python -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(1) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 endef
 
