@@ -221,7 +221,38 @@ def cmd_run(args: argparse.Namespace) -> int:
             if code != 0:
                 return code
     _confirm_after_budget(spec, url, name, study, args.device)
+    _replay_after_budget(spec, study, args.device)
     return _print_outcome(study, url, name)
+
+
+def _replay_after_budget(spec, study, device) -> None:
+    """The study's best trial, when it was fused, trained alone once as its replay reference (search/replay.py),
+    once the budget is met."""
+    from regsweep.search.export import pick_trial
+    from regsweep.search.record import FUSED_ATTR, is_multi
+    from regsweep.search.study import budget, done_count
+
+    if is_multi(study) or done_count(study) < budget(study, spec):
+        return
+    try:
+        best = pick_trial(study, None)
+    except ConfigError:  # no COMPLETE trial
+        return
+    if best.user_attrs.get(FUSED_ATTR) is not None:
+        _ensure_replay(study, best, device)
+
+
+def _ensure_replay(study, trial, device) -> None:
+    """A fused trial's solo replay reference, trained and recorded now when missing (one note line)."""
+    from regsweep.search.replay import ensure_reference, needs_reference
+
+    if trial.user_attrs.get("config") is None or not needs_reference(study, trial):
+        return
+    log.note(__name__, f"replay: trial {trial.number} was trained fused; training it alone once as its replay "
+                       "reference")
+    ref = ensure_reference(study, trial, device)
+    log.note(__name__, f"replay: trial {trial.number}'s reference recorded ({ref['history_len']} epochs, best epoch "
+                       f"{ref['best_epoch']}, {ref['stop_reason']}) as study attr regsweep:replay:{trial.number}")
 
 
 def _confirm_after_budget(spec, url: str, name: str, study, device) -> None:
@@ -407,6 +438,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     trial = pick_trial(study, args.trial)
     if args.weights is not None:
         return _export_weights(args, study, trial, url)
+    if args.out and not Path(args.out).parent.is_dir():
+        raise ConfigError(f"--out: directory {Path(args.out).parent} does not exist")
+    if args.format != "params":
+        _ensure_replay(study, trial, None)
     text = render(study, trial, args.format, mask(url))
     if args.trial is None:
         from regsweep.search import confirm

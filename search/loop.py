@@ -166,13 +166,19 @@ def ask_within_budget(study, url: str, n_trials: int) -> tuple[Any, int]:
         done, running = counts(study)
         if done + running >= n_trials:
             return None, done
-        trial = ask(study)
-        with contextlib.suppress(*transient_errors()):  # the database went away: the trial runs anyway; its
-            # heartbeat thread beats when it is back, and its first write fails it `failed:database` (retried)
-            beat_once(study, trial_id(trial))  # a worker dying right after ask leaves a trial that can go stale
-            # who holds it, for `failed:stale heartbeat (worker HOST:PID)` if this worker dies before its 1st epoch
-            retry_transient(trial.set_user_attr, "worker", worker_label())
+        trial = claim(study)
     return trial, done
+
+
+def claim(study):
+    """``ask`` under the caller's budget lock, then the new trial's first heartbeat and its ``worker`` attr."""
+    trial = ask(study)
+    with contextlib.suppress(*transient_errors()):  # the database went away: the trial runs anyway; its
+        # heartbeat thread beats when it is back, and its first write fails it `failed:database` (retried)
+        beat_once(study, trial_id(trial))  # a worker dying right after ask leaves a trial that can go stale
+        # who holds it, for `failed:stale heartbeat (worker HOST:PID)` if this worker dies before its 1st epoch
+        retry_transient(trial.set_user_attr, "worker", worker_label())
+    return trial
 
 
 def ask_through_proxy(study) -> tuple[Any, int]:
@@ -288,12 +294,12 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
         if deadline is not None and time.monotonic() >= deadline:
             return ran
         try:
-            trial, done = ask_within_budget(study, url, n_trials)
+            trials, done = ask_trials(study, objective, url, n_trials)
         except transient as exc:  # a dropped connection or a restarting server: wait and try again
             print(f"{prefix}storage unavailable ({exc.__class__.__name__}); retrying", file=out, flush=True)
             time.sleep(poll)
             continue
-        if trial is None:
+        if not trials:
             if done >= n_trials:
                 return ran
             # others hold the rest of the budget; a dead one's trial goes stale (and an orphan is adopted so it can;
@@ -305,12 +311,33 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
             idle *= IDLE_GROWTH
             continue
         idle = IDLE_FIRST
-        frozen = run_one(study, trial, objective)
-        ran += 1
-        print(prefix + trial_line(frozen, getattr(objective, "metric", "value")), file=out, flush=True)
-        streak.add(frozen)
-        if streak.broken:
-            raise streak.error()
+        for frozen in run_trials(study, trials, objective):
+            ran += 1
+            print(prefix + trial_line(frozen, getattr(objective, "metric", "value")), file=out, flush=True)
+            streak.add(frozen)
+            if streak.broken:
+                raise streak.error()
+
+
+def ask_trials(study, objective, url: str, n_trials: int) -> tuple[list, int]:
+    """The next trials this worker runs: one (:func:`ask_within_budget`), or a fused group of up to the objective's
+    ``fuse`` (search/fuse.py ``ask_group``); (trials, COMPLETE + PRUNED)."""
+    size = getattr(objective, "fuse", 1)
+    if size > 1:
+        from regsweep.search.fuse import ask_group
+
+        return ask_group(study, url, n_trials, size, objective.fixed_params)
+    trial, done = ask_within_budget(study, url, n_trials)
+    return ([] if trial is None else [trial]), done
+
+
+def run_trials(study, trials: list, objective) -> list:
+    """:func:`run_one`, or a fused group's :func:`regsweep.search.fuse.run_group`; the trials frozen."""
+    if getattr(objective, "fuse", 1) > 1:
+        from regsweep.search.fuse import run_group
+
+        return run_group(study, trials, objective)
+    return [run_one(study, trials[0], objective)]
 
 
 IDLE_FIRST, IDLE_GROWTH = 0.2, 1.5  # worker_loop's idle waits: 0.2, 0.3, 0.45, ... s up to its ``poll`` (2 s)

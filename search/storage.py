@@ -380,6 +380,34 @@ class TrialWriter:
             return
         # one transaction, retried when the connection was dropped
         retry_transient(internals.write_trial, self._rdb, self._trial_id, attrs, report)
+        self.mirror(attrs, report)
+
+    def mirror(self, attrs: dict, report: tuple[float, int] | None) -> None:
+        """The Trial's cached view after a batched write, as ``Trial.set_user_attr``/``Trial.report`` keep it."""
+        cached = internals.cached_view(self.trial)
         cached.user_attrs.update(attrs)
         if report is not None:
             cached.intermediate_values[int(report[1])] = float(report[0])
+
+
+def write_group(writes: list[tuple["TrialWriter", dict, Optional[tuple[float, int]]]]) -> int:
+    """Several trials' writes (writer, attrs, report) in ONE transaction when every writer writes to the same RDB
+    storage (a fused group's epoch records), else each through its own writer; returns the transactions made."""
+    if not writes:
+        return 0
+    backends = {id(w._rdb) for w, _, _ in writes}
+    if writes[0][0]._rdb is None or len(backends) != 1:
+        for writer, attrs, report in writes:
+            writer.write(attrs, report)
+        return len(writes)
+    batch = []
+    for writer, attrs, report in writes:
+        cached = internals.cached_view(writer.trial)
+        if report is not None and report[1] in cached.intermediate_values:
+            report = None  # as TrialWriter.write: a step reported twice is ignored
+        batch.append((writer, attrs, report))
+    retry_transient(internals.write_trials, writes[0][0]._rdb,
+                    [(w._trial_id, attrs, report) for w, attrs, report in batch])
+    for writer, attrs, report in batch:
+        writer.mirror(attrs, report)
+    return 1
