@@ -362,6 +362,15 @@ class TrialWriter:
         self._rdb = backend if usable else None
         self._trial_id = internals.trial_id(trial) if usable else None
 
+    @property
+    def batched_backend(self):
+        """The RDBStorage this writer writes to in one transaction, or None (public per-write calls)."""
+        return self._rdb
+
+    @property
+    def trial_id(self) -> int | None:
+        return self._trial_id
+
     def set_user_attr(self, key: str, value) -> None:
         self.write({key: value})
 
@@ -395,8 +404,8 @@ def write_group(writes: list[tuple["TrialWriter", dict, Optional[tuple[float, in
     storage (a fused group's epoch records), else each through its own writer; returns the transactions made."""
     if not writes:
         return 0
-    backends = {id(w._rdb) for w, _, _ in writes}
-    if writes[0][0]._rdb is None or len(backends) != 1:
+    backend = writes[0][0].batched_backend
+    if backend is None or len({id(w.batched_backend) for w, _, _ in writes}) != 1:
         for writer, attrs, report in writes:
             writer.write(attrs, report)
         return len(writes)
@@ -406,8 +415,7 @@ def write_group(writes: list[tuple["TrialWriter", dict, Optional[tuple[float, in
         if report is not None and report[1] in cached.intermediate_values:
             report = None  # as TrialWriter.write: a step reported twice is ignored
         batch.append((writer, attrs, report))
-    retry_transient(internals.write_trials, writes[0][0]._rdb,
-                    [(w._trial_id, attrs, report) for w, attrs, report in batch])
+    retry_transient(internals.write_trials, backend, [(w.trial_id, attrs, report) for w, attrs, report in batch])
     for writer, attrs, report in batch:
         writer.mirror(attrs, report)
     return 1
