@@ -190,7 +190,7 @@ class StudySpec:
 
         args = dict(self.sampler.get("args", {}))
         if self.fuse > 1 and self.sampler["name"] == "tpe":  # a fused group's members run at once: TPE must see
-            args.setdefault("constant_liar", True)  # the RUNNING ones (not hashed: fuse is not)
+            args.setdefault("constant_liar", True)  # the RUNNING ones (Optuna 5's default; not hashed: fuse is not)
         return make_sampler(self.sampler["name"], self.sampler.get("seed") if seed is None else seed, args,
                             self.space)
 

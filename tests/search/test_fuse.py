@@ -224,3 +224,73 @@ def test_a_groups_epoch_records_are_one_transaction(tmp_path):
         assert t.user_attrs["k"] == i  # the live trial's cached view
     for i, t in enumerate(optuna.load_study(study_name="w", storage=url).trials):  # the database
         assert t.user_attrs["k"] == i and t.intermediate_values == {0: 0.5 + i}
+
+
+def _hb_study(tmp_path, sampler=None):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/hb.db", heartbeat_interval=1)
+    return optuna.create_study(study_name="hb", storage=storage, sampler=sampler), f"sqlite:///{tmp_path}/hb.db"
+
+
+def _fixed(trial) -> dict:
+    """A torch-free objective's fixed_params: one structural choice and one free number, sampled now."""
+    trial.suggest_float("x", 0.0, 1.0)
+    return {"bn": trial.suggest_categorical("bn", ["none", "before_act", "after_act"])}
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_ask_group_fixes_the_first_trials_structure_and_never_exceeds_the_budget(tmp_path):
+    from regsweep.search.fuse import ask_group
+    from regsweep.search.loop import counts
+
+    study, url = _hb_study(tmp_path, optuna.samplers.RandomSampler(seed=1))
+    trials, done = ask_group(study, url, 5, 8, _fixed)
+    assert done == 0 and len(trials) == 5 and counts(study) == (0, 5)  # the room left, not the group size
+    assert len({t.params["bn"] for t in trials}) == 1 and len({t.params["x"] for t in trials}) == 5
+    assert isinstance(study.sampler, optuna.samplers.RandomSampler)  # the study's own sampler back
+    assert ask_group(study, url, 5, 8, _fixed) == ([], 0)
+    for t in trials[:2]:
+        study.tell(t, 0.5)
+    more, done = ask_group(study, url, 7, 8, _fixed)
+    assert done == 2 and len(more) == 2 and counts(study) == (2, 5)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_run_group_beats_for_every_member_and_tells_each_its_own_end(tmp_path):
+    import time
+
+    from regsweep.search import optuna_internals as internals
+    from regsweep.search.fuse import run_group
+    from regsweep.search.trial import Outcome
+
+    study, _ = _hb_study(tmp_path)
+    trials = [study.ask() for _ in range(3)]  # no first heartbeat: run_group's must cover all three
+    ids = [internals.trial_id(t) for t in trials]
+    backend = internals.rdb_backend(internals.study_storage(study))
+    seen = []
+
+    class Group:
+        fuse = 3
+
+        def run_group(self, asked):
+            deadline = time.monotonic() + 10
+            while internals.beating_trial_ids(backend, ids) != set(ids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            seen.append(internals.beating_trial_ids(backend, ids))
+            return [Outcome("COMPLETE", 0.25, "completed"), Outcome("PRUNED", None, "pruned:median@1"),
+                    Outcome("FAIL", None, "failed:non-finite train_loss at epoch 0")]
+
+    frozen = run_group(study, trials, Group())
+    assert seen == [set(ids)]
+    assert [t.state for t in frozen] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
+    assert frozen[0].value == 0.25
+    assert frozen[2].user_attrs["stop_reason"] == "failed:non-finite train_loss at epoch 0"
+    assert len(study.get_trials()) == 3  # a member's own failure is not retried
+
+
+def test_tpe_sees_the_running_members_when_fused(tmp_path):
+    from regsweep.search.spec import load_spec
+
+    spec = load_spec(write_spec(tmp_path, SWEEP.format(name="t", n=4, fuse=4)))
+    assert spec.make_sampler()._constant_liar is True  # (Optuna 5's default too; older ones defaulted to False)
+    unfused = load_spec(write_spec(tmp_path, SWEEP.format(name="t", n=4, fuse=1)))
+    assert unfused.spec_hash() == spec.spec_hash()  # fuse is not in the spec hash
