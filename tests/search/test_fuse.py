@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from regsweep.search.cli import main
 from regsweep.search.record import history as records_of
 from regsweep.search.record import replay_reference
-from tests.search.conftest import assert_exact  # pytest (importlib mode) registers it
+from tests.search.conftest import assert_exact, cli, tiny_spec, wait_ok  # pytest (importlib mode) registers it
 
 BASE = """
 model: {name: cnn, widths: [8], dropout: 0.0, bn: none, init: default}
@@ -294,3 +294,20 @@ def test_tpe_sees_the_running_members_when_fused(tmp_path):
     assert spec.make_sampler()._constant_liar is True  # (Optuna 5's default too; older ones defaulted to False)
     unfused = load_spec(write_spec(tmp_path, SWEEP.format(name="t", n=4, fuse=1)))
     assert unfused.spec_hash() == spec.spec_hash()  # fuse is not in the spec hash
+
+
+@pytest.mark.slow  # ~23 s on 2 cores (two worker processes import torch): over this issue's CI share
+@pytest.mark.procs
+def test_run_workers_passes_fuse_to_its_workers(tmp_path):
+    """`run --workers 2 --fuse 3`: each `regsweep worker` child asks and trains groups of up to 3; the budget is
+    exact across both."""
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(tiny_spec("wf", 6, 2))
+    url = f"sqlite:///{tmp_path}/wf.db"
+    wait_ok(cli("run", str(spec), "--storage", url, "--workers", "2", "--fuse", "3",
+                env={"REGSWEEP_PROGRESS": "off"}))
+    trials = load(url, "wf").get_trials()
+    assert_exact(trials, 6)
+    fused = [t.user_attrs.get("fused") for t in trials]
+    assert all(f is not None and f["size"] <= 3 for f in fused), fused
+    assert max(f["size"] for f in fused) > 1
