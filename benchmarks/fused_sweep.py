@@ -9,7 +9,7 @@ them), TPE (seed 0), no pruner (every trial trains every epoch: the arms do the 
 trial. Arms: fuse 1 (the baseline), 8 and 16, run in alternating order over the rounds (the machine is shared;
 the median counts). trials/hour = trials / wall seconds of the run x 3600; ratio = against fuse 1 here.
 
-Storage seconds: the time in ``storage.write_group`` per call (one call per fused epoch: every member's record in
+Storage seconds: the time in ``write_group`` per call (one call per fused epoch: every member's record in
 one transaction) and, for fuse 1, in ``TrialWriter.write`` per epoch write of a solo trial (its record and
 report). Goals are printed, never asserted.
 Run: ``.venv/bin/python benchmarks/fused_sweep.py [--quick | --tiny] [--threads N] [--device cpu]``.
@@ -97,7 +97,7 @@ def run_arm(folder: Path, fuse: int, n: int, mode: str, threads: int, device: st
     epochs, fraction = MODES[mode][:2]
     spec = load_spec(write_spec(folder, fuse, n, epochs, fraction, threads, tag), allow_outside=[ROOT])
     url = f"sqlite:///{folder}/{spec.name}.db"
-    group, solo, epoch_writes = Timer(storage.write_group), Timer(storage.TrialWriter.write), []
+    group, solo, epoch_writes = Timer(fused_trial.write_group), Timer(storage.TrialWriter.write), []
 
     def solo_write(self, attrs, report=None):
         solo(self, attrs, report)

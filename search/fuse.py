@@ -17,7 +17,17 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
-from regsweep.search.loop import Heartbeat, ask_through_proxy, claim, counts, fail_stale, fail_trial, tell_trial
+from regsweep.search.loop import (
+    Heartbeat,
+    ask_through_proxy,
+    ask_within_budget,
+    claim,
+    counts,
+    fail_stale,
+    fail_trial,
+    run_one,
+    tell_trial,
+)
 from regsweep.search.optuna_internals import trial_id
 from regsweep.search.record import COMPLETE, PRUNED, failure_reason
 from regsweep.search.signals import Terminated, check_signals
@@ -116,3 +126,21 @@ def run_group(study, trials: list, objective) -> list:
             reason = got.reason or "failed"
             frozen.append(fail_trial(study, tid, reason, t, retry=is_external(reason)))
     return frozen
+
+
+def ask_trials(study, objective, url: str, n_trials: int) -> tuple[list, int]:
+    """The next trials this worker runs: one (:func:`ask_within_budget`), or a fused group of up to the objective's
+    ``fuse`` (:func:`ask_group`); (trials, COMPLETE + PRUNED)."""
+    size = getattr(objective, "fuse", 1)
+    if size > 1:
+        return ask_group(study, url, n_trials, size, objective.fixed_params)
+    trial, done = ask_within_budget(study, url, n_trials)
+    return ([] if trial is None else [trial]), done
+
+
+def run_trials(study, trials: list, objective) -> list:
+    """:func:`run_one`, or a fused group's :func:`run_group`; the trials frozen."""
+    if getattr(objective, "fuse", 1) > 1:
+        return run_group(study, trials, objective)
+    return [run_one(study, trials[0], objective)]
+

@@ -6,7 +6,7 @@ configs are split greedily into groups ``fusable()`` accepts; a member alone in 
 fails) runs through ``run_trial`` itself, as a solo trial (no ``fused`` attr). A group of two or more: every member
 gets its own :class:`Recorder` (record format 2) and writes its config, extra attrs and ``fused: {group, size}``
 (group = the first member's trial number, size = the members trained together) with its first epoch; per epoch
-the group's N records go in ONE storage transaction (``storage.write_group``; one per member on a storage that
+the group's N records go in ONE storage transaction (``write_group``; one per member on a storage that
 has no batched writes), then each member's pruner verdict (the study's pruner, the overfit rule) stops it alone.
 A non-finite loss fails that member alone (``failed:non-finite ...``, as a solo run). At the end each member
 writes the same attrs as a solo trial (``Recorder.finish``: best_epoch, stop_reason, n_params, ...), its
@@ -24,10 +24,11 @@ import torch
 from regsweep.models.config import ConfigError, TrainConfig, get_path
 from regsweep.models.fused import STRUCTURAL, fusable, train_fused
 from regsweep.search import log
+from regsweep.search import optuna_internals as internals
 from regsweep.search.record import FAIL, FUSED_ATTR, Recorder, failure_reason
 from regsweep.search.signals import Terminated, check_signals
 from regsweep.search.spec import StudySpec
-from regsweep.search.storage import TrialWriter, database_reason, retry_transient, write_group
+from regsweep.search.storage import TrialWriter, database_reason, retry_transient
 from regsweep.search.trial import BestWeights, DataCache, Outcome, config_for, pruner_verdict, record_failure
 
 
@@ -176,3 +177,25 @@ def _end_tracker(trackers: Any, m: Member, state: str, reason: str, history: Opt
     from regsweep.search.record import best_epoch
 
     trackers.end(m.trial, state, reason, history or [], best_epoch(history or [], m.recorder.objective), value)
+
+
+def write_group(writes: list[tuple["TrialWriter", dict, Optional[tuple[float, int]]]]) -> int:
+    """Several trials' writes (writer, attrs, report) in ONE transaction when every writer writes to the same RDB
+    storage (a fused group's epoch records), else each through its own writer; returns the transactions made."""
+    if not writes:
+        return 0
+    backend = writes[0][0].batched_backend
+    if backend is None or len({id(w.batched_backend) for w, _, _ in writes}) != 1:
+        for writer, attrs, report in writes:
+            writer.write(attrs, report)
+        return len(writes)
+    batch = []
+    for writer, attrs, report in writes:
+        cached = internals.cached_view(writer.trial)
+        if report is not None and report[1] in cached.intermediate_values:
+            report = None  # as TrialWriter.write: a step reported twice is ignored
+        batch.append((writer, attrs, report))
+    retry_transient(internals.write_trials, backend, [(w.trial_id, attrs, report) for w, attrs, report in batch])
+    for writer, attrs, report in batch:
+        writer.mirror(attrs, report)
+    return 1

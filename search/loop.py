@@ -283,6 +283,8 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
     Raises KeyboardInterrupt / Terminated after ending the running trial FAIL (re-queued on Terminated),
     and SweepFailed after MAX_CONSECUTIVE_FAILURES failures in a row.
     """
+    from regsweep.search.fuse import ask_trials, run_trials  # fused groups when the objective's fuse > 1
+
     out = log.info_stream(__name__, out)
     transient = transient_errors()
     prefix = f"[{label}] " if label else ""
@@ -317,27 +319,6 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
             streak.add(frozen)
             if streak.broken:
                 raise streak.error()
-
-
-def ask_trials(study, objective, url: str, n_trials: int) -> tuple[list, int]:
-    """The next trials this worker runs: one (:func:`ask_within_budget`), or a fused group of up to the objective's
-    ``fuse`` (search/fuse.py ``ask_group``); (trials, COMPLETE + PRUNED)."""
-    size = getattr(objective, "fuse", 1)
-    if size > 1:
-        from regsweep.search.fuse import ask_group
-
-        return ask_group(study, url, n_trials, size, objective.fixed_params)
-    trial, done = ask_within_budget(study, url, n_trials)
-    return ([] if trial is None else [trial]), done
-
-
-def run_trials(study, trials: list, objective) -> list:
-    """:func:`run_one`, or a fused group's :func:`regsweep.search.fuse.run_group`; the trials frozen."""
-    if getattr(objective, "fuse", 1) > 1:
-        from regsweep.search.fuse import run_group
-
-        return run_group(study, trials, objective)
-    return [run_one(study, trials[0], objective)]
 
 
 IDLE_FIRST, IDLE_GROWTH = 0.2, 1.5  # worker_loop's idle waits: 0.2, 0.3, 0.45, ... s up to its ``poll`` (2 s)

@@ -398,24 +398,3 @@ class TrialWriter:
         if report is not None:
             cached.intermediate_values[int(report[1])] = float(report[0])
 
-
-def write_group(writes: list[tuple["TrialWriter", dict, Optional[tuple[float, int]]]]) -> int:
-    """Several trials' writes (writer, attrs, report) in ONE transaction when every writer writes to the same RDB
-    storage (a fused group's epoch records), else each through its own writer; returns the transactions made."""
-    if not writes:
-        return 0
-    backend = writes[0][0].batched_backend
-    if backend is None or len({id(w.batched_backend) for w, _, _ in writes}) != 1:
-        for writer, attrs, report in writes:
-            writer.write(attrs, report)
-        return len(writes)
-    batch = []
-    for writer, attrs, report in writes:
-        cached = internals.cached_view(writer.trial)
-        if report is not None and report[1] in cached.intermediate_values:
-            report = None  # as TrialWriter.write: a step reported twice is ignored
-        batch.append((writer, attrs, report))
-    retry_transient(internals.write_trials, backend, [(w.trial_id, attrs, report) for w, attrs, report in batch])
-    for writer, attrs, report in batch:
-        writer.mirror(attrs, report)
-    return 1

@@ -209,7 +209,8 @@ def test_a_groups_epoch_records_are_one_transaction(tmp_path):
     trial's cached view kept as Trial.set_user_attr/report keep it."""
     from sqlalchemy import event
 
-    from regsweep.search.storage import TrialWriter, write_group
+    from regsweep.search.fused_trial import write_group
+    from regsweep.search.storage import TrialWriter
 
     url = f"sqlite:///{tmp_path}/w.db"
     study = optuna.create_study(study_name="w", storage=url)
@@ -311,3 +312,26 @@ def test_run_workers_passes_fuse_to_its_workers(tmp_path):
     fused = [t.user_attrs.get("fused") for t in trials]
     assert all(f is not None and f["size"] <= 3 for f in fused), fused
     assert max(f["size"] for f in fused) > 1
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_sigterm_during_a_group_fails_every_member_and_requeues_each(tmp_path):
+    from regsweep.search.fuse import run_group
+    from regsweep.search.signals import Terminated
+
+    study, _ = _hb_study(tmp_path)
+    trials = [study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(3)]
+
+    class Group:
+        fuse = 3
+
+        def run_group(self, asked):
+            raise Terminated()
+
+    with pytest.raises(Terminated):
+        run_group(study, trials, Group())
+    after = study.get_trials()
+    assert [t.state for t in after[:3]] == [TrialState.FAIL] * 3
+    assert all(t.user_attrs["stop_reason"] == "failed:terminated" for t in after[:3])
+    assert [t.state for t in after[3:]] == [TrialState.WAITING] * 3  # each re-queued with its params
+    assert [t.params for t in after[3:]] == [t.params for t in after[:3]]
