@@ -46,6 +46,13 @@ def a_study_of(config: dict):
     return setup
 
 
+def _two_objectives(s):
+    """TINY_SPEC as a two-objective study (no Optuna pruner, nsga2)."""
+    del s["objective"]
+    s.update(objectives=[{"metric": "val_loss"}, {"metric": "overfit_gap"}], pruner="none",
+             sampler={"name": "nsga2", "seed": 0})
+
+
 def _sampler_args(args):
     return lambda s: s["sampler"].update(args=args)
 
@@ -111,6 +118,8 @@ CASES = [
     Case("worker-fuse-zero", ["worker", "{d}/tiny.yaml", "--fuse", "0"], files=SPEC, expect=("--fuse", "0")),
     Case("run-fuse-with-ray", [*RUN, "--backend", "ray", "--fuse", "8"], files=SPEC,
          expect=("--fuse", "8", "--backend ray")),
+    Case("run-fuse-multi-objective", [*RUN, "--fuse", "4"], files=spec_files(_two_objectives),
+         expect=("--fuse", "4", "one objective")),
     Case("run-spec-fuse-with-ray", [*RUN, "--backend", "ray"], files=spec_files(lambda s: s.update(fuse=4)),
          expect=("tiny.yaml", "fuse", "4", "--backend ray")),
     # workers, GPUs, Ray flags

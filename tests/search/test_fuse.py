@@ -335,3 +335,21 @@ def test_a_sigterm_during_a_group_fails_every_member_and_requeues_each(tmp_path)
     assert all(t.user_attrs["stop_reason"] == "failed:terminated" for t in after[:3])
     assert [t.state for t in after[3:]] == [TrialState.WAITING] * 3  # each re-queued with its params
     assert [t.params for t in after[3:]] == [t.params for t in after[:3]]
+
+
+def test_fused_members_each_get_their_tensorboard_run(tmp_path, quiet):
+    """Trackers see every member of a group as its own trial (start, each epoch, end): one event directory per
+    trial with its recorded curve."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(tiny_spec("tb", 3, 2) + "fuse: 3\n")
+    url = f"sqlite:///{tmp_path}/tb.db"
+    assert main(["run", str(spec), "--storage", url, "--tensorboard", str(tmp_path / "tb")]) == 0
+    trials = load(url, "tb").get_trials()
+    assert [t.user_attrs["fused"]["size"] for t in trials] == [3, 3, 3]
+    for t in trials:
+        acc = EventAccumulator(str(tmp_path / "tb" / "tb" / f"trial-{t.number:05d}"))
+        acc.Reload()
+        assert [s.value for s in acc.Scalars("val_loss")] == pytest.approx([r["val_loss"] for r in records_of(t)],
+                                                                          rel=1e-6)
