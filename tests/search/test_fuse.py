@@ -337,6 +337,7 @@ def test_a_sigterm_during_a_group_fails_every_member_and_requeues_each(tmp_path)
     assert [t.params for t in after[3:]] == [t.params for t in after[:3]]
 
 
+@pytest.mark.slow  # ~10 s (tensorboard's import and writer threads): over this issue's CI share
 def test_fused_members_each_get_their_tensorboard_run(tmp_path, quiet):
     """Trackers see every member of a group as its own trial (start, each epoch, end): one event directory per
     trial with its recorded curve."""
@@ -353,3 +354,29 @@ def test_fused_members_each_get_their_tensorboard_run(tmp_path, quiet):
         acc.Reload()
         assert [s.value for s in acc.Scalars("val_loss")] == pytest.approx([r["val_loss"] for r in records_of(t)],
                                                                           rel=1e-6)
+
+
+def test_a_vmap_fused_best_trial_replays_its_solo_reference_not_its_fused_history(tmp_path, quiet, monkeypatch):
+    """vmap mode (an accelerator's default, forced here on the CPU) is not bit-identical to a solo run: `run`
+    records the best trial's solo reference, and `regsweep train` on the export reproduces THAT exactly."""
+    import functools
+
+    from regsweep.search import fused_trial
+
+    monkeypatch.setattr(fused_trial, "train_fused", functools.partial(fused_trial.train_fused, mode="vmap"))
+    spec = write_spec(tmp_path, SWEEP.format(name="vm", n=4, fuse=4).replace(
+        "enqueue: [{}]", "enqueue: [{model.bn: before_act, scheduler.name: none}]"))
+    url = f"sqlite:///{tmp_path}/vm.db"
+    assert main(["run", str(spec), "--storage", url]) == 0
+    study = load(url, "vm")
+    best = study.best_trial
+    assert best.user_attrs["fused"]["size"] == 4
+    ref = replay_reference(study.user_attrs, best.number)
+    recorded = [r["val_loss"] for r in records_of(best)]
+    solo = [r["val_loss"] for r in ref["history"]]
+    assert solo == pytest.approx(recorded, rel=1e-3) and solo != recorded  # close, not bit-identical
+    out = tmp_path / "best.yaml"
+    assert main(["export", "--storage", url, "--study-name", "vm", "--out", str(out)]) == 0
+    assert main(["train", str(out), "--out", str(tmp_path / "replay")]) == 0
+    replayed = json.loads((tmp_path / "replay" / "history.json").read_text())["epochs"]
+    assert [r["val_loss"] for r in replayed] == solo
