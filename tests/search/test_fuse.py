@@ -337,7 +337,6 @@ def test_a_sigterm_during_a_group_fails_every_member_and_requeues_each(tmp_path)
     assert [t.params for t in after[3:]] == [t.params for t in after[:3]]
 
 
-@pytest.mark.slow  # ~10 s (tensorboard's import and writer threads): over this issue's CI share
 def test_fused_members_each_get_their_tensorboard_run(tmp_path, quiet):
     """Trackers see every member of a group as its own trial (start, each epoch, end): one event directory per
     trial with its recorded curve."""
