@@ -97,35 +97,38 @@ def run_group(study, trials: list, objective) -> list:
     """The objective's ``run_group`` on the asked trials under one heartbeat over every member; each member told
     (COMPLETE with its value, PRUNED, or FAIL with its stop reason, re-queued when the failure came from outside
     it) and returned frozen. On KeyboardInterrupt / Terminated every member is told FAIL (re-queued on
-    Terminated) before the exception goes on."""
-    from optuna.trial import TrialState
-
+    Terminated) before the exception goes on, but those that ended before it, which are told as they ended."""
     ids = [trial_id(t) for t in trials]
     try:
         with Heartbeat(study, lambda: ids):
             outcomes = objective.run_group(trials)
             check_signals()
-    except Terminated:
-        for tid, t in zip(ids, trials):
-            fail_trial(study, tid, "failed:terminated", t, retry=True)
-        raise
-    except KeyboardInterrupt:
-        for tid, t in zip(ids, trials):
-            fail_trial(study, tid, "failed:interrupted", t)
+    except (Terminated, KeyboardInterrupt) as exc:  # members that ended before it (exc.outcomes) keep their end
+        ended = getattr(exc, "outcomes", {})
+        reason = "failed:terminated" if isinstance(exc, Terminated) else "failed:interrupted"
+        for i, (tid, t) in enumerate(zip(ids, trials)):
+            if i in ended:
+                tell_outcome(study, tid, t, ended[i])
+            else:
+                fail_trial(study, tid, reason, t, retry=isinstance(exc, Terminated))
         raise
     except Exception as exc:  # the sweep goes on
         reason = database_reason(exc) or failure_reason(exc)
         return [fail_trial(study, tid, reason, t, retry=is_external(reason)) for tid, t in zip(ids, trials)]
-    frozen = []
-    for tid, t, got in zip(ids, trials, outcomes):
-        if got.state == COMPLETE:
-            frozen.append(tell_trial(study, tid, TrialState.COMPLETE, got.value, t))
-        elif got.state == PRUNED:
-            frozen.append(tell_trial(study, tid, TrialState.PRUNED, None, t))
-        else:
-            reason = got.reason or "failed"
-            frozen.append(fail_trial(study, tid, reason, t, retry=is_external(reason)))
-    return frozen
+    return [tell_outcome(study, tid, t, got) for tid, t, got in zip(ids, trials, outcomes)]
+
+
+def tell_outcome(study, tid: int, trial, got):
+    """One member's end told as ``run_one`` tells a solo trial's: COMPLETE with its value, PRUNED, or FAIL with
+    its stop reason (re-queued when the failure came from outside it); returns it frozen."""
+    from optuna.trial import TrialState
+
+    if got.state == COMPLETE:
+        return tell_trial(study, tid, TrialState.COMPLETE, got.value, trial)
+    if got.state == PRUNED:
+        return tell_trial(study, tid, TrialState.PRUNED, None, trial)
+    reason = got.reason or "failed"
+    return fail_trial(study, tid, reason, trial, retry=is_external(reason))
 
 
 def ask_trials(study, objective, url: str, n_trials: int) -> tuple[list, int]:

@@ -92,19 +92,23 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
             cfgs.append(None)
     good = [i for i, c in enumerate(cfgs) if c is not None]
     outcomes: dict[int, Outcome] = {}
-    for group in partition([cfgs[i] for i in good]):
-        idx = [good[k] for k in group]
-        if len(idx) == 1:
-            outcomes[idx[0]] = solo(trials[idx[0]])
-            continue
-        members = [Member(trials[i], cfgs[i], Recorder(TrialWriter(trials[i]), spec.objective),
-                          BestWeights(spec.objective) if keep_weights else None) for i in idx]
-        for i, got in zip(idx, train_group(spec, members, device=device, data=data, extra=extra, on_end=on_end,
-                                           trackers=trackers)):
-            outcomes[i] = got
-    for i, trial in enumerate(trials):
-        if i not in outcomes:
-            outcomes[i] = solo(trial)
+    try:
+        for group in partition([cfgs[i] for i in good]):
+            idx = [good[k] for k in group]
+            if len(idx) == 1:
+                outcomes[idx[0]] = solo(trials[idx[0]])
+                continue
+            members = [Member(trials[i], cfgs[i], Recorder(TrialWriter(trials[i]), spec.objective),
+                              BestWeights(spec.objective) if keep_weights else None) for i in idx]
+            for i, got in zip(idx, train_group(spec, members, device=device, data=data, extra=extra,
+                                               on_end=on_end, trackers=trackers)):
+                outcomes[i] = got
+        for i, trial in enumerate(trials):
+            if i not in outcomes:
+                outcomes[i] = solo(trial)
+    except (KeyboardInterrupt, Terminated) as exc:  # the members that ended before it are told as they ended
+        exc.outcomes = dict(outcomes)  # type: ignore[attr-defined]  (search/fuse.py run_group reads it)
+        raise
     return [outcomes[i] for i in range(len(trials))]
 
 

@@ -315,9 +315,10 @@ def test_run_workers_passes_fuse_to_its_workers(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
-def test_a_sigterm_during_a_group_fails_every_member_and_requeues_each(tmp_path):
+def test_a_sigterm_during_a_group_fails_and_requeues_the_unfinished_members(tmp_path):
     from regsweep.search.fuse import run_group
     from regsweep.search.signals import Terminated
+    from regsweep.search.trial import Outcome
 
     study, _ = _hb_study(tmp_path)
     trials = [study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}) for _ in range(3)]
@@ -325,16 +326,19 @@ def test_a_sigterm_during_a_group_fails_every_member_and_requeues_each(tmp_path)
     class Group:
         fuse = 3
 
-        def run_group(self, asked):
-            raise Terminated()
+        def run_group(self, asked):  # member 0 trained alone and ended before the signal
+            exc = Terminated()
+            exc.outcomes = {0: Outcome("COMPLETE", 0.5, "completed")}
+            raise exc
 
     with pytest.raises(Terminated):
         run_group(study, trials, Group())
     after = study.get_trials()
-    assert [t.state for t in after[:3]] == [TrialState.FAIL] * 3
-    assert all(t.user_attrs["stop_reason"] == "failed:terminated" for t in after[:3])
-    assert [t.state for t in after[3:]] == [TrialState.WAITING] * 3  # each re-queued with its params
-    assert [t.params for t in after[3:]] == [t.params for t in after[:3]]
+    assert [t.state for t in after[:3]] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    assert after[0].value == 0.5
+    assert all(t.user_attrs["stop_reason"] == "failed:terminated" for t in after[1:3])
+    assert [t.state for t in after[3:]] == [TrialState.WAITING] * 2  # each unfinished one re-queued, same params
+    assert [t.params for t in after[3:]] == [t.params for t in after[1:3]]
 
 
 def test_fused_members_each_get_their_tensorboard_run(tmp_path, quiet):
