@@ -42,6 +42,9 @@ from regsweep.models.train import History, autocast, configure_torch, evaluate
 
 # (member index, epoch, record) -> a truthy value (a stop-reason string) stops that member after the epoch
 MemberReport = Callable[[int, int, dict[str, Any]], Any]
+# every active member's (index, epoch, record) of one epoch, before the first member's report: a caller that
+# writes the group's records in one storage transaction (search/fused_trial.py) does it here
+EpochRecords = Callable[[list[tuple[int, int, dict[str, Any]]]], None]
 MODES = ("auto", "vmap", "loop")  # auto: loop on the CPU (measured faster there), vmap on an accelerator
 # dotted fields every member of a group must share ("data" and "model.args": the whole mapping)
 STRUCTURAL = ("model.name", "model.widths", "model.hidden", "model.bn", "model.activation", "model.args", "data",
@@ -210,12 +213,13 @@ class Member:
     active: bool = True
 
 
-def make_members(cfgs: Sequence[TrainConfig], dev: torch.device) -> list[Member]:
-    """Each member as ``build(cfg)`` makes it for a solo run (one data bundle shared), with the global RNG
-    state that run would train from; the process's global RNG ends as it was."""
+def make_members(cfgs: Sequence[TrainConfig], dev: torch.device, data: Any = None) -> list[Member]:
+    """Each member as ``build(cfg)`` makes it for a solo run (one data bundle shared: ``data`` when given, a
+    loaded ``DataBundle`` of the members' data config), with the global RNG state that run would train from; the
+    process's global RNG ends as it was."""
     members: list[Member] = []
     saved = _rng_get(dev)
-    bundle = None
+    bundle = data
     try:
         for i, cfg in enumerate(cfgs):
             parts = build(cfg, dev, data=bundle)
@@ -369,7 +373,7 @@ def end_epoch(m: Member, record: dict[str, Any], report: Optional[MemberReport])
 
 
 def run_epoch(members: list[Member], stacked: Optional[Stacked], epoch: int, dev: torch.device,
-              report: Optional[MemberReport]) -> None:
+              report: Optional[MemberReport], records: Optional[EpochRecords] = None) -> None:
     """One epoch of every active member: training batches in lock-step, evaluation, each member's record."""
     active = [m for m in members if m.active]
     precision = active[0].parts.config.train.precision
@@ -390,18 +394,27 @@ def run_epoch(members: list[Member], stacked: Optional[Stacked], epoch: int, dev
     tr_eval = evaluate_group(active, stacked, "train_eval", precision)
     val = evaluate_group(active, stacked, "val", precision)
     seconds = time.perf_counter() - t0
+    done = []
     for i, m in enumerate(active):
         m.parts.scheduler.after_epoch(val[i][0])
-        record = {"epoch": epoch, "train_loss": float(m.loss_sum) / max(n_train, 1),
-                  "train_eval_loss": tr_eval[i][0], "train_acc": tr_eval[i][1], "val_loss": val[i][0],
-                  "val_acc": val[i][1], "lr": lrs[i], "seconds": seconds}
+        done.append({"epoch": epoch, "train_loss": float(m.loss_sum) / max(n_train, 1),
+                     "train_eval_loss": tr_eval[i][0], "train_acc": tr_eval[i][1], "val_loss": val[i][0],
+                     "val_acc": val[i][1], "lr": lrs[i], "seconds": seconds})
+    if records is not None:
+        records([(m.index, epoch, record) for m, record in zip(active, done)])
+    for m, record in zip(active, done):
         end_epoch(m, record, report)
 
 
 def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None = None,
-                report: Optional[MemberReport] = None, mode: str = "auto") -> tuple[list[Parts], list[History]]:
+                report: Optional[MemberReport] = None, mode: str = "auto", *, records: Optional[EpochRecords] = None,
+                data: Any = None, on_build: Optional[Callable[[list[Parts]], None]] = None,
+                ) -> tuple[list[Parts], list[History]]:
     """Train ``cfgs`` as one fused group (see the module docstring); returns each member's (Parts, History) as
-    ``train.train`` would. Raises ValueError when :func:`fusable` says no or ``mode`` is unknown."""
+    ``train.train`` would. ``records`` gets each epoch's records of every active member before their reports;
+    ``data`` is the members' loaded DataBundle (loaded here when None); ``on_build`` gets the members' Parts
+    before the first step (their models are the ones trained). Raises ValueError when :func:`fusable` says no or
+    ``mode`` is unknown."""
     if mode not in MODES:
         raise ValueError(f"unknown fused mode {mode!r}; choose one of: {', '.join(MODES)}")
     why = fusable(cfgs)
@@ -411,7 +424,9 @@ def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None =
     if mode == "auto":
         mode = "loop" if dev.type == "cpu" else "vmap"
     configure_torch(cfgs[0], dev)
-    members = make_members(cfgs, dev)
+    members = make_members(cfgs, dev, data)
+    if on_build is not None:
+        on_build([m.parts for m in members])
     stacked = Stacked([m.parts.model for m in members]) if mode == "vmap" else None
     start = time.perf_counter()
     saved = _rng_get(dev)
@@ -419,7 +434,7 @@ def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None =
         for epoch in range(cfgs[0].train.epochs):
             if not any(m.active for m in members):
                 break
-            run_epoch(members, stacked, epoch, dev, report)
+            run_epoch(members, stacked, epoch, dev, report, records)
     finally:
         _rng_set(dev, saved)
     for m in members:
@@ -439,6 +454,6 @@ def finish(m: Member) -> None:
 
 
 def fit_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None = None,
-              report: Optional[MemberReport] = None, mode: str = "auto") -> list[History]:
-    """:func:`train_fused`'s histories, one per configuration, in order."""
-    return train_fused(cfgs, device, report, mode)[1]
+              report: Optional[MemberReport] = None, mode: str = "auto", **hooks: Any) -> list[History]:
+    """:func:`train_fused`'s histories, one per configuration, in order (``hooks``: its keyword arguments)."""
+    return train_fused(cfgs, device, report, mode, **hooks)[1]

@@ -154,6 +154,22 @@ def _run_setup(args: argparse.Namespace, spec=None):
     return spec, url, args.study_name or spec.name
 
 
+def _apply_fuse(args: argparse.Namespace, spec) -> None:
+    """``--fuse N`` (run, worker) over the spec's ``fuse:``; refused with several objectives or Ray."""
+    from regsweep.search.spec_checks import check_fuse
+
+    if args.fuse is not None:
+        spec.fuse = check_fuse(args.fuse, "--fuse")
+    if spec.fuse > 1 and spec.multi:
+        where = "--fuse" if args.fuse is not None else f"{spec.source}: fuse"
+        raise ConfigError(f"{where}: {spec.fuse} is not allowed; fused trials need one objective (objectives: is "
+                          "multi-objective); drop it or give one objective:")
+    if spec.fuse > 1 and getattr(args, "backend", "optuna") == "ray":
+        where = "--fuse" if args.fuse is not None else f"{spec.source}: fuse"
+        raise ConfigError(f"{where}: {spec.fuse} is not allowed with --backend ray; fused trials run on regsweep's "
+                          "own workers (--backend optuna), or set fuse to 1")
+
+
 def _print_sqlite_file(url: str) -> None:
     if sqlite_file(url) is not None:
         log.get(__name__).info(f"storage: {mask(url)} (SQLite file {sqlite_file(url).resolve()})")
@@ -187,6 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if ray_only:
         raise ConfigError(f"{ray_only[0]}: not allowed with --backend optuna; it is a Ray flag (add --backend ray)")
     spec, url, name = _run_setup(args)
+    _apply_fuse(args, spec)
     gpus = optuna_backend.parse_gpus(args.gpus) if args.workers > 1 or args.gpus else []
     envs = optuna_backend.assignments(args.workers, gpus, args.trials_per_gpu)
     _print_sqlite_file(url)
@@ -199,11 +216,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             study = optuna_backend.run(spec, url, name, trackers=_trackers(args, spec), **common).study
         else:
             study, code = optuna_backend.run_workers(spec, url, name, envs, allow_outside=args.allow_outside,
-                                                     trackers=cli_checks.tracker_flags(args), **common)
+                                                     trackers=cli_checks.tracker_flags(args), fuse=args.fuse,
+                                                     **common)
             if code != 0:
                 return code
     _confirm_after_budget(spec, url, name, study, args.device)
+    _replay_after_budget(spec, study, args.device)
     return _print_outcome(study, url, name)
+
+
+def _replay_after_budget(spec, study, device) -> None:
+    """The study's best trial, when it was fused, trained alone once as its replay reference (search/replay.py),
+    once the budget is met."""
+    from regsweep.search.export import pick_trial
+    from regsweep.search.record import FUSED_ATTR, is_multi
+    from regsweep.search.study import budget, done_count
+
+    if is_multi(study) or done_count(study) < budget(study, spec):
+        return
+    try:
+        best = pick_trial(study, None)
+    except ConfigError:  # no COMPLETE trial
+        return
+    if best.user_attrs.get(FUSED_ATTR) is not None:
+        _ensure_replay(study, best, device)
+
+
+def _ensure_replay(study, trial, device) -> None:
+    """A fused trial's solo replay reference, trained and recorded now when missing (one note line)."""
+    from regsweep.search.replay import ensure_reference, needs_reference
+
+    if trial.user_attrs.get("config") is None or not needs_reference(study, trial):
+        return
+    log.note(__name__, f"replay: trial {trial.number} was trained fused; training it alone once as its replay "
+                       "reference")
+    ref = ensure_reference(study, trial, device)
+    log.note(__name__, f"replay: trial {trial.number}'s reference recorded ({ref['history_len']} epochs, best epoch "
+                       f"{ref['best_epoch']}, {ref['stop_reason']}) as study attr regsweep:replay:{trial.number}")
 
 
 def _confirm_after_budget(spec, url: str, name: str, study, device) -> None:
@@ -260,6 +309,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
     from regsweep.search.spec import load_spec
 
     spec = load_spec(args.spec, allow_outside=args.allow_outside)
+    _apply_fuse(args, spec)
     if spec.multi:  # Tune's schedulers and searchers take one metric and mode
         raise ConfigError(f"{spec.source}: objectives: several objectives are not allowed with --backend ray (Ray "
                           "Tune's schedulers take one metric); run them with --backend optuna, or give one objective:")
@@ -298,6 +348,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from regsweep.search import loop
 
     spec, url = _load_spec_and_storage(args)
+    _apply_fuse(args, spec)
     return loop.worker_main(spec, url, args.study_name or spec.name, device=args.device, timeout=args.timeout,
                             artifacts=args.artifacts, trackers=_trackers(args, spec))
 
@@ -387,6 +438,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     trial = pick_trial(study, args.trial)
     if args.weights is not None:
         return _export_weights(args, study, trial, url)
+    if args.out and not Path(args.out).parent.is_dir():
+        raise ConfigError(f"--out: directory {Path(args.out).parent} does not exist")
+    if args.format != "params":
+        _ensure_replay(study, trial, None)
     text = render(study, trial, args.format, mask(url))
     if args.trial is None:
         from regsweep.search import confirm
@@ -458,6 +513,8 @@ MLFLOW_HELP = ("log each trial as an MLflow run under one study run at this trac
                "sqlite:///FILE, ...; overrides the spec's trackers.mlflow; off: none; the [trackers] extra)")
 TENSORBOARD_HELP = ("write each trial's TensorBoard event files under DIR/<study>/trial-NNNNN (overrides the spec's "
                     "trackers.tensorboard; off: none; the [trackers] extra)")
+FUSE_HELP = ("train N trials of one architecture as one fused group (1..64; overrides the spec's fuse:; not with "
+             "--backend ray or several objectives)")
 ARTIFACTS_HELP = ("per-trial artifact store (curves PNG, config YAML, keep_weights files): a directory shared by "
                   "the workers, s3://BUCKET, gs://BUCKET or off (default: the study's; <db>-artifacts/ beside a "
                   "SQLite file)")
@@ -519,6 +576,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true",
                    help="Ray only: restore the study's latest Ray experiment after its driver died")
     r.add_argument("--artifacts", default=None, metavar="LOC", help=ARTIFACTS_HELP)
+    r.add_argument("--fuse", type=int, default=None, metavar="N", help=FUSE_HELP)
     r.add_argument("--allow-outside", action="append", default=[], metavar="DIR", help=ALLOW_OUTSIDE_HELP)
     r.add_argument("--mlflow", default=None, metavar="URI", help=MLFLOW_HELP)
     r.add_argument("--tensorboard", default=None, metavar="DIR", help=TENSORBOARD_HELP)
@@ -531,6 +589,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     w.add_argument("--artifacts", default=None, metavar="LOC",
                    help="this worker's path to the study's artifact store (default: the study's)")
+    w.add_argument("--fuse", type=int, default=None, metavar="N", help=FUSE_HELP)
     w.add_argument("--allow-outside", action="append", default=[], metavar="DIR", help=ALLOW_OUTSIDE_HELP)
     w.add_argument("--mlflow", default=None, metavar="URI", help=MLFLOW_HELP)
     w.add_argument("--tensorboard", default=None, metavar="DIR", help=TENSORBOARD_HELP)

@@ -98,7 +98,24 @@ def provenance(study, trial, storage_masked: str, state: Optional[str] = None,
         "device_type": device.split(":")[0] or None, "num_threads": a.get("num_threads"),
         "split_fingerprint": a.get("split_fingerprint"), "params": dict(trial.params),
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **fused_provenance(study, trial),
     }
+
+
+def fused_provenance(study, trial) -> dict[str, Any]:
+    """A fused trial's group and its solo replay reference (search/replay.py): what ``regsweep train`` on this
+    export reproduces exactly (the recorded fused history may differ from it in the last bits); {} unfused."""
+    from regsweep.search.record import FUSED_ATTR, replay_key, replay_reference
+
+    group = trial.user_attrs.get(FUSED_ATTR)
+    if group is None:
+        return {}
+    ref = replay_reference(study.user_attrs, trial.number)
+    if ref is None:
+        return {"fused": group, "replay_reference": None}
+    shown = {k: ref.get(k) for k in ("value", "best_epoch", "history_len", "stop_reason", "device", "num_threads",
+                                     "torch_version")}
+    return {"fused": group, "replay_reference": {"study_attr": replay_key(trial.number), **shown}}
 
 
 def render(study, trial, fmt: str, storage_masked: str) -> str:

@@ -166,13 +166,19 @@ def ask_within_budget(study, url: str, n_trials: int) -> tuple[Any, int]:
         done, running = counts(study)
         if done + running >= n_trials:
             return None, done
-        trial = ask(study)
-        with contextlib.suppress(*transient_errors()):  # the database went away: the trial runs anyway; its
-            # heartbeat thread beats when it is back, and its first write fails it `failed:database` (retried)
-            beat_once(study, trial_id(trial))  # a worker dying right after ask leaves a trial that can go stale
-            # who holds it, for `failed:stale heartbeat (worker HOST:PID)` if this worker dies before its 1st epoch
-            retry_transient(trial.set_user_attr, "worker", worker_label())
+        trial = claim(study)
     return trial, done
+
+
+def claim(study):
+    """``ask`` under the caller's budget lock, then the new trial's first heartbeat and its ``worker`` attr."""
+    trial = ask(study)
+    with contextlib.suppress(*transient_errors()):  # the database went away: the trial runs anyway; its
+        # heartbeat thread beats when it is back, and its first write fails it `failed:database` (retried)
+        beat_once(study, trial_id(trial))  # a worker dying right after ask leaves a trial that can go stale
+        # who holds it, for `failed:stale heartbeat (worker HOST:PID)` if this worker dies before its 1st epoch
+        retry_transient(trial.set_user_attr, "worker", worker_label())
+    return trial
 
 
 def ask_through_proxy(study) -> tuple[Any, int]:
@@ -277,6 +283,8 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
     Raises KeyboardInterrupt / Terminated after ending the running trial FAIL (re-queued on Terminated),
     and SweepFailed after MAX_CONSECUTIVE_FAILURES failures in a row.
     """
+    from regsweep.search.fuse import ask_trials, run_trials  # fused groups when the objective's fuse > 1
+
     out = log.info_stream(__name__, out)
     transient = transient_errors()
     prefix = f"[{label}] " if label else ""
@@ -288,12 +296,12 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
         if deadline is not None and time.monotonic() >= deadline:
             return ran
         try:
-            trial, done = ask_within_budget(study, url, n_trials)
+            trials, done = ask_trials(study, objective, url, n_trials)
         except transient as exc:  # a dropped connection or a restarting server: wait and try again
             print(f"{prefix}storage unavailable ({exc.__class__.__name__}); retrying", file=out, flush=True)
             time.sleep(poll)
             continue
-        if trial is None:
+        if not trials:
             if done >= n_trials:
                 return ran
             # others hold the rest of the budget; a dead one's trial goes stale (and an orphan is adopted so it can;
@@ -305,12 +313,12 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
             idle *= IDLE_GROWTH
             continue
         idle = IDLE_FIRST
-        frozen = run_one(study, trial, objective)
-        ran += 1
-        print(prefix + trial_line(frozen, getattr(objective, "metric", "value")), file=out, flush=True)
-        streak.add(frozen)
-        if streak.broken:
-            raise streak.error()
+        for frozen in run_trials(study, trials, objective):
+            ran += 1
+            print(prefix + trial_line(frozen, getattr(objective, "metric", "value")), file=out, flush=True)
+            streak.add(frozen)
+            if streak.broken:
+                raise streak.error()
 
 
 IDLE_FIRST, IDLE_GROWTH = 0.2, 1.5  # worker_loop's idle waits: 0.2, 0.3, 0.45, ... s up to its ``poll`` (2 s)

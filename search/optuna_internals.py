@@ -95,6 +95,22 @@ def write_trial(backend, trial_id_: int, attrs: dict[str, Any], report: Optional
                                                                  float(report[0]))
 
 
+def write_trials(backend, writes: list[tuple[int, dict[str, Any], Optional[tuple[float, int]]]]) -> None:
+    """:func:`write_trial` for several trials (trial id, attrs, report) in ONE transaction of ``backend``: a fused
+    group's epoch records (search/fused_trial.py)."""
+    from optuna.storages._rdb import models
+
+    # the same private helpers as write_trial (see there why); one session for every member of the group
+    with _session(backend, ignore_integrity_error=True) as session:
+        for trial_id_, attrs, report in writes:
+            for key, value in attrs.items():
+                backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id_, key,
+                                                       value)
+            if report is not None:
+                backend._set_trial_intermediate_value_without_commit(session, trial_id_, int(report[1]),
+                                                                     float(report[0]))
+
+
 def set_finished_trial_user_attr(backend, trial_id_: int, key: str, value: Any) -> None:
     """Set one user attr of a trial that is already finished (``backend``: an RDBStorage): the stop reason of a
     trial that Optuna's ``fail_stale_trials`` failed."""

@@ -124,6 +124,29 @@ def epoch_attrs(records: list[dict[str, Any]], chunk: int = CHUNK) -> dict[str, 
     return {f"{CHUNK_PREFIX}{start:05d}": records[start:], LEN_ATTR: len(records)}
 
 
+# the solo replay reference of a fused trial (issue 20; search/replay.py writes it): study user attrs
+# ``regsweep:replay:<number>`` = its summary (history_len, best_epoch, value, stop_reason, device, num_threads,
+# torch_version, fused) and ``regsweep:replay:<number>:history:NNNNN`` = its per-epoch records in format-2 chunks
+REPLAY_PREFIX = "regsweep:replay:"
+FUSED_ATTR = "fused"  # user attr of a fused trial: {"group": first member's trial number, "size": members}
+
+
+def replay_key(number: int) -> str:
+    return f"{REPLAY_PREFIX}{number}"
+
+
+def replay_reference(study_attrs: dict[str, Any], number: int) -> Optional[dict[str, Any]]:
+    """Trial ``number``'s solo replay reference from the study's user attrs: its summary with ``history`` (the
+    per-epoch records, read like a trial's format-2 records); None when there is none."""
+    head = study_attrs.get(replay_key(number))
+    if not isinstance(head, dict):
+        return None
+    prefix = replay_key(number) + ":"
+    attrs = {k[len(prefix):]: v for k, v in study_attrs.items() if k.startswith(prefix)}
+    attrs[LEN_ATTR] = head.get("history_len", 0)
+    return {**head, "history": history_of(attrs)}
+
+
 class Sink(Protocol):
     def write(self, attrs: dict[str, Any], report: Optional[tuple[float, int]] = None) -> None: ...
 
@@ -187,11 +210,17 @@ class Recorder:
         self.sink.write({**pending, **attrs}, report)
 
     def on_epoch(self, epoch: int, record: dict[str, Any]) -> Optional[str]:
+        self.sink.write(*self.stage_epoch(epoch, record))
+        return self.verdict(epoch) if self.verdict is not None else None
+
+    def stage_epoch(self, epoch: int, record: dict[str, Any]) -> tuple[dict[str, Any], Optional[tuple[float, int]]]:
+        """The epoch's ONE write (attrs, report), not yet written: ``on_epoch`` writes it through the sink; a fused
+        group writes its members' in one transaction (search/fused_trial.py)."""
         self.history.append(record)
         value = record[self.objective.metric]
         report = (value, epoch) if math.isfinite(value) and self.objectives is None else None
-        self._flush(epoch_attrs(self.history, self.chunk), report)
-        return self.verdict(epoch) if self.verdict is not None else None
+        pending, self._pending = self._pending, {}
+        return {**pending, **epoch_attrs(self.history, self.chunk)}, report
 
     def finish(self, hist) -> tuple[str, Optional[float]]:
         """Write the final attrs from a ``regsweep.models.train.History``; returns (outcome, value)."""

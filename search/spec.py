@@ -38,12 +38,12 @@ from regsweep.models.plugins import is_ref
 from regsweep.models.yamlio import path_excerpt
 from regsweep.search.record import Objective
 from regsweep.search.space import PACKAGE_DIR, Space, build_space, confine, project_root
-from regsweep.search.spec_checks import SpecError, dry_run, parse_ray_section, parse_trackers_section
+from regsweep.search.spec_checks import SpecError, check_fuse, dry_run, parse_ray_section, parse_trackers_section
 from regsweep.search.spec_checks import fail as _fail
 
 SPEC_FIELDS = ("name", "description", "base", "objective", "objectives", "space", "sampler", "pruner", "budget",
                "enqueue", "storage", "ray", "keep_weights", "confirm", "warm_start",
-               "trackers")
+               "trackers", "fuse")
 # keep_weights: best = the study's best trial's best-epoch weights only (the coordinator removes the others after
 # the budget); all = every finished trial's; none = no weights. Not in the spec hash (it does not change the search)
 KEEP_WEIGHTS = ("best", "all", "none")
@@ -120,6 +120,9 @@ class StudySpec:
     trackers: dict[str, Any] = field(default_factory=dict)
     # objectives: [...] (two or more; ``objective`` is their first) or [] for a single-objective study
     objectives: list[Objective] = field(default_factory=list)
+    # trials trained as one fused group (issue 20; search/fuse.py); how trials are trained, not what is searched:
+    # never in the spec hash (`run --fuse N` overrides it on a running study)
+    fuse: int = 1
 
     @property
     def multi(self) -> bool:
@@ -186,8 +189,11 @@ class StudySpec:
         else by ``sampler.seed``."""
         from regsweep.search.samplers import make_sampler
 
-        return make_sampler(self.sampler["name"], self.sampler.get("seed") if seed is None else seed,
-                            self.sampler.get("args", {}), self.space)
+        args = dict(self.sampler.get("args", {}))
+        if self.fuse > 1 and self.sampler["name"] == "tpe":  # a fused group's members run at once: TPE must see
+            args.setdefault("constant_liar", True)  # the RUNNING ones (Optuna 5's default; not hashed: fuse is not)
+        return make_sampler(self.sampler["name"], self.sampler.get("seed") if seed is None else seed, args,
+                            self.space)
 
     def make_pruner(self):
         from regsweep.search.pruners.registry import PrunerContext, build_pruner
@@ -314,6 +320,10 @@ def parse_spec(data: Mapping[str, Any], path: Path, source: str, roots: Optional
                      n_trials, timeout, enqueue, storage, description, dict(data), source, ray,
                      keep_weights=keep_weights, trackers=trackers, objectives=objectives)
     spec.confirm, spec.warm_start = _parse_confirm(data.get("confirm"), source), _parse_warm(data, source)
+    spec.fuse = check_fuse(data.get("fuse"), f"{source}: fuse")
+    if spec.fuse > 1 and objectives:
+        raise _fail(source, "fuse", spec.fuse, "fused trials need one objective (objectives: is multi-objective); "
+                    "drop fuse: or give one objective:")
     # build sampler and pruner once now so their errors surface before any study is touched
     spec.make_pruner()
     try:

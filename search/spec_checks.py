@@ -23,6 +23,19 @@ def fail(source: str, fld: str, value: Any, allowed: str) -> SpecError:
     return SpecError(f"{source}: {fld}: {excerpt(value)} is not allowed; {allowed}")
 
 
+MAX_FUSE = 64  # trials trained as one fused group (issue 20): more adds nothing a GPU can use and costs memory
+
+
+def check_fuse(value: Any, where: str) -> int:
+    """``fuse: N`` / ``--fuse N`` as an int 1..MAX_FUSE (``where`` names the field or flag); absent = 1."""
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_FUSE:
+        raise SpecError(f"{where}: {excerpt(value)} is not allowed; must be a whole number of trials trained as one "
+                        f"fused group, 1..{MAX_FUSE} (1 = one trial at a time)")
+    return value
+
+
 # ------------------------------------------------------------------------------------ the dry run
 def _first_line(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""

@@ -362,6 +362,15 @@ class TrialWriter:
         self._rdb = backend if usable else None
         self._trial_id = internals.trial_id(trial) if usable else None
 
+    @property
+    def batched_backend(self):
+        """The RDBStorage this writer writes to in one transaction, or None (public per-write calls)."""
+        return self._rdb
+
+    @property
+    def trial_id(self) -> int | None:
+        return self._trial_id
+
     def set_user_attr(self, key: str, value) -> None:
         self.write({key: value})
 
@@ -380,6 +389,12 @@ class TrialWriter:
             return
         # one transaction, retried when the connection was dropped
         retry_transient(internals.write_trial, self._rdb, self._trial_id, attrs, report)
+        self.mirror(attrs, report)
+
+    def mirror(self, attrs: dict, report: tuple[float, int] | None) -> None:
+        """The Trial's cached view after a batched write, as ``Trial.set_user_attr``/``Trial.report`` keep it."""
+        cached = internals.cached_view(self.trial)
         cached.user_attrs.update(attrs)
         if report is not None:
             cached.intermediate_values[int(report[1])] = float(report[0])
+

@@ -291,6 +291,32 @@ class OptunaObjective:
             raise TrialFailed(got.reason)
         return got.value
 
+    @property
+    def fuse(self) -> int:
+        """Trials the worker loop asks and trains as one fused group (the spec's ``fuse:`` or ``--fuse N``)."""
+        return self.spec.fuse
+
+    def fixed_params(self, trial) -> dict[str, Any]:
+        """Sample ``trial`` and return its structural params: the rest of its group is asked with them fixed."""
+        from regsweep.search.fused_trial import fixed_params
+
+        return fixed_params(self.spec, trial)
+
+    def run_group(self, trials: list) -> list[Outcome]:
+        """An asked group of trials (search/fused_trial.py): fused where ``fusable()`` allows, else each alone."""
+        from regsweep.search.fused_trial import run_group
+
+        def solo(trial) -> Outcome:
+            keeper = BestWeights(self.spec.objective) if self.keeps_weights else None
+            on_end = lambda *end: self.upload_artifacts(*end, weights=keeper)  # noqa: E731
+            if self.trackers is not None:
+                return self.tracked(trial, on_end, keeper)
+            return run_trial(self.spec, trial, device=self.device, data=self.data,
+                             extra={"worker": worker_label()}, on_end=on_end, weights=keeper)
+
+        return run_group(self.spec, trials, device=self.device, data=self.data, extra={"worker": worker_label()},
+                         solo=solo, on_end=lambda t, h, st, v, w: self.upload_artifacts(t, h, st, v, weights=w),
+                         keep_weights=self.keeps_weights, trackers=self.trackers)
 
     def tracked(self, trial, on_end: EndHook, weights: Optional[BestWeights]) -> Outcome:
         """:func:`run_trial` with the trackers told of its start, each epoch and its end (search/trackers.py:

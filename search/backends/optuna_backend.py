@@ -87,10 +87,12 @@ def prune_after_budget(spec: StudySpec, study, total: int, store, out: Optional[
 def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str, str]], *,
                 n_trials: Optional[int] = None, timeout: Optional[float] = None, device: Optional[str] = None,
                 allow_spec_change: bool = False, artifacts: Optional[str] = None,
-                allow_outside: Sequence[str] = (), trackers: Optional[dict[str, str]] = None) -> tuple[Any, int]:
+                allow_outside: Sequence[str] = (), trackers: Optional[dict[str, str]] = None,
+                fuse: Optional[int] = None) -> tuple[Any, int]:
     """``run --workers N``: open the study (its budget and artifact store, which the workers read from it),
     then one worker process per env; returns (study, the worst exit code). ``trackers``: the ``--mlflow`` and
-    ``--tensorboard`` flags given to ``run`` (None where not given), passed on to each worker."""
+    ``--tensorboard`` flags given to ``run`` (None where not given), passed on to each worker; ``fuse``: ``run
+    --fuse N`` (None where not given), passed on as each worker's ``--fuse N``."""
     from regsweep.search.artifacts import open_store, resolve
     from regsweep.search.trial import warn_no_weights
 
@@ -102,7 +104,7 @@ def run_workers(spec: StudySpec, url: str, study_name: str, envs: list[dict[str,
     if location is None:
         warn_no_weights(spec)
     code = launch(str(spec.path), url, study_name, envs, device=device, timeout=timeout,
-                  allow_outside=allow_outside, trackers=trackers)
+                  allow_outside=allow_outside, trackers=trackers, fuse=fuse)
     if code == 0 and location is not None:  # every worker exited 0: the budget is done
         prune_after_budget(spec, study, total, open_store(location))
     return study, code
@@ -142,7 +144,7 @@ def assignments(workers: int, gpus: list[str], trials_per_gpu: int) -> list[dict
 
 def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]], *, device: Optional[str] = None,
            timeout: Optional[float] = None, out: Optional[TextIO] = None, allow_outside: Sequence[str] = (),
-           trackers: Optional[dict[str, Optional[str]]] = None) -> int:
+           trackers: Optional[dict[str, Optional[str]]] = None, fuse: Optional[int] = None) -> int:
     """Start one ``regsweep worker`` process per env (``python -P``: never the working directory first on the
     path; the storage URL in ``$REGSWEEP_STORAGE``, never in argv), relay their output, forward SIGTERM/SIGINT,
     wait. Returns 0 only when every worker exited 0; else 143/130 when they were stopped by SIGTERM/Ctrl-C, 1
@@ -160,6 +162,7 @@ def launch(spec_path: str, url: str, study_name: str, envs: list[dict[str, str]]
     cmd = [sys.executable, "-P", "-m", "regsweep.search.cli", *log.verbosity_flags(), "worker", spec_path,
            "--study-name", study_name, *(["--device", device] if device else []),
            *(["--timeout", str(timeout)] if timeout is not None else []),
+           *(["--fuse", str(fuse)] if fuse is not None else []),
            *[arg for d in allow_outside for arg in ("--allow-outside", str(d))],  # each worker loads the same spec
            *(["--tensorboard", trackers["tensorboard"]] if (trackers or {}).get("tensorboard") else [])]
     child_env = {STORAGE_ENV: url, "PYTHONUNBUFFERED": "1",

@@ -46,6 +46,13 @@ def a_study_of(config: dict):
     return setup
 
 
+def _two_objectives(s):
+    """TINY_SPEC as a two-objective study (no Optuna pruner, nsga2)."""
+    del s["objective"]
+    s.update(objectives=[{"metric": "val_loss"}, {"metric": "overfit_gap"}], pruner="none",
+             sampler={"name": "nsga2", "seed": 0})
+
+
 def _sampler_args(args):
     return lambda s: s["sampler"].update(args=args)
 
@@ -102,6 +109,19 @@ CASES = [
          expect=("--device", "gpu0")),
     Case("train-device-bogus", ["train", "{d}/base.yaml", "--device", "tpu"], files=SPEC, expect=("--device", "tpu")),
     Case("bench-device-bogus", ["bench", "--dry-run", "--device", "tpu"], expect=("--device", "tpu")),
+    # --fuse (issue 20)
+    Case("run-fuse-zero", [*RUN, "--fuse", "0"], files=SPEC, expect=("--fuse", "0", "1..64")),
+    Case("run-fuse-negative", [*RUN, "--fuse", "-2"], files=SPEC, expect=("--fuse", "-2", "1..64")),
+    Case("run-fuse-too-many", [*RUN, "--fuse", "65"], files=SPEC, expect=("--fuse", "65", "1..64")),
+    Case("run-fuse-text", [*RUN, "--fuse", "many"], files=SPEC, subprocess=True,
+         expect=("argument --fuse: invalid int value: 'many'",)),
+    Case("worker-fuse-zero", ["worker", "{d}/tiny.yaml", "--fuse", "0"], files=SPEC, expect=("--fuse", "0")),
+    Case("run-fuse-with-ray", [*RUN, "--backend", "ray", "--fuse", "8"], files=SPEC,
+         expect=("--fuse", "8", "--backend ray")),
+    Case("run-fuse-multi-objective", [*RUN, "--fuse", "4"], files=spec_files(_two_objectives),
+         expect=("--fuse", "4", "one objective")),
+    Case("run-spec-fuse-with-ray", [*RUN, "--backend", "ray"], files=spec_files(lambda s: s.update(fuse=4)),
+         expect=("tiny.yaml", "fuse", "4", "--backend ray")),
     # workers, GPUs, Ray flags
     Case("run-workers-zero", [*RUN, "--workers", "0"], files=SPEC, expect=("--workers", "0", ">= 1")),
     Case("run-gpus-bogus", [*RUN, "--gpus", "bogus"], files=SPEC, expect=("--gpus", "bogus")),

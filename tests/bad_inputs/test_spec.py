@@ -128,6 +128,14 @@ CASES = [
          expect=("tiny.yaml", "keep_weights", "'last'", "best, all, none")),
     Case("spec-keep-weights-list", V, spec(keep_weights="keep_weights: [best]"),
          expect=("tiny.yaml", "keep_weights", "best, all, none")),
+    # issue 20: fuse
+    Case("spec-fuse-zero", V, spec(fuse="fuse: 0"), expect=("tiny.yaml", "fuse", "0", "1..64")),
+    Case("spec-fuse-negative", R, spec(fuse="fuse: -3"), expect=("tiny.yaml", "fuse", "-3", "1..64")),
+    Case("spec-fuse-too-many", V, spec(fuse="fuse: 65"), expect=("tiny.yaml", "fuse", "65", "1..64")),
+    Case("spec-fuse-float", V, spec(fuse="fuse: 2.5"), expect=("tiny.yaml", "fuse", "2.5", "whole number")),
+    Case("spec-fuse-text", V, spec(fuse="fuse: eight"), expect=("tiny.yaml", "fuse", "'eight'", "1..64")),
+    Case("spec-fuse-bool", V, spec(fuse="fuse: true"), expect=("tiny.yaml", "fuse", "True", "1..64")),
+    Case("spec-fuse-multi-objective", V, mo(fuse="fuse: 4"), expect=("tiny.yaml", "fuse", "4", "one objective")),
     # issue 21: confirm and warm_start
     Case("spec-confirm-top-k-zero", V, spec(confirm="confirm: {top_k: 0, seeds: 2}"),
          expect=("tiny.yaml", "confirm.top_k", "0", ">= 1")),

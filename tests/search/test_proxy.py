@@ -171,6 +171,30 @@ def test_the_proxy_admits_within_the_budget_and_beats_for_the_worker(proxy_db, m
     assert [t.state for t in trials_of(url, "adm")] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
 
 
+def test_a_fused_group_asked_through_the_proxy_shares_its_structure_within_the_budget(proxy_db, monkeypatch):
+    """fuse.ask_group through a storage proxy: each ask admitted by the proxy, the group at most the budget's room,
+    the first trial's structural param fixed for the rest (issue 20)."""
+    from regsweep.search.fuse import ask_group
+    from regsweep.search.storage import open_storage
+
+    def fixed(trial):
+        trial.suggest_float("x", 0.0, 1.0)
+        return {"bn": trial.suggest_categorical("bn", ["none", "before_act", "after_act"])}
+
+    url, _ = proxy_db
+    with proxy_in_process(url, monkeypatch) as (grpc_url, _served):
+        study = optuna.create_study(storage=open_storage(grpc_url), study_name="grp",
+                                    sampler=optuna.samplers.RandomSampler(seed=3))
+        study.set_user_attr(BUDGET_ATTR, 3)
+        trials, done = ask_group(study, grpc_url, 3, 8, fixed)
+        assert done == 0 and len(trials) == 3
+        assert len({t.params["bn"] for t in trials}) == 1 and len({t.params["x"] for t in trials}) == 3
+        assert ask_group(study, grpc_url, 3, 8, fixed)[0] == []
+        for t in trials:
+            study.tell(t, 0.5)
+    assert [t.state for t in trials_of(url, "grp")] == [TrialState.COMPLETE] * 3
+
+
 def test_a_silent_trial_fails_stale_in_the_proxy_and_is_requeued_once(proxy_db, monkeypatch):
     """A trial whose worker stops beating (heartbeats are attr writes the proxy turns into record_heartbeat) is
     failed by the proxy with `failed:stale heartbeat (worker ...)` and re-queued with its params, once."""
