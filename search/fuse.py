@@ -96,8 +96,8 @@ class _fixed_sampler:
 def run_group(study, trials: list, objective) -> list:
     """The objective's ``run_group`` on the asked trials under one heartbeat over every member; each member told
     (COMPLETE with its value, PRUNED, or FAIL with its stop reason, re-queued when the failure came from outside
-    it) and returned frozen. On KeyboardInterrupt / Terminated every member is told FAIL (re-queued on
-    Terminated) before the exception goes on. but those that ended before it, which are told as they ended."""
+    it) and returned frozen. On KeyboardInterrupt / Terminated the members that had ended before it are told as
+    they ended and every other member FAIL (re-queued on Terminated), then the exception goes on."""
     ids = [trial_id(t) for t in trials]
     try:
         with Heartbeat(study, lambda: ids):
