@@ -37,22 +37,19 @@ lint: $(STAMP)
 # Tiers (markers, pyproject.toml): db, procs, ray, browser, bench, slow. `make test` = lint + every tier but slow
 # (the README's test command, run by .ci/run); `make test-fast` = no servers, subprocesses, Ray, browser or
 # benchmarks; `make test-all` = lint + everything. Extra pytest arguments: make test PYTEST_ARGS="--durations=25".
-# pytest's exit 5 (no tests collected) is a failure.
-# pytest runs on PYTEST_WORKERS processes (pytest-xdist; 0 = in this process): the tests that start processes, time
-# heartbeats or share the Ray session (procs, ray, browser, slow) all go to one of them, one after another
-# (tests/conftest.py SERIAL_TIERS); the other runs the in-process tests meanwhile.
-PYTEST_WORKERS ?= 2
+# pytest's exit 5 (no tests collected in either half) is a failure.
+# pytest runs as two processes at once (tests/run_tiers.sh): one runs the tests that start processes, time
+# heartbeats or share the Ray session (procs, ray, browser, slow), one after another; the other runs the rest.
 FAST := not db and not procs and not ray and not browser and not bench and not slow
 define pytest
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(1) $(PYTEST_ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	tests/run_tiers.sh $(BIN)/python '$(1)' $(PYTEST_ARGS)
 endef
 
 test: lint
-	$(call pytest,-m "not slow")
+	$(call pytest,not slow)
 
 test-fast: $(STAMP)
-	$(call pytest,-m "$(FAST)")
+	$(call pytest,$(FAST))
 
 test-all: lint
 	$(call pytest,)

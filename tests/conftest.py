@@ -26,10 +26,6 @@ TIER_BY_TEST = {  # (file name, test function) -> tiers
     ("test_ray_backend.py", "test_the_driver_writes_the_end_of_a_trial_ray_stopped"): ("ray",),
 }
 SERVER_KINDS = ("postgresql", "mysql")  # storage_url's params on the shared servers
-# `make test` runs pytest on 2 processes (pytest-xdist, --dist loadgroup). Tests of these tiers all go to ONE of
-# them, one after another, as before: they start processes, time heartbeats, share one Ray session or are
-# benchmark-scale, so two of them must never overlap. The other process runs the in-process tests meanwhile.
-SERIAL_TIERS = {"procs", "ray", "browser", "slow"}
 
 
 # Second-server copies of the longest multi-process runs (a PostgreSQL copy of each stays in `make test`),
@@ -64,8 +60,6 @@ def pytest_collection_modifyitems(config, items):
             tiers.add("slow")
         for tier in sorted(tiers - {m.name for m in item.iter_markers()}):
             item.add_marker(tier)
-        if SERIAL_TIERS & {m.name for m in item.iter_markers()}:
-            item.add_marker(pytest.mark.xdist_group("serial"))
 
 
 def require(ok: bool, what: str) -> None:
@@ -224,7 +218,7 @@ _SECONDS: dict[str, float] = {}
 _TIER: dict[str, str] = {}
 
 
-def pytest_runtest_logreport(report):  # also called in pytest-xdist's controller, which collects no items
+def pytest_runtest_logreport(report):  # the report's keywords hold the item's markers
     _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
     _TIER.setdefault(report.nodeid, next((t for t in TIER_ORDER if t in report.keywords), "(none)"))
 
