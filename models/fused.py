@@ -45,6 +45,8 @@ MemberReport = Callable[[int, int, dict[str, Any]], Any]
 # every active member's (index, epoch, record) of one epoch, before the first member's report: a caller that
 # writes the group's records in one storage transaction (search/fused_trial.py) does it here
 EpochRecords = Callable[[list[tuple[int, int, dict[str, Any]]]], None]
+# on_end(member index, its Parts, its History): the member has ended (train_fused)
+MemberEnd = Callable[[int, Parts, History], None]
 MODES = ("auto", "vmap", "loop")  # auto: loop on the CPU (measured faster there), vmap on an accelerator
 # dotted fields every member of a group must share ("data" and "model.args": the whole mapping)
 STRUCTURAL = ("model.name", "model.widths", "model.hidden", "model.bn", "model.activation", "model.args", "data",
@@ -211,6 +213,7 @@ class Member:
     best_state: Optional[dict[str, torch.Tensor]] = None
     since_best: int = 0
     active: bool = True
+    ended: bool = False  # finish() ran and on_end was told
 
 
 def make_members(cfgs: Sequence[TrainConfig], dev: torch.device, data: Any = None) -> list[Member]:
@@ -409,12 +412,14 @@ def run_epoch(members: list[Member], stacked: Optional[Stacked], epoch: int, dev
 def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None = None,
                 report: Optional[MemberReport] = None, mode: str = "auto", *, records: Optional[EpochRecords] = None,
                 data: Any = None, on_build: Optional[Callable[[list[Parts]], None]] = None,
-                ) -> tuple[list[Parts], list[History]]:
+                on_end: Optional[MemberEnd] = None) -> tuple[list[Parts], list[History]]:
     """Train ``cfgs`` as one fused group (see the module docstring); returns each member's (Parts, History) as
     ``train.train`` would. ``records`` gets each epoch's records of every active member before their reports;
     ``data`` is the members' loaded DataBundle (loaded here when None); ``on_build`` gets the members' Parts
-    before the first step (their models are the ones trained). Raises ValueError when :func:`fusable` says no or
-    ``mode`` is unknown."""
+    before the first step (their models are the ones trained); ``on_end(index, parts, history)`` is called once
+    per member as soon as it has ended (its :func:`finish` done): a member that stops (pruned, early-stopped,
+    non-finite) right after the epoch it stopped at, while the others train on; the rest after the last epoch.
+    Raises ValueError when :func:`fusable` says no or ``mode`` is unknown."""
     if mode not in MODES:
         raise ValueError(f"unknown fused mode {mode!r}; choose one of: {', '.join(MODES)}")
     why = fusable(cfgs)
@@ -429,17 +434,28 @@ def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None =
         on_build([m.parts for m in members])
     stacked = Stacked([m.parts.model for m in members]) if mode == "vmap" else None
     start = time.perf_counter()
+
+    def end(m: Member) -> None:
+        finish(m)
+        m.hist.seconds = time.perf_counter() - start
+        m.ended = True
+        if on_end is not None:
+            on_end(m.index, m.parts, m.hist)
+
     saved = _rng_get(dev)
     try:
         for epoch in range(cfgs[0].train.epochs):
             if not any(m.active for m in members):
                 break
             run_epoch(members, stacked, epoch, dev, report, records)
+            for m in members:
+                if not m.active and not m.ended:  # stopped at this epoch: ended now, the others go on
+                    end(m)
     finally:
         _rng_set(dev, saved)
     for m in members:
-        finish(m)
-        m.hist.seconds = time.perf_counter() - start
+        if not m.ended:
+            end(m)
     return [m.parts for m in members], [m.hist for m in members]
 
 

@@ -94,19 +94,28 @@ class _fixed_sampler:
 
 
 def run_group(study, trials: list, objective) -> list:
-    """The objective's ``run_group`` on the asked trials under one heartbeat over every member; each member told
-    (COMPLETE with its value, PRUNED, or FAIL with its stop reason, re-queued when the failure came from outside
-    it) and returned frozen. On KeyboardInterrupt / Terminated the members that had ended before it are told as
-    they ended and every other member FAIL (re-queued on Terminated), then the exception goes on."""
+    """The objective's ``run_group`` on the asked trials under one heartbeat over every member still running;
+    each member told (COMPLETE with its value, PRUNED, or FAIL with its stop reason, re-queued when the failure
+    came from outside it) AS SOON AS it ends (a member pruned at epoch 2 is PRUNED then, while the others train
+    on, and leaves the heartbeat), and returned frozen, in order. On KeyboardInterrupt / Terminated the members
+    that had ended are told as they ended and every other member FAIL (re-queued on Terminated), then the
+    exception goes on."""
     ids = [trial_id(t) for t in trials]
+    frozen: dict[int, Any] = {}
+
+    def told(i: int, got) -> None:
+        frozen[i] = tell_outcome(study, ids[i], trials[i], got)
+
     try:
-        with Heartbeat(study, lambda: ids):
-            outcomes = objective.run_group(trials)
+        with Heartbeat(study, lambda: [tid for i, tid in enumerate(ids) if i not in frozen]):
+            outcomes = objective.run_group(trials, told=told)
             check_signals()
     except (Terminated, KeyboardInterrupt) as exc:  # members that ended before it (exc.outcomes) keep their end
         ended = getattr(exc, "outcomes", {})
         reason = "failed:terminated" if isinstance(exc, Terminated) else "failed:interrupted"
         for i, (tid, t) in enumerate(zip(ids, trials)):
+            if i in frozen:
+                continue
             if i in ended:
                 tell_outcome(study, tid, t, ended[i])
             else:
@@ -114,8 +123,10 @@ def run_group(study, trials: list, objective) -> list:
         raise
     except Exception as exc:  # the sweep goes on
         reason = database_reason(exc) or failure_reason(exc)
-        return [fail_trial(study, tid, reason, t, retry=is_external(reason)) for tid, t in zip(ids, trials)]
-    return [tell_outcome(study, tid, t, got) for tid, t, got in zip(ids, trials, outcomes)]
+        return [frozen[i] if i in frozen else fail_trial(study, tid, reason, t, retry=is_external(reason))
+                for i, (tid, t) in enumerate(zip(ids, trials))]
+    return [frozen[i] if i in frozen else tell_outcome(study, tid, t, got)
+            for i, (tid, t, got) in enumerate(zip(ids, trials, outcomes))]
 
 
 def tell_outcome(study, tid: int, trial, got):

@@ -10,8 +10,9 @@ the group's N records go in ONE storage transaction (``write_group``; one per me
 has no batched writes), then each member's pruner verdict (the study's pruner, the overfit rule) stops it alone.
 A non-finite loss fails that member alone (``failed:non-finite ...``, as a solo run). At the end each member
 writes the same attrs as a solo trial (``Recorder.finish``: best_epoch, stop_reason, n_params, ...), its
-artifacts and best-epoch weights. Stopped members stay RUNNING (heart-beaten) until the group ends: their slots
-are not refilled.
+artifacts and best-epoch weights. A member that stops (pruned, stopped for overfitting, early-stopped, non-finite)
+ends right after the epoch it stopped at: its final attrs are written and ``told`` (search/fuse.py tells Optuna
+its state and drops it from the heartbeat) while the others train on; its slot is not refilled.
 """
 
 from __future__ import annotations
@@ -78,12 +79,22 @@ class Member:
 # hooks of the worker's objective: solo(trial) -> Outcome (run_trial), end(trial, history, state, value, weights)
 Solo = Callable[[Any], Outcome]
 End = Callable[[Any, list, str, Any, Optional[BestWeights]], None]
+# told(position of the trial in the asked group, its Outcome): the trial has ended (its attrs written)
+Told = Callable[[int, Outcome], None]
 
 
 def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: DataCache, extra: dict[str, Any],
-              solo: Solo, on_end: End, keep_weights: bool = False, trackers: Any = None) -> list[Outcome]:
+              solo: Solo, on_end: End, keep_weights: bool = False, trackers: Any = None,
+              told: Optional[Told] = None) -> list[Outcome]:
     """Run an asked group of trials to their ends (see the module docstring); one :class:`Outcome` per trial, in
-    order. KeyboardInterrupt / :class:`Terminated` end every unfinished member FAIL and propagate."""
+    order, each also given to ``told`` as soon as that trial has ended. KeyboardInterrupt / :class:`Terminated`
+    end every unfinished member FAIL and propagate."""
+    def tell(pos: int, got: Outcome) -> Outcome:
+        outcomes[pos] = got
+        if told is not None:
+            told(pos, got)
+        return got
+
     cfgs: list[Optional[TrainConfig]] = []
     for trial in trials:
         try:
@@ -96,16 +107,15 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
         for group in partition([cfgs[i] for i in good]):
             idx = [good[k] for k in group]
             if len(idx) == 1:
-                outcomes[idx[0]] = solo(trials[idx[0]])
+                tell(idx[0], solo(trials[idx[0]]))
                 continue
             members = [Member(trials[i], cfgs[i], Recorder(TrialWriter(trials[i]), spec.objective),
                               BestWeights(spec.objective) if keep_weights else None) for i in idx]
-            for i, got in zip(idx, train_group(spec, members, device=device, data=data, extra=extra,
-                                               on_end=on_end, trackers=trackers)):
-                outcomes[i] = got
+            train_group(spec, members, device=device, data=data, extra=extra, on_end=on_end, trackers=trackers,
+                        told=lambda k, got, idx=idx: tell(idx[k], got))
         for i, trial in enumerate(trials):
             if i not in outcomes:
-                outcomes[i] = solo(trial)
+                tell(i, solo(trial))
     except (KeyboardInterrupt, Terminated) as exc:  # the members that ended before it are told as they ended
         exc.outcomes = dict(outcomes)  # type: ignore[attr-defined]  (search/fuse.py run_group reads it)
         raise
@@ -113,8 +123,17 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
 
 
 def train_group(spec: StudySpec, members: list[Member], *, device: torch.device, data: DataCache,
-                extra: dict[str, Any], on_end: End, trackers: Any = None) -> list[Outcome]:
-    """Train ``members`` (two or more, fusable) with ``train_fused`` and record each; one Outcome per member."""
+                extra: dict[str, Any], on_end: End, trackers: Any = None,
+                told: Optional[Told] = None) -> list[Outcome]:
+    """Train ``members`` (two or more, fusable) with ``train_fused`` and record each; one Outcome per member,
+    each also given to ``told`` (with the member's index) as soon as that member has ended."""
+    ended: dict[int, Outcome] = {}
+
+    def member_end(i: int, _parts, hist) -> None:  # train_fused's on_end: this member stopped or finished
+        ended[i] = got = _finish(spec, members[i], hist, on_end, trackers)
+        if told is not None:
+            told(i, got)
+
     group = {"group": members[0].trial.number, "size": len(members)}
     for m in members:
         m.recorder.start(m.cfg.to_dict(), {**extra, FUSED_ATTR: group})
@@ -143,21 +162,25 @@ def train_group(spec: StudySpec, members: list[Member], *, device: torch.device,
                 m.weights.watch(p.model)
 
     try:
-        _, hists = train_fused([m.cfg for m in members], device, report, records=records,
-                            data=data.get(members[0].cfg.data, device), on_build=watch)
+        train_fused([m.cfg for m in members], device, report, records=records,
+                    data=data.get(members[0].cfg.data, device), on_build=watch, on_end=member_end)
     except (KeyboardInterrupt, Terminated) as exc:
         reason = "failed:terminated" if isinstance(exc, Terminated) else "failed:interrupted"
-        for m in members:
-            record_failure(m.recorder, reason)
-            _end_tracker(trackers, m, FAIL, reason, None)
+        for i, m in enumerate(members):
+            if i not in ended:
+                record_failure(m.recorder, reason)
+                _end_tracker(trackers, m, FAIL, reason, None)
         raise
-    except Exception as exc:  # an error of the group (or a database outage): every member FAIL with the reason
+    except Exception as exc:  # an error of the group (or a database outage): every unended member FAIL with it
         reason = database_reason(exc) or failure_reason(exc)
-        for m in members:
-            record_failure(m.recorder, reason)
-            _end_tracker(trackers, m, FAIL, reason, None)
-        return [Outcome(FAIL, None, m.recorder.stop_reason or "", m.recorder.history) for m in members]
-    return [_finish(spec, m, hist, on_end, trackers) for m, hist in zip(members, hists)]
+        for i, m in enumerate(members):
+            if i not in ended:
+                record_failure(m.recorder, reason)
+                _end_tracker(trackers, m, FAIL, reason, None)
+                ended[i] = Outcome(FAIL, None, m.recorder.stop_reason or "", m.recorder.history)
+                if told is not None:
+                    told(i, ended[i])
+    return [ended[i] for i in range(len(members))]
 
 
 def _finish(spec: StudySpec, m: Member, hist, on_end: End, trackers: Any) -> Outcome:

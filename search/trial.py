@@ -302,8 +302,9 @@ class OptunaObjective:
 
         return fixed_params(self.spec, trial)
 
-    def run_group(self, trials: list) -> list[Outcome]:
-        """An asked group of trials (search/fused_trial.py): fused where ``fusable()`` allows, else each alone."""
+    def run_group(self, trials: list, told: Optional[Callable[[int, Outcome], None]] = None) -> list[Outcome]:
+        """An asked group of trials (search/fused_trial.py): fused where ``fusable()`` allows, else each alone;
+        ``told(position, outcome)`` as soon as each has ended."""
         from regsweep.search.fused_trial import run_group
 
         def solo(trial) -> Outcome:
@@ -316,7 +317,7 @@ class OptunaObjective:
 
         return run_group(self.spec, trials, device=self.device, data=self.data, extra={"worker": worker_label()},
                          solo=solo, on_end=lambda t, h, st, v, w: self.upload_artifacts(t, h, st, v, weights=w),
-                         keep_weights=self.keeps_weights, trackers=self.trackers)
+                         keep_weights=self.keeps_weights, trackers=self.trackers, told=told)
 
     def tracked(self, trial, on_end: EndHook, weights: Optional[BestWeights]) -> Outcome:
         """:func:`run_trial` with the trackers told of its start, each epoch and its end (search/trackers.py:

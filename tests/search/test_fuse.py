@@ -177,6 +177,9 @@ def test_a_pruned_and_a_nan_member_leave_the_others_records_as_without_them(tmp_
     assert both[3].state == TrialState.FAIL
     assert both[3].user_attrs["stop_reason"].startswith("failed:non-finite train_loss at epoch 0")
     assert both[0].state == both[2].state == TrialState.COMPLETE
+    # the pruned and the failed member ended when they stopped, while the others trained on (not at the group's end)
+    assert both[3].datetime_complete < both[1].datetime_complete < min(both[0].datetime_complete,
+                                                                       both[2].datetime_complete)
     alone = _run_group(tmp_path / "two", "two", [A, B], 2)
     assert [t.user_attrs["fused"]["size"] for t in alone] == [2, 2]
 
@@ -272,16 +275,19 @@ def test_run_group_beats_for_every_member_and_tells_each_its_own_end(tmp_path):
     class Group:
         fuse = 3
 
-        def run_group(self, asked):
+        def run_group(self, asked, told=None):
             deadline = time.monotonic() + 10
             while internals.beating_trial_ids(backend, ids) != set(ids) and time.monotonic() < deadline:
                 time.sleep(0.1)
             seen.append(internals.beating_trial_ids(backend, ids))
-            return [Outcome("COMPLETE", 0.25, "completed"), Outcome("PRUNED", None, "pruned:median@1"),
+            ends = [Outcome("COMPLETE", 0.25, "completed"), Outcome("PRUNED", None, "pruned:median@1"),
                     Outcome("FAIL", None, "failed:non-finite train_loss at epoch 0")]
+            told(1, ends[1])  # member 1 ends first: told now, while the others still train
+            seen.append([t.state for t in study.get_trials()])
+            return ends
 
     frozen = run_group(study, trials, Group())
-    assert seen == [set(ids)]
+    assert seen == [set(ids), [TrialState.RUNNING, TrialState.PRUNED, TrialState.RUNNING]]
     assert [t.state for t in frozen] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
     assert frozen[0].value == 0.25
     assert frozen[2].user_attrs["stop_reason"] == "failed:non-finite train_loss at epoch 0"
@@ -326,7 +332,7 @@ def test_a_sigterm_during_a_group_fails_and_requeues_the_unfinished_members(tmp_
     class Group:
         fuse = 3
 
-        def run_group(self, asked):  # member 0 trained alone and ended before the signal
+        def run_group(self, asked, told=None):  # member 0 trained alone and ended before the signal
             exc = Terminated()
             exc.outcomes = {0: Outcome("COMPLETE", 0.5, "completed")}
             raise exc
