@@ -14,7 +14,8 @@ PACK_K = (1, 2, 4)  # processes packed per device
 # (label, figure key, comparison, bound): issue 11's goals on an H100-class GPU, full sizes
 TARGETS = (("mnist_cnn fit epoch (s)", "mnist_cnn.fit.epoch_s", "<=", 0.12),
            ("resnet18 fit epoch (s)", "resnet18.fit.epoch_s", "<=", 0.6),
-           ("4 packed / 1: trials/hour", "packing.ratio.4", ">=", 2.5))
+           ("4 packed / 1: trials/hour", "packing.ratio.4", ">=", 2.5),
+           ("fused mnist_cnn best N / 1: trials/hour (issue 20)", "fused.mnist_cnn.best_ratio", ">=", 6.0))
 
 
 def device_name(dev: torch.device) -> str:
@@ -39,6 +40,11 @@ def plan(mode: str, s, dev: torch.device, only: tuple[str, ...], cores: int) -> 
         t, e, n = s.pack
         lines.append(f"  packing: {'/'.join(map(str, PACK_K))} processes x {t} mnist_cnn trial(s) of {e} epoch(s) "
                      f"on {n} images" + (f", cores // K threads each ({cores} cores)" if dev.type == "cpu" else ""))
+    if "fused" in only:
+        e, n, ns, ns_resnet, n_cifar = s.fused
+        lines.append(f"  fused: N = {'/'.join(map(str, ns))} mnist_cnn and digits_cnn trials ({n} / 1079 images), "
+                     f"N = {'/'.join(map(str, ns_resnet))} resnet20 ({n_cifar} images), {e} epoch(s) each, as one "
+                     "fused group vs one trial at a time")
     return "\n".join(lines)
 
 
@@ -81,7 +87,13 @@ def format_report(figures: dict[str, Any]) -> str:
             lines.append(f"  {k} packed: {r['trials_per_hour']:>9.0f} trials/hour ({r['trials']} trials in "
                          f"{r['wall_s']:.2f} s, median trial {r['trial_s']:.2f} s{threads}) = "
                          f"{p['ratio'][k]:.2f}x of 1")
-    lines.append("targets (issue 11, H100-class GPU, full sizes; printed, never asserted):")
+    for name, w in (figures.get("fused") or {}).items():
+        lines.append(f"fused {name}: {w['epochs']} epoch(s) on {w['n_train']} images, mode {w['mode']}; one at a "
+                     f"time {w['solo_trials_per_hour']:.0f} trials/hour ({w['solo_s']:.2f} s a trial)")
+        for n, r in w["n"].items():
+            lines.append(f"  fused N = {n:>2}: {r['trials_per_hour']:>9.0f} trials/hour ({r['wall_s']:.2f} s a group) "
+                         f"= {r['ratio']:.2f}x one at a time")
+    lines.append("targets (issues 11 and 20, H100-class GPU, full sizes; printed, never asserted):")
     for label, key, op, bound in TARGETS:
         value = lookup(figures, key)
         if value is None:

@@ -55,8 +55,18 @@ def test_dry_run_measures_and_prints_every_figure(tmp_path, capsys, monkeypatch)
     for k, r in packing["k"].items():
         assert r["trials"] == int(k) and r["threads"] == max(1, packing["cores"] // int(k))
         assert f"{k} packed: {r['trials_per_hour']:>9.0f} trials/hour" in text
+    fused = figures["fused"]  # issue 20's arms: N trials as one fused group vs one at a time
+    assert list(fused) == ["mnist_cnn", "digits_cnn", "resnet20"]
+    assert list(fused["mnist_cnn"]["n"]) == ["1", "2"] and list(fused["resnet20"]["n"]) == ["2"]
+    for name, w in fused.items():
+        assert w["mode"] == "loop" and w["solo_s"] > 0
+        assert w["best_ratio"] == max(r["ratio"] for r in w["n"].values())
+        for n, r in w["n"].items():
+            assert r["trials_per_hour"] == pytest.approx(int(n) * 3600 / r["wall_s"])
+            assert r["ratio"] == pytest.approx(r["trials_per_hour"] / w["solo_trials_per_hour"])
+            assert f"fused N = {n:>2}: {r['trials_per_hour']:>9.0f} trials/hour" in text
     for label in ("mnist_cnn fit epoch (s) <= 0.12", "resnet18 fit epoch (s) <= 0.6",
-                  "4 packed / 1: trials/hour >= 2.5"):
+                  "4 packed / 1: trials/hour >= 2.5", "fused mnist_cnn best N / 1: trials/hour (issue 20) >= 6.0"):
         assert f"  {label}: " in text and "n/a: dry-run sizes on cpu" in text
 
 
