@@ -158,12 +158,11 @@ def _apply_fuse(args: argparse.Namespace, spec) -> None:
     """``--fuse N`` (run, worker) over the spec's ``fuse:``; refused with several objectives or Ray."""
     from regsweep.search.spec_checks import check_fuse
 
-    if args.fuse is not None:
+    if args.fuse is not None:  # the spec's own fuse: was checked against its objectives when it was loaded
         spec.fuse = check_fuse(args.fuse, "--fuse")
-    if spec.fuse > 1 and spec.multi:
-        where = "--fuse" if args.fuse is not None else f"{spec.source}: fuse"
-        raise ConfigError(f"{where}: {spec.fuse} is not allowed; fused trials need one objective (objectives: is "
-                          "multi-objective); drop it or give one objective:")
+        if spec.fuse > 1 and spec.multi:
+            raise ConfigError(f"--fuse: {spec.fuse} is not allowed; fused trials need one objective (objectives: "
+                              "is multi-objective); drop it or give one objective:")
     if spec.fuse > 1 and getattr(args, "backend", "optuna") == "ray":
         where = "--fuse" if args.fuse is not None else f"{spec.source}: fuse"
         raise ConfigError(f"{where}: {spec.fuse} is not allowed with --backend ray; fused trials run on regsweep's "
@@ -229,7 +228,7 @@ def _replay_after_budget(spec, study, device) -> None:
     """The study's best trial, when it was fused, trained alone once as its replay reference (search/replay.py),
     once the budget is met."""
     from regsweep.search.export import pick_trial
-    from regsweep.search.record import FUSED_ATTR, is_multi
+    from regsweep.search.record import is_multi
     from regsweep.search.study import budget, done_count
 
     if is_multi(study) or done_count(study) < budget(study, spec):
@@ -238,19 +237,18 @@ def _replay_after_budget(spec, study, device) -> None:
         best = pick_trial(study, None)
     except ConfigError:  # no COMPLETE trial
         return
-    if best.user_attrs.get(FUSED_ATTR) is not None:
-        _ensure_replay(study, best, device)
+    _ensure_replay(study, best, device)
 
 
 def _ensure_replay(study, trial, device) -> None:
     """A fused trial's solo replay reference, trained and recorded now when missing (one note line)."""
-    from regsweep.search.replay import ensure_reference, needs_reference
+    from regsweep.search.replay import needs_reference, record_reference
 
     if trial.user_attrs.get("config") is None or not needs_reference(study, trial):
         return
     log.note(__name__, f"replay: trial {trial.number} was trained fused; training it alone once as its replay "
                        "reference")
-    ref = ensure_reference(study, trial, device)
+    ref = record_reference(study, trial, device)
     log.note(__name__, f"replay: trial {trial.number}'s reference recorded ({ref['history_len']} epochs, best epoch "
                        f"{ref['best_epoch']}, {ref['stop_reason']}) as study attr regsweep:replay:{trial.number}")
 

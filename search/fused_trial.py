@@ -89,6 +89,8 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
     """Run an asked group of trials to their ends (see the module docstring); one :class:`Outcome` per trial, in
     order, each also given to ``told`` as soon as that trial has ended. KeyboardInterrupt / :class:`Terminated`
     end every unfinished member FAIL and propagate."""
+    outcomes: dict[int, Outcome] = {}
+
     def tell(pos: int, got: Outcome) -> Outcome:
         outcomes[pos] = got
         if told is not None:
@@ -102,7 +104,6 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
         except Exception:  # run_trial records this failure exactly as a solo trial's
             cfgs.append(None)
     good = [i for i, c in enumerate(cfgs) if c is not None]
-    outcomes: dict[int, Outcome] = {}
     try:
         for group in partition([cfgs[i] for i in good]):
             idx = [good[k] for k in group]
@@ -216,12 +217,7 @@ def write_group(writes: list[tuple["TrialWriter", dict, Optional[tuple[float, in
         for writer, attrs, report in writes:
             writer.write(attrs, report)
         return len(writes)
-    batch = []
-    for writer, attrs, report in writes:
-        cached = internals.cached_view(writer.trial)
-        if report is not None and report[1] in cached.intermediate_values:
-            report = None  # as TrialWriter.write: a step reported twice is ignored
-        batch.append((writer, attrs, report))
+    batch = [(writer, attrs, writer.fresh(report)) for writer, attrs, report in writes]
     retry_transient(internals.write_trials, backend, [(w.trial_id, attrs, report) for w, attrs, report in batch])
     for writer, attrs, report in batch:
         writer.mirror(attrs, report)

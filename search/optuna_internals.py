@@ -82,17 +82,7 @@ def batched_writes_supported(backend) -> bool:
 def write_trial(backend, trial_id_: int, attrs: dict[str, Any], report: Optional[tuple[float, int]]) -> None:
     """Set ``attrs`` as user attrs and ``report`` = (value, step) as an intermediate value of one trial, in ONE
     transaction of ``backend`` (an RDBStorage; check :func:`batched_writes_supported` first)."""
-    from optuna.storages._rdb import models
-
-    # Optuna's public API (Trial.set_user_attr, Trial.report, storage.set_trial_user_attr) commits every write
-    # on its own: a regsweep epoch (history + report) and a trial's end (a dozen attrs) would cost one commit
-    # each. RDBStorage's own ``_..._without_commit`` helpers do the same validated writes inside one session.
-    with _session(backend, ignore_integrity_error=True) as session:
-        for key, value in attrs.items():
-            backend._set_trial_attr_without_commit(session, models.TrialUserAttributeModel, trial_id_, key, value)
-        if report is not None:
-            backend._set_trial_intermediate_value_without_commit(session, trial_id_, int(report[1]),
-                                                                 float(report[0]))
+    write_trials(backend, [(trial_id_, attrs, report)])
 
 
 def write_trials(backend, writes: list[tuple[int, dict[str, Any], Optional[tuple[float, int]]]]) -> None:
@@ -100,7 +90,9 @@ def write_trials(backend, writes: list[tuple[int, dict[str, Any], Optional[tuple
     group's epoch records (search/fused_trial.py)."""
     from optuna.storages._rdb import models
 
-    # the same private helpers as write_trial (see there why); one session for every member of the group
+    # Optuna's public API (Trial.set_user_attr, Trial.report, storage.set_trial_user_attr) commits every write
+    # on its own: a regsweep epoch (history + report) and a trial's end (a dozen attrs) would cost one commit
+    # each. RDBStorage's own ``_..._without_commit`` helpers do the same validated writes inside one session.
     with _session(backend, ignore_integrity_error=True) as session:
         for trial_id_, attrs, report in writes:
             for key, value in attrs.items():

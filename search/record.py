@@ -124,6 +124,12 @@ def epoch_attrs(records: list[dict[str, Any]], chunk: int = CHUNK) -> dict[str, 
     return {f"{CHUNK_PREFIX}{start:05d}": records[start:], LEN_ATTR: len(records)}
 
 
+def chunk_attrs(records: list[dict[str, Any]], chunk: int = CHUNK) -> dict[str, Any]:
+    """Every format-2 chunk attr of ``records`` at once (the length attr not included): a whole history written
+    in one go, e.g. a fused trial's solo replay reference (search/replay.py, under its own key prefix)."""
+    return {f"{CHUNK_PREFIX}{start:05d}": records[start:start + chunk] for start in range(0, len(records), chunk)}
+
+
 # the solo replay reference of a fused trial (issue 20; search/replay.py writes it): study user attrs
 # ``regsweep:replay:<number>`` = its summary (history_len, best_epoch, value, stop_reason, device, num_threads,
 # torch_version, fused) and ``regsweep:replay:<number>:history:NNNNN`` = its per-epoch records in format-2 chunks
@@ -205,9 +211,14 @@ class Recorder:
         """The trial's config (and extra attrs): written with the first epoch, or with a failure before it."""
         self._pending = {"config": config, **(extra or {})}
 
-    def _flush(self, attrs: dict[str, Any], report: Optional[tuple[float, int]] = None) -> None:
+    def _stage(self, attrs: dict[str, Any], report: Optional[tuple[float, int]] = None
+               ) -> tuple[dict[str, Any], Optional[tuple[float, int]]]:
+        """``attrs`` with what :meth:`start` left pending (written with the first write), and ``report``."""
         pending, self._pending = self._pending, {}
-        self.sink.write({**pending, **attrs}, report)
+        return {**pending, **attrs}, report
+
+    def _flush(self, attrs: dict[str, Any], report: Optional[tuple[float, int]] = None) -> None:
+        self.sink.write(*self._stage(attrs, report))
 
     def on_epoch(self, epoch: int, record: dict[str, Any]) -> Optional[str]:
         self.sink.write(*self.stage_epoch(epoch, record))
@@ -219,8 +230,7 @@ class Recorder:
         self.history.append(record)
         value = record[self.objective.metric]
         report = (value, epoch) if math.isfinite(value) and self.objectives is None else None
-        pending, self._pending = self._pending, {}
-        return {**pending, **epoch_attrs(self.history, self.chunk)}, report
+        return self._stage(epoch_attrs(self.history, self.chunk), report)
 
     def finish(self, hist) -> tuple[str, Optional[float]]:
         """Write the final attrs from a ``regsweep.models.train.History``; returns (outcome, value)."""

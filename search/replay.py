@@ -18,11 +18,10 @@ from typing import Any, Optional
 from regsweep.models.train import fit
 from regsweep.search.export import trial_config
 from regsweep.search.record import (
-    CHUNK,
-    CHUNK_PREFIX,
     FUSED_ATTR,
     Objective,
     best_epoch,
+    chunk_attrs,
     minimizes,
     replay_key,
     replay_reference,
@@ -45,18 +44,11 @@ def record_reference(study, trial, device: Optional[str] = None) -> dict[str, An
     objective = Objective(metric, "minimize" if minimizes(study) else "maximize")
     best = best_epoch(records, objective)
     key = replay_key(trial.number)
-    for start in range(0, len(records), CHUNK):
-        retry_transient(study.set_user_attr, f"{key}:{CHUNK_PREFIX}{start:05d}", records[start:start + CHUNK])
+    for name, chunk in chunk_attrs(records).items():
+        retry_transient(study.set_user_attr, f"{key}:{name}", chunk)
     head = {"trial": trial.number, "history_len": len(records), "best_epoch": best,
             "value": None if best is None else records[best].get(metric), "stop_reason": hist.stop_reason,
             "device": hist.device, "num_threads": hist.num_threads, "torch_version": hist.torch_version,
             "split_fingerprint": hist.split_fingerprint, FUSED_ATTR: trial.user_attrs.get(FUSED_ATTR)}
     retry_transient(study.set_user_attr, key, head)  # last: a reader sees the summary only with its records
     return replay_reference(study.user_attrs, trial.number) or {**head, "history": records}
-
-
-def ensure_reference(study, trial, device: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """The fused ``trial``'s replay reference, trained and recorded now when missing; None for an unfused trial."""
-    if trial.user_attrs.get(FUSED_ATTR) is None:
-        return None
-    return replay_reference(study.user_attrs, trial.number) or record_reference(study, trial, device)

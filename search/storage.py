@@ -377,10 +377,16 @@ class TrialWriter:
     def report(self, value: float, step: int) -> None:
         self.write({}, (value, step))
 
-    def write(self, attrs: dict, report: tuple[float, int] | None = None) -> None:
+    def fresh(self, report: tuple[float, int] | None) -> tuple[float, int] | None:
+        """``report``, or None when its step was reported already (Optuna ignores a step reported twice; so do
+        we)."""
         cached = internals.cached_view(self.trial)
         if report is not None and cached is not None and report[1] in cached.intermediate_values:
-            report = None  # Optuna ignores a step reported twice; so do we
+            return None
+        return report
+
+    def write(self, attrs: dict, report: tuple[float, int] | None = None) -> None:
+        report = self.fresh(report)
         if self._rdb is None:
             for key, value in attrs.items():
                 self.trial.set_user_attr(key, value)
