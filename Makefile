@@ -39,7 +39,8 @@ lint: $(STAMP)
 # benchmarks; `make test-all` = lint + everything. Extra pytest arguments: make test PYTEST_ARGS="--durations=25".
 # pytest's exit 5 (no tests collected in either half) is a failure.
 # pytest runs as two processes at once (tests/run_tiers.sh): one runs the tests that start processes, time
-# heartbeats or share the Ray session (procs, ray, browser, slow), one after another; the other runs the rest.
+# heartbeats or share the Ray session (procs, ray, browser, slow), one after another; the other runs the rest;
+# then the `timing` tests (wall-clock comparisons) run alone.
 FAST := not db and not procs and not ray and not browser and not bench and not slow
 define pytest
 	tests/run_tiers.sh $(BIN)/python '$(1)' $(PYTEST_ARGS)

@@ -168,6 +168,7 @@ def timed_runs(tmp_path, monkeypatch, capfd, rounds: int, trials: int, epochs: i
 
 
 @needs_trackers
+@pytest.mark.timing
 def test_an_unreachable_mlflow_server_warns_once_and_does_not_slow_the_epochs(tmp_path, monkeypatch, capfd):
     plain, tracked, err = timed_runs(tmp_path, monkeypatch, capfd, rounds=2, trials=1, epochs=5, mlflow="http://127.0.0.1:1")
     lines = [ln for ln in err.splitlines() if ln.startswith("warning: mlflow")]
@@ -182,6 +183,7 @@ def test_an_unreachable_mlflow_server_warns_once_and_does_not_slow_the_epochs(tm
 
 @needs_trackers
 @pytest.mark.slow
+@pytest.mark.timing
 @pytest.mark.parametrize("where", ["unreachable", "sqlite"])
 def test_trackers_slow_epochs_by_at_most_10_percent(tmp_path, monkeypatch, capfd, where):
     """The contract's figure, on longer runs: 4 alternating rounds of 2 trials x 6 epochs each, against a server
