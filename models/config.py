@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -223,7 +224,7 @@ def config_paths() -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def walk(cls: type, prefix: str) -> None:
-        for f, tp in typing.get_type_hints(cls).items():
+        for f, tp in _hints(cls).items():
             if dataclasses.is_dataclass(tp):
                 walk(tp, f"{prefix}{f}.")
             else:
@@ -305,10 +306,17 @@ def _plain(value: Any, path: str) -> Any:
                       "numbers, strings, lists, mappings with string keys)")
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a config dataclass, once per class (it evaluates every annotation string
+    anew on each call; a config is built per trial, and per spec check)."""
+    return typing.get_type_hints(cls)
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {excerpt(data)}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     unknown = [k for k in data if k not in hints]
     if unknown:
         where = prefix.rstrip(".") or "config"

@@ -214,3 +214,25 @@ def test_check_files_finds_a_missing_dataset_before_any_trial(tmp_path):
     (tmp_path / "imgs").mkdir()
     with pytest.raises(ConfigError, match=r"no class sub-folders"):
         data_mod.check_files(DataConfig(name="image_folder", root=str(tmp_path / "imgs"), shape=[3, 8, 8]))
+
+
+def test_digits_read_without_sklearn_equal_load_digits_and_stay_read_only():
+    """The digits are parsed from scikit-learn's bundled CSV without importing scikit-learn (issue 15: ~0.5 s per
+    worker process); they must equal load_digits exactly, and the cached arrays cannot be changed by a caller."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    images, target = data_mod._digits_arrays()
+    d = load_digits()
+    assert np.array_equal(images, d.images.astype(np.float32)) and images.dtype == np.float32
+    assert np.array_equal(target, d.target) and target.dtype == np.int64
+    assert not images.flags.writeable and not target.flags.writeable
+    raw = data_mod.load(DataConfig(name="digits")).train.x
+    raw.mul_(0)  # a caller's tensors are its own
+    assert data_mod._digits_arrays()[0].any()
+    code = ("import sys; from regsweep.models.data import _digits_arrays; _digits_arrays(); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
