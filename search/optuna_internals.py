@@ -386,6 +386,35 @@ def _leaving_out_class():
     return LeavingOut
 
 
+# ---- used by storage (opening an RDBStorage)
+def cached_alembic_script() -> None:
+    """Build Optuna's alembic ``ScriptDirectory`` once per process instead of per use (idempotent).
+
+    ``RDBStorage()`` reads the schema's migration scripts to learn the head revision: executing the ten
+    revision files, each defining SQLAlchemy models, takes ~0.03 s, and a new database does it three times
+    (~0.1 s). A process that opens storages repeatedly (the CLI's run, export and status in one process, the
+    tests) paid it per open. The scripts are files of the installed Optuna: they cannot change while the
+    process runs, and the ``ScriptDirectory`` keeps no URL. Optuna offers no public hook for this
+    (``_VersionManager`` is private), so a missing name leaves Optuna as it is."""
+    try:
+        from optuna.storages._rdb.storage import _VersionManager  # private class: see the docstring
+    except ImportError:
+        return
+    original = getattr(_VersionManager, "_create_alembic_script", None)
+    if original is None or getattr(original, "regsweep_cached", False):
+        return
+    cache: dict[str, Any] = {}
+
+    def _create_alembic_script(self) -> Any:
+        if "script" not in cache:
+            cache["script"] = original(self)
+        return cache["script"]
+
+    _create_alembic_script.regsweep_cached = True  # type: ignore[attr-defined]
+    _create_alembic_script.original = original  # type: ignore[attr-defined]
+    _VersionManager._create_alembic_script = _create_alembic_script
+
+
 # ---- optuna-dashboard (search/dashboard.py)
 def fast_trial_serializer() -> None:
     """Give optuna-dashboard's study payload a faster, output-identical per-trial serializer (idempotent).

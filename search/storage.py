@@ -186,6 +186,7 @@ def open_storage(url: str, *, heartbeat: bool = True):
                               grace_period=env_seconds("REGSWEEP_GRACE_PERIOD", GRACE_PERIOD),
                               heartbeat_stale_trial_callback=stale_trial_callback())
             # reachability was checked before (check_reachable); a connection dropped now is retried
+            internals.cached_alembic_script()
             storage = retry_transient(optuna.storages.RDBStorage, url, engine_kwargs=engine, **kwargs)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ModuleNotFoundError) as exc:
         raise ConfigError(f"storage: cannot open {mask(url)}: {reason(exc, url)}") from None

@@ -249,3 +249,24 @@ def test_the_fast_trial_serializer_gives_optuna_dashboards_very_payload():
         assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
         assert trial.intermediate_values == before or curve is curves[1]  # nan != nan
         assert list(trial.intermediate_values) == list(before)
+
+
+def test_the_cached_alembic_script_is_built_once_and_new_databases_are_stamped_at_head(tmp_path, storage_url):
+    """open_storage installs it: every RDBStorage of the process then shares one ScriptDirectory (the migration
+    scripts are read once); a database created after that is stamped at the very head revision the uncached
+    Optuna reports, passes Optuna's own compatibility check, and installing twice is one wrap."""
+    from optuna.storages._rdb.storage import _VersionManager
+
+    storage_url = storage_url[0]
+    internals.cached_alembic_script()
+    internals.cached_alembic_script()
+    cached = _VersionManager._create_alembic_script
+    assert cached.regsweep_cached and not getattr(cached.original, "regsweep_cached", False)
+    a = open_storage(f"sqlite:///{tmp_path / 'a.db'}", heartbeat=False)
+    b = open_storage(storage_url, heartbeat=False)
+    va, vb = a._version_manager, b._version_manager
+    assert va._create_alembic_script() is vb._create_alembic_script()
+    head = cached.original(va).get_current_head()  # the scripts read anew, as Optuna alone would
+    assert va.get_current_version() == vb.get_current_version() == head
+    for url in (f"sqlite:///{tmp_path / 'a.db'}", storage_url):
+        optuna.storages.RDBStorage(url)  # Optuna's compatibility check on the stamped schema
