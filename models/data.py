@@ -23,11 +23,11 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
-import importlib.util
 import os
 import pickle
 import struct
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -106,7 +106,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     many trials in one). Read from scikit-learn's bundled ``digits.csv.gz`` directly, as ``load_digits`` parses
     it, without importing scikit-learn (~0.5 s per process, more than the file); ``load_digits`` itself where
     the file is not found. Read-only arrays: every caller makes its own tensors from them."""
-    spec = importlib.util.find_spec("sklearn")
+    spec = find_spec("sklearn")
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     file = Path(folders[0], "datasets", "data", "digits.csv.gz") if folders else None
     if file is not None and file.is_file():

@@ -198,13 +198,13 @@ def _compact(value: Any) -> str:
 
 def write_note(study, spec, url: Optional[str] = None) -> None:
     """Save the study note (the coordinator only)."""
-    from optuna_dashboard import save_note
+    from regsweep.search.optuna_internals import dashboard_notes
 
-    save_note(study, note_body(study, spec, url))
+    dashboard_notes().save_note(study, note_body(study, spec, url))
 
 
 def read_note(study) -> str:
     """The study note's Markdown body ("" when none was saved)."""
-    from optuna_dashboard import get_note
+    from regsweep.search.optuna_internals import dashboard_notes
 
-    return get_note(study)
+    return dashboard_notes().get_note(study)

@@ -416,6 +416,38 @@ def cached_alembic_script() -> None:
 
 
 # ---- optuna-dashboard (search/dashboard.py)
+@functools.lru_cache(maxsize=1)
+def dashboard_notes() -> Any:
+    """optuna-dashboard's note functions (``save_note``, ``get_note``) without importing the whole package.
+
+    ``import optuna_dashboard`` runs its package ``__init__``, which imports the web app and through it
+    ``optuna.importance`` (scikit-learn, SciPy): ~1.2 s, paid by every ``regsweep run`` for its study note. The
+    notes live in ``optuna_dashboard/_note.py``, which imports only optuna and the standard library; it is loaded
+    here from the installed package's folder as a module of its own (not registered in ``sys.modules``, so a
+    later ``import optuna_dashboard`` is unaffected). Anything unexpected (no such file, no such functions, an
+    import error) falls back to the package's public ``save_note``/``get_note``, at the package's import cost.
+    tests/search/test_optuna_internals.py checks both give the same note."""
+    import importlib.util
+    import os
+
+    try:
+        spec = importlib.util.find_spec("optuna_dashboard")
+        folder = (spec.submodule_search_locations or [None])[0] if spec is not None else None
+        path = os.path.join(folder, "_note.py") if folder else None
+        if path and os.path.isfile(path):
+            # private module: see the docstring (optuna-dashboard's public names come only with the whole app)
+            note_spec = importlib.util.spec_from_file_location("regsweep_optuna_dashboard_note", path)
+            module = importlib.util.module_from_spec(note_spec)
+            note_spec.loader.exec_module(module)
+            if callable(getattr(module, "save_note", None)) and callable(getattr(module, "get_note", None)):
+                return module
+    except Exception:  # noqa: BLE001 - the package's public names below
+        pass
+    import optuna_dashboard
+
+    return optuna_dashboard
+
+
 def fast_trial_serializer() -> None:
     """Give optuna-dashboard's study payload a faster, output-identical per-trial serializer (idempotent).
 

@@ -270,3 +270,25 @@ def test_the_cached_alembic_script_is_built_once_and_new_databases_are_stamped_a
     assert va.get_current_version() == vb.get_current_version() == head
     for url in (f"sqlite:///{tmp_path / 'a.db'}", storage_url):
         optuna.storages.RDBStorage(url)  # Optuna's compatibility check on the stamped schema
+
+
+def test_dashboard_notes_load_without_the_dashboard_package_and_agree_with_its_public_names():
+    """``regsweep run`` writes its study note through optuna-dashboard's note module alone (importing the package
+    costs ~1.2 s: its app pulls scikit-learn and SciPy). A note saved either way reads back the same either way."""
+    import subprocess
+    import sys
+
+    import optuna_dashboard
+
+    code = ("import sys; from regsweep.search.optuna_internals import dashboard_notes; m = dashboard_notes(); "
+            "print(m.__name__, 'optuna_dashboard' in sys.modules, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["regsweep_optuna_dashboard_note", "False", "False"]
+    notes = internals.dashboard_notes()
+    assert notes is not optuna_dashboard
+    study = optuna.create_study()
+    body = "## note\n" + "x" * 5000  # longer than one system attr: stored in chunks
+    notes.save_note(study, body)
+    assert optuna_dashboard.get_note(study) == notes.get_note(study) == body
+    optuna_dashboard.save_note(study, body + "!")
+    assert notes.get_note(study) == body + "!"
