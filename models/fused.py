@@ -47,6 +47,8 @@ MemberReport = Callable[[int, int, dict[str, Any]], Any]
 EpochRecords = Callable[[list[tuple[int, int, dict[str, Any]]]], None]
 # on_end(member index, its Parts, its History): the member has ended (train_fused)
 MemberEnd = Callable[[int, Parts, History], None]
+# refill(free slots) -> up to that many configurations to join the group now (train_fused)
+Refill = Callable[[int], Sequence[TrainConfig]]
 MODES = ("auto", "vmap", "loop")  # auto: loop on the CPU (measured faster there), vmap on an accelerator
 # dotted fields every member of a group must share ("data" and "model.args": the whole mapping)
 STRUCTURAL = ("model.name", "model.widths", "model.hidden", "model.bn", "model.activation", "model.args", "data",
@@ -214,12 +216,14 @@ class Member:
     since_best: int = 0
     active: bool = True
     ended: bool = False  # finish() ran and on_end was told
+    epoch: int = 0  # its next epoch (a member that refilled a slot starts at 0 while the others go on)
+    start: float = 0.0  # perf_counter when it joined the group
 
 
-def make_members(cfgs: Sequence[TrainConfig], dev: torch.device, data: Any = None) -> list[Member]:
+def make_members(cfgs: Sequence[TrainConfig], dev: torch.device, data: Any = None, first: int = 0) -> list[Member]:
     """Each member as ``build(cfg)`` makes it for a solo run (one data bundle shared: ``data`` when given, a
     loaded ``DataBundle`` of the members' data config), with the global RNG state that run would train from; the
-    process's global RNG ends as it was."""
+    process's global RNG ends as it was. Their indices count from ``first``."""
     members: list[Member] = []
     saved = _rng_get(dev)
     bundle = data
@@ -231,8 +235,9 @@ def make_members(cfgs: Sequence[TrainConfig], dev: torch.device, data: Any = Non
             hist = History(n_params=sum(p.numel() for p in model.parameters()), device=str(dev),
                            seed=cfg.train.seed, num_threads=torch.get_num_threads(),
                            split_fingerprint=parts.data.fingerprint)
-            members.append(Member(i, parts, hist, _rng_get(dev), list(model.parameters()), list(model.buffers()),
-                                  [float(m.p) for m in _sites(model)], parts.train_loader()))
+            members.append(Member(first + i, parts, hist, _rng_get(dev), list(model.parameters()),
+                                  list(model.buffers()), [float(m.p) for m in _sites(model)], parts.train_loader(),
+                                  start=time.perf_counter()))
     finally:
         _rng_set(dev, saved)
     shapes = [[tuple(t.shape) for t in m.params + m.buffers] for m in members]
@@ -375,9 +380,11 @@ def end_epoch(m: Member, record: dict[str, Any], report: Optional[MemberReport])
         m.active = False
 
 
-def run_epoch(members: list[Member], stacked: Optional[Stacked], epoch: int, dev: torch.device,
+def run_epoch(members: list[Member], stacked: Optional[Stacked], dev: torch.device,
               report: Optional[MemberReport], records: Optional[EpochRecords] = None) -> None:
-    """One epoch of every active member: training batches in lock-step, evaluation, each member's record."""
+    """One epoch of every active member (each its own next epoch: a member that refilled a slot is behind the
+    others): training batches in lock-step, evaluation, each member's record. A member that has trained its
+    last epoch becomes inactive (its stop reason stays "completed")."""
     active = [m for m in members if m.active]
     precision = active[0].parts.config.train.precision
     t0 = time.perf_counter()
@@ -400,25 +407,35 @@ def run_epoch(members: list[Member], stacked: Optional[Stacked], epoch: int, dev
     done = []
     for i, m in enumerate(active):
         m.parts.scheduler.after_epoch(val[i][0])
-        done.append({"epoch": epoch, "train_loss": float(m.loss_sum) / max(n_train, 1),
+        done.append({"epoch": m.epoch, "train_loss": float(m.loss_sum) / max(n_train, 1),
                      "train_eval_loss": tr_eval[i][0], "train_acc": tr_eval[i][1], "val_loss": val[i][0],
                      "val_acc": val[i][1], "lr": lrs[i], "seconds": seconds})
     if records is not None:
-        records([(m.index, epoch, record) for m, record in zip(active, done)])
+        records([(m.index, m.epoch, record) for m, record in zip(active, done)])
     for m, record in zip(active, done):
         end_epoch(m, record, report)
+        m.epoch += 1
+        if m.active and m.epoch >= m.parts.config.train.epochs:
+            m.active = False
 
 
 def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None = None,
                 report: Optional[MemberReport] = None, mode: str = "auto", *, records: Optional[EpochRecords] = None,
                 data: Any = None, on_build: Optional[Callable[[list[Parts]], None]] = None,
-                on_end: Optional[MemberEnd] = None) -> tuple[list[Parts], list[History]]:
+                on_end: Optional[MemberEnd] = None,
+                refill: Optional[Refill] = None) -> tuple[list[Parts], list[History]]:
     """Train ``cfgs`` as one fused group (see the module docstring); returns each member's (Parts, History) as
     ``train.train`` would. ``records`` gets each epoch's records of every active member before their reports;
     ``data`` is the members' loaded DataBundle (loaded here when None); ``on_build`` gets the members' Parts
-    before the first step (their models are the ones trained); ``on_end(index, parts, history)`` is called once
-    per member as soon as it has ended (its :func:`finish` done): a member that stops (pruned, early-stopped,
-    non-finite) right after the epoch it stopped at, while the others train on; the rest after the last epoch.
+    before their first step (their models are the ones trained), once for the first members and again for each
+    refill's; ``on_end(index, parts, history)`` is called once per member as soon as it has ended (its
+    :func:`finish` done): a member that stops (pruned, early-stopped, non-finite) right after the epoch it
+    stopped at, while the others train on; the rest after their last epoch.
+
+    ``refill(free)``: after an epoch at which members ended while others train on, the group has ``free`` slots
+    (``len(cfgs)`` minus the members still training); the configurations it returns (at most ``free``, each
+    fusable with the group) join as new members at their epoch 0, indexed on from the last member, each exactly
+    as its solo run would train; the group runs until no member trains. Returns every member, refills included.
     Raises ValueError when :func:`fusable` says no or ``mode`` is unknown."""
     if mode not in MODES:
         raise ValueError(f"unknown fused mode {mode!r}; choose one of: {', '.join(MODES)}")
@@ -428,29 +445,42 @@ def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None =
     dev = resolve_device(device)
     if mode == "auto":
         mode = "loop" if dev.type == "cpu" else "vmap"
+    slots = len(cfgs)
     configure_torch(cfgs[0], dev)
     members = make_members(cfgs, dev, data)
     if on_build is not None:
         on_build([m.parts for m in members])
     stacked = Stacked([m.parts.model for m in members]) if mode == "vmap" else None
-    start = time.perf_counter()
 
     def end(m: Member) -> None:
         finish(m)
-        m.hist.seconds = time.perf_counter() - start
+        m.hist.seconds = time.perf_counter() - m.start
         m.ended = True
         if on_end is not None:
             on_end(m.index, m.parts, m.hist)
 
     saved = _rng_get(dev)
     try:
-        for epoch in range(cfgs[0].train.epochs):
-            if not any(m.active for m in members):
-                break
-            run_epoch(members, stacked, epoch, dev, report, records)
-            for m in members:
-                if not m.active and not m.ended:  # stopped at this epoch: ended now, the others go on
-                    end(m)
+        while any(m.active for m in members):
+            run_epoch(members, stacked, dev, report, records)
+            stopped = [m for m in members if not m.active and not m.ended]
+            for m in stopped:  # stopped or done at this epoch: ended now, the others go on
+                end(m)
+            live = sum(m.active for m in members)
+            if refill is None or not stopped or not live or live >= slots:
+                continue
+            new = list(refill(slots - live))[:slots - live]
+            if not new:
+                continue
+            why = fusable([cfgs[0], *new])
+            if why is not None:
+                raise ValueError(f"a refill cannot join the group: {why}")
+            joined = make_members(new, dev, members[0].parts.data, first=len(members))
+            members += joined
+            if on_build is not None:
+                on_build([m.parts for m in joined])
+            if stacked is not None:  # the template must hold every member's dropout sites
+                stacked = Stacked([m.parts.model for m in members])
     finally:
         _rng_set(dev, saved)
     for m in members:

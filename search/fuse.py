@@ -15,7 +15,7 @@ every member and tells each member's end like :func:`regsweep.search.loop.run_on
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from regsweep.search.loop import (
     Heartbeat,
@@ -49,12 +49,38 @@ def ask_group(study, url: str, n_trials: int, size: int,
         if room <= 0:
             return [], done
         trials = [claim(study)]
-        fixed = fixed_params(trials[0])
-        with _fixed_sampler(study, fixed):
-            for _ in range(room - 1):
-                trials.append(claim(study))
-                fixed_params(trials[-1])  # sampled now, under the fixed sampler
+        trials += _claim_fixed(study, room - 1, fixed_params(trials[0]), fixed_params)
     return trials, done
+
+
+def _claim_fixed(study, k: int, fixed: dict[str, Any], fixed_params: Callable[[Any], dict[str, Any]]) -> list:
+    """``k`` trials claimed (the caller holds the budget lock) and sampled now with ``fixed`` params."""
+    trials = []
+    with _fixed_sampler(study, fixed):
+        for _ in range(k):
+            trials.append(claim(study))
+            fixed_params(trials[-1])  # sampled now, under the fixed sampler
+    return trials
+
+
+def ask_more(study, url: str, n_trials: int, k: int, fixed: dict[str, Any],
+             fixed_params: Callable[[Any], dict[str, Any]]) -> list:
+    """Up to ``k`` new trials with ``fixed`` structural params, to refill a running group's freed slots: under
+    the budget lock as :func:`ask_group` asks (never past ``n_trials``: COMPLETE + PRUNED + RUNNING), or each
+    admitted by the storage proxy. [] when the budget has no room."""
+    if is_proxy(url):
+        trials = []
+        with _fixed_sampler(study, fixed):
+            while len(trials) < k:
+                trial, _ = ask_through_proxy(study)
+                if trial is None:
+                    break
+                fixed_params(trial)
+                trials.append(trial)
+        return trials
+    with budget_lock(url, study.study_name):
+        done, running = counts(study)
+        return _claim_fixed(study, max(0, min(k, n_trials - done - running)), fixed, fixed_params)
 
 
 def _ask_through_proxy(study, size: int, fixed_params) -> tuple[list, int]:
@@ -93,22 +119,37 @@ class _fixed_sampler:
         self.study.sampler = self.saved
 
 
-def run_group(study, trials: list, objective) -> list:
+def run_group(study, trials: list, objective, url: Optional[str] = None, n_trials: Optional[int] = None) -> list:
     """The objective's ``run_group`` on the asked trials under one heartbeat over every member still running;
     each member told (COMPLETE with its value, PRUNED, or FAIL with its stop reason, re-queued when the failure
     came from outside it) AS SOON AS it ends (a member pruned at epoch 2 is PRUNED then, while the others train
-    on, and leaves the heartbeat), and returned frozen, in order. On KeyboardInterrupt / Terminated the members
-    that had ended are told as they ended and every other member FAIL (re-queued on Terminated), then the
-    exception goes on."""
+    on, and leaves the heartbeat), and returned frozen, in order. With ``url`` and ``n_trials``, a slot a member
+    frees while others train on is refilled: :func:`ask_more` asks new trials with the group's structural params
+    (within the budget), they join the heartbeat and the list (after the asked ones). On KeyboardInterrupt /
+    Terminated the members that had ended are told as they ended and every other member FAIL (re-queued on
+    Terminated), then the exception goes on."""
+    trials = list(trials)  # grows with the refills
     ids = [trial_id(t) for t in trials]
     frozen: dict[int, Any] = {}
+    fixed: list[dict[str, Any]] = []  # the group's structural params, from its first trial (once)
 
     def told(i: int, got) -> None:
         frozen[i] = tell_outcome(study, ids[i], trials[i], got)
 
+    def refill(k: int) -> list:
+        if not fixed:
+            fixed.append(objective.fixed_params(trials[0]))
+        new = ask_more(study, url, n_trials, k, fixed[0], objective.fixed_params)
+        trials.extend(new)
+        ids.extend(trial_id(t) for t in new)
+        return new
+
     try:
         with Heartbeat(study, lambda: [tid for i, tid in enumerate(ids) if i not in frozen]):
-            outcomes = objective.run_group(trials, told=told)
+            if url is not None and n_trials is not None:
+                outcomes = objective.run_group(trials[:], told=told, refill=refill)
+            else:
+                outcomes = objective.run_group(trials[:], told=told)
             check_signals()
     except (Terminated, KeyboardInterrupt) as exc:  # members that ended before it (exc.outcomes) keep their end
         ended = getattr(exc, "outcomes", {})
@@ -152,9 +193,10 @@ def ask_trials(study, objective, url: str, n_trials: int) -> tuple[list, int]:
     return ([] if trial is None else [trial]), done
 
 
-def run_trials(study, trials: list, objective) -> list:
-    """:func:`run_one`, or a fused group's :func:`run_group`; the trials frozen."""
+def run_trials(study, trials: list, objective, url: Optional[str] = None, n_trials: Optional[int] = None) -> list:
+    """:func:`run_one`, or a fused group's :func:`run_group` (its freed slots refilled within ``n_trials`` when
+    ``url`` and ``n_trials`` are given); the trials frozen."""
     if getattr(objective, "fuse", 1) > 1:
-        return run_group(study, trials, objective)
+        return run_group(study, trials, objective, url, n_trials)
     return [run_one(study, trials[0], objective)]
 

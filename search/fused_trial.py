@@ -12,7 +12,10 @@ A non-finite loss fails that member alone (``failed:non-finite ...``, as a solo 
 writes the same attrs as a solo trial (``Recorder.finish``: best_epoch, stop_reason, n_params, ...), its
 artifacts and best-epoch weights. A member that stops (pruned, stopped for overfitting, early-stopped, non-finite)
 ends right after the epoch it stopped at: its final attrs are written and ``told`` (search/fuse.py tells Optuna
-its state and drops it from the heartbeat) while the others train on; its slot is not refilled.
+its state and drops it from the heartbeat) while the others train on. Its slot is refilled: ``refill(k)`` (search/
+fuse.py ``ask_more``: new trials with the group's structural params, within the budget) gives new trials that join
+the group at their epoch 0 with the same ``fused`` attr (``size`` is the group's slots); one whose config fails or
+that cannot fuse (a re-queued retry with other structural params) runs alone after the group.
 """
 
 from __future__ import annotations
@@ -81,15 +84,19 @@ Solo = Callable[[Any], Outcome]
 End = Callable[[Any, list, str, Any, Optional[BestWeights]], None]
 # told(position of the trial in the asked group, its Outcome): the trial has ended (its attrs written)
 Told = Callable[[int, Outcome], None]
+# refill(k) -> up to k new trials (asked, sampled, RUNNING) for a group's freed slots
+Refill = Callable[[int], list]
 
 
 def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: DataCache, extra: dict[str, Any],
               solo: Solo, on_end: End, keep_weights: bool = False, trackers: Any = None,
-              told: Optional[Told] = None) -> list[Outcome]:
+              told: Optional[Told] = None, refill: Optional[Refill] = None) -> list[Outcome]:
     """Run an asked group of trials to their ends (see the module docstring); one :class:`Outcome` per trial, in
-    order, each also given to ``told`` as soon as that trial has ended. KeyboardInterrupt / :class:`Terminated`
-    end every unfinished member FAIL and propagate."""
+    order (the refills' after the asked trials, in the order ``refill`` gave them), each also given to ``told``
+    as soon as that trial has ended. KeyboardInterrupt / :class:`Terminated` end every unfinished member FAIL
+    and propagate."""
     outcomes: dict[int, Outcome] = {}
+    trials = list(trials)  # grows with the refills: a position is an index here and in the caller's list
 
     def tell(pos: int, got: Outcome) -> Outcome:
         outcomes[pos] = got
@@ -112,8 +119,11 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
                 continue
             members = [Member(trials[i], cfgs[i], Recorder(TrialWriter(trials[i]), spec.objective),
                               BestWeights(spec.objective) if keep_weights else None) for i in idx]
+            more = None
+            if refill is not None:
+                more = _refiller(spec, refill, trials, cfgs, idx, members, device, data, keep_weights)
             train_group(spec, members, device=device, data=data, extra=extra, on_end=on_end, trackers=trackers,
-                        told=lambda k, got, idx=idx: tell(idx[k], got))
+                        told=lambda k, got, idx=idx: tell(idx[k], got), refill=more)
         for i, trial in enumerate(trials):
             if i not in outcomes:
                 tell(i, solo(trial))
@@ -123,11 +133,38 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
     return [outcomes[i] for i in range(len(trials))]
 
 
+def _refiller(spec: StudySpec, refill: Refill, trials: list, cfgs: list, idx: list[int], members: list[Member],
+              device: torch.device, data: DataCache, keep_weights: bool) -> Callable[[int], list[Member]]:
+    """train_group's refill: new trials from ``refill`` appended to ``trials``/``cfgs`` (their positions); those
+    that fuse with the group become members (``idx`` maps a member to its position); the rest are left for
+    run_group to run alone after the group (no position in ``idx``)."""
+
+    def more(k: int) -> list[Member]:
+        joined = []
+        for trial in refill(k):
+            trials.append(trial)
+            try:
+                cfg = data.resolve(config_for(spec, trial), device)
+            except Exception:  # run_trial records this failure exactly as a solo trial's (after the group)
+                cfg = None
+            cfgs.append(cfg)
+            if cfg is None or fusable([members[0].cfg, cfg]) is not None:
+                continue
+            idx.append(len(trials) - 1)
+            joined.append(Member(trial, cfg, Recorder(TrialWriter(trial), spec.objective),
+                                 BestWeights(spec.objective) if keep_weights else None))
+        return joined
+
+    return more
+
+
 def train_group(spec: StudySpec, members: list[Member], *, device: torch.device, data: DataCache,
                 extra: dict[str, Any], on_end: End, trackers: Any = None,
-                told: Optional[Told] = None) -> list[Outcome]:
+                told: Optional[Told] = None,
+                refill: Optional[Callable[[int], list[Member]]] = None) -> list[Outcome]:
     """Train ``members`` (two or more, fusable) with ``train_fused`` and record each; one Outcome per member,
-    each also given to ``told`` (with the member's index) as soon as that member has ended."""
+    each also given to ``told`` (with the member's index) as soon as that member has ended. ``refill(k)``: up
+    to k new members for freed slots (appended to ``members``; each starts recording as it joins)."""
     ended: dict[int, Outcome] = {}
 
     def member_end(i: int, _parts, hist) -> None:  # train_fused's on_end: this member stopped or finished
@@ -157,14 +194,27 @@ def train_group(spec: StudySpec, members: list[Member], *, device: torch.device,
             trackers.epoch(m.trial, epoch, record)
         return reason
 
+    watched: list[int] = [0]  # members whose models on_build has given so far
+
     def watch(parts: list) -> None:
-        for m, p in zip(members, parts):
+        for m, p in zip(members[watched[0]:], parts):
             if m.weights is not None:
                 m.weights.watch(p.model)
+        watched[0] += len(parts)
+
+    def joined(k: int) -> list[TrainConfig]:
+        new = refill(k) if refill is not None else []
+        for m in new:
+            m.recorder.start(m.cfg.to_dict(), {**extra, FUSED_ATTR: group})
+            members.append(m)
+        if new:
+            log.get(__name__).debug(f"fused group {group['group']}: trials {[m.trial.number for m in new]} join")
+        return [m.cfg for m in new]
 
     try:
         train_fused([m.cfg for m in members], device, report, records=records,
-                    data=data.get(members[0].cfg.data, device), on_build=watch, on_end=member_end)
+                    data=data.get(members[0].cfg.data, device), on_build=watch, on_end=member_end,
+                    refill=joined if refill is not None else None)
     except (KeyboardInterrupt, Terminated) as exc:
         reason = "failed:terminated" if isinstance(exc, Terminated) else "failed:interrupted"
         for i, m in enumerate(members):

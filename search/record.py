@@ -134,7 +134,7 @@ def chunk_attrs(records: list[dict[str, Any]], chunk: int = CHUNK) -> dict[str, 
 # ``regsweep:replay:<number>`` = its summary (history_len, best_epoch, value, stop_reason, device, num_threads,
 # torch_version, fused) and ``regsweep:replay:<number>:history:NNNNN`` = its per-epoch records in format-2 chunks
 REPLAY_PREFIX = "regsweep:replay:"
-FUSED_ATTR = "fused"  # user attr of a fused trial: {"group": first member's trial number, "size": members}
+FUSED_ATTR = "fused"  # user attr of a fused trial: {"group": first member's trial number, "size": its slots}
 
 
 def replay_key(number: int) -> str:

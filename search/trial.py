@@ -302,9 +302,11 @@ class OptunaObjective:
 
         return fixed_params(self.spec, trial)
 
-    def run_group(self, trials: list, told: Optional[Callable[[int, Outcome], None]] = None) -> list[Outcome]:
+    def run_group(self, trials: list, told: Optional[Callable[[int, Outcome], None]] = None,
+                  refill: Optional[Callable[[int], list]] = None) -> list[Outcome]:
         """An asked group of trials (search/fused_trial.py): fused where ``fusable()`` allows, else each alone;
-        ``told(position, outcome)`` as soon as each has ended."""
+        ``told(position, outcome)`` as soon as each has ended; ``refill(k)``: up to k new trials for freed slots
+        (their positions follow the asked trials')."""
         from regsweep.search.fused_trial import run_group
 
         def solo(trial) -> Outcome:
@@ -317,7 +319,7 @@ class OptunaObjective:
 
         return run_group(self.spec, trials, device=self.device, data=self.data, extra={"worker": worker_label()},
                          solo=solo, on_end=lambda t, h, st, v, w: self.upload_artifacts(t, h, st, v, weights=w),
-                         keep_weights=self.keeps_weights, trackers=self.trackers, told=told)
+                         keep_weights=self.keeps_weights, trackers=self.trackers, told=told, refill=refill)
 
     def tracked(self, trial, on_end: EndHook, weights: Optional[BestWeights]) -> Outcome:
         """:func:`run_trial` with the trackers told of its start, each epoch and its end (search/trackers.py:

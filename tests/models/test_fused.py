@@ -213,3 +213,36 @@ def test_a_bf16_group_trains_as_its_solo_runs(mode):
             assert curves(hist) == curves(solo)
         else:
             assert max_diff(hist, solo) <= 0.05, max_diff(hist, solo)
+
+
+@pytest.mark.parametrize("mode", ["loop", "vmap"])
+def test_a_refilled_slot_trains_its_new_member_as_its_solo_run_while_the_others_go_on(mode):
+    """Two slots; member 1 is pruned after epoch 1 and ``refill`` puts a third configuration (with dropout, which
+    neither first member has: vmap mode's template is rebuilt) into its slot at its epoch 0. The newcomer trains
+    its whole run as it would alone, the member that never stopped is unchanged by it, every member ends once,
+    and refill is asked again whenever a slot frees while members train on (an empty answer leaves it free)."""
+    tol = 0.0 if mode == "loop" else 1e-5
+    cfgs = group(members=[{}, {"optim.lr": 1e-3, "train.seed": 1}], **{"train.epochs": 4,
+                 "data.train_fraction": 0.4, "train.early_stopping.restore_best": False})
+    newcomer = cfgs[0].with_overrides({"model.dropout": 0.3, "train.seed": 5, "optim.lr": 2e-3})
+    asked, built, ended = [], [], []
+
+    def report(member, epoch, record):
+        return "pruned:test@1" if (member, epoch) == (1, 1) else None
+
+    def refill(free):
+        asked.append(free)
+        return [newcomer] if len(asked) == 1 else []
+
+    parts, hists = train_fused(cfgs, "cpu", report=report, mode=mode, refill=refill,
+                               on_build=lambda p: built.append(len(p)),
+                               on_end=lambda i, _p, h: ended.append((i, len(h.epochs))))
+    assert len(hists) == 3 and built == [2, 1]
+    assert asked == [1, 1]  # after the prune; again when member 0 finished while the newcomer trains on
+    assert ended == [(1, 2), (0, 4), (2, 4)]
+    assert [e["epoch"] for e in hists[2].epochs] == [0, 1, 2, 3] and hists[2].stop_reason == "completed"
+    assert max_diff(hists[2], fit(newcomer, "cpu")) <= tol
+    assert max_diff(hists[0], fit(cfgs[0], "cpu")) <= tol
+    with pytest.raises(ValueError, match="a refill cannot join the group: optim.name differs"):
+        train_fused(cfgs, "cpu", report=report, mode=mode,
+                    refill=lambda free: [cfgs[0].with_overrides({"optim.name": "sgd"})])

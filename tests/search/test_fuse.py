@@ -94,7 +94,7 @@ def test_a_fused_digits_sweep_keeps_the_budget_and_records_every_trial_as_a_solo
             assert t.user_attrs["stop_reason"].startswith("pruned:median@")
     for number, members in groups.items():
         assert number == min(t.number for t in members)
-        assert all(t.user_attrs["fused"]["size"] == len(members) for t in members)
+        assert all(t.user_attrs["fused"]["size"] <= min(8, len(members)) for t in members)  # slots (refills join)
         for path in STRUCTURAL_PARAMS:  # the base trial has no params: its config holds the base's values
             values = {_get(t.user_attrs["config"], path) for t in members}
             assert len(values) == 1, (number, path, values)
@@ -139,7 +139,7 @@ def test_export_trial_of_a_fused_trial_records_its_missing_reference_once(fused_
 
 # a group of four enqueued trials: two ordinary, one pruned at epoch 1 (lr so small val_loss stays ~2.38, above
 # the threshold), one sent to NaN by lr 1e30 at epoch 0; the failed one's place in the budget goes to a fifth
-# enqueued trial, asked alone after the group
+# enqueued trial, which refills its slot in the group at the group's epoch 1
 GROUP = """
 name: {name}
 base: base.yaml
@@ -171,7 +171,8 @@ def _run_group(d, name: str, members: list[dict], n: int):
 def test_a_pruned_and_a_nan_member_leave_the_others_records_as_without_them(tmp_path, quiet):
     both = _run_group(tmp_path / "all", "all", [A, PRUNED_ONE, B, NAN_ONE, FIFTH], 4)
     assert [t.user_attrs["fused"]["size"] for t in both[:4]] == [4, 4, 4, 4]
-    assert "fused" not in both[4].user_attrs and both[4].params == FIFTH  # alone: a group of one
+    assert both[4].user_attrs["fused"] == {"group": 0, "size": 4} and both[4].params == FIFTH  # refilled slot
+    assert both[4].datetime_start > both[3].datetime_complete  # asked when the NaN member had freed its slot
     assert both[1].state == TrialState.PRUNED and both[1].user_attrs["stop_reason"] == "pruned:threshold@1"
     assert [r["epoch"] for r in records_of(both[1])] == [0, 1]
     assert both[3].state == TrialState.FAIL
@@ -188,6 +189,10 @@ def test_a_pruned_and_a_nan_member_leave_the_others_records_as_without_them(tmp_
 
     assert strip(both[0]) == strip(alone[0]) and strip(both[2]) == strip(alone[1])
     assert both[0].value == alone[0].value and both[2].value == alone[1].value
+    # the trial that joined at the group's epoch 1 trained its whole run as it does alone (a group of one)
+    five = _run_group(tmp_path / "five", "five", [FIFTH], 1)
+    assert "fused" not in five[0].user_attrs
+    assert strip(both[4]) == strip(five[0]) and both[4].value == five[0].value
 
 
 def test_fuse_flag_overrides_the_spec_and_members_fusable_refuses_run_alone(tmp_path, quiet):
@@ -389,3 +394,20 @@ def test_a_vmap_fused_best_trial_replays_its_solo_reference_not_its_fused_histor
     assert main(["train", str(out), "--out", str(tmp_path / "replay")]) == 0
     replayed = json.loads((tmp_path / "replay" / "history.json").read_text())["epochs"]
     assert [r["val_loss"] for r in replayed] == solo
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_ask_more_refills_with_the_groups_structure_within_the_budget(tmp_path):
+    """search/fuse.py ask_more (a freed slot's refill): the group's fixed params, never past the budget's room."""
+    from regsweep.search.fuse import ask_group, ask_more
+    from regsweep.search.loop import counts
+
+    study, url = _hb_study(tmp_path, optuna.samplers.RandomSampler(seed=3))
+    group, _ = ask_group(study, url, 6, 4, _fixed)
+    fixed = {"bn": group[0].params["bn"]}
+    study.tell(group[1], state=TrialState.PRUNED)  # a member stopped: its slot is free
+    more = ask_more(study, url, 6, 3, fixed, _fixed)
+    assert len(more) == 2 and counts(study) == (1, 5)  # asked 3; the room: 6 - 1 pruned - 3 running
+    assert {t.params["bn"] for t in more} == {fixed["bn"]} and len({t.params["x"] for t in group + more}) == 6
+    assert isinstance(study.sampler, optuna.samplers.RandomSampler)
+    assert ask_more(study, url, 6, 3, fixed, _fixed) == []  # the budget is full

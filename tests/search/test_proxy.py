@@ -173,8 +173,8 @@ def test_the_proxy_admits_within_the_budget_and_beats_for_the_worker(proxy_db, m
 
 def test_a_fused_group_asked_through_the_proxy_shares_its_structure_within_the_budget(proxy_db, monkeypatch):
     """fuse.ask_group through a storage proxy: each ask admitted by the proxy, the group at most the budget's room,
-    the first trial's structural param fixed for the rest (issue 20)."""
-    from regsweep.search.fuse import ask_group
+    the first trial's structural param fixed for the rest (issue 20); a freed slot's refill (ask_more) likewise."""
+    from regsweep.search.fuse import ask_group, ask_more
     from regsweep.search.storage import open_storage
 
     def fixed(trial):
@@ -190,9 +190,15 @@ def test_a_fused_group_asked_through_the_proxy_shares_its_structure_within_the_b
         assert done == 0 and len(trials) == 3
         assert len({t.params["bn"] for t in trials}) == 1 and len({t.params["x"] for t in trials}) == 3
         assert ask_group(study, grpc_url, 3, 8, fixed)[0] == []
-        for t in trials:
+        study.tell(trials[1], state=TrialState.PRUNED)  # a freed slot: the refill asks, the proxy admits none
+        assert ask_more(study, grpc_url, 3, 2, {"bn": trials[0].params["bn"]}, fixed) == []
+        study.set_user_attr(BUDGET_ATTR, 4)  # room for one more: admitted, with the group's structure
+        more = ask_more(study, grpc_url, 4, 2, {"bn": trials[0].params["bn"]}, fixed)
+        assert len(more) == 1 and more[0].params["bn"] == trials[0].params["bn"]
+        for t in [trials[0], trials[2], *more]:
             study.tell(t, 0.5)
-    assert [t.state for t in trials_of(url, "grp")] == [TrialState.COMPLETE] * 3
+    assert [t.state for t in trials_of(url, "grp")] == [TrialState.COMPLETE, TrialState.PRUNED,
+                                                         TrialState.COMPLETE, TrialState.COMPLETE]
 
 
 def test_a_silent_trial_fails_stale_in_the_proxy_and_is_requeued_once(proxy_db, monkeypatch):
