@@ -69,15 +69,7 @@ def ask_more(study, url: str, n_trials: int, k: int, fixed: dict[str, Any],
     the budget lock as :func:`ask_group` asks (never past ``n_trials``: COMPLETE + PRUNED + RUNNING), or each
     admitted by the storage proxy. [] when the budget has no room."""
     if is_proxy(url):
-        trials = []
-        with _fixed_sampler(study, fixed):
-            while len(trials) < k:
-                trial, _ = ask_through_proxy(study)
-                if trial is None:
-                    break
-                fixed_params(trial)
-                trials.append(trial)
-        return trials
+        return _proxy_fixed(study, k, fixed, fixed_params)[0]
     with budget_lock(url, study.study_name):
         done, running = counts(study)
         return _claim_fixed(study, max(0, min(k, n_trials - done - running)), fixed, fixed_params)
@@ -88,9 +80,17 @@ def _ask_through_proxy(study, size: int, fixed_params) -> tuple[list, int]:
     first, done = ask_through_proxy(study)
     if first is None:
         return [], done
-    trials = [first]
-    with _fixed_sampler(study, fixed_params(first)):
-        while len(trials) < size:
+    more, last = _proxy_fixed(study, size - 1, fixed_params(first), fixed_params)
+    return [first, *more], done if last is None else last
+
+
+def _proxy_fixed(study, k: int, fixed: dict[str, Any], fixed_params) -> tuple[list, Optional[int]]:
+    """Up to ``k`` trials through the proxy (each admitted or refused by it), sampled with ``fixed`` params;
+    (trials, COMPLETE + PRUNED of the last answer, or None when none was asked)."""
+    trials: list = []
+    done = None
+    with _fixed_sampler(study, fixed):
+        while len(trials) < k:
             trial, done = ask_through_proxy(study)
             if trial is None:
                 break

@@ -1,0 +1,27 @@
+"""benchmarks/startup.py --quick: each start-up shortcut timed against the way before it, one row each with a
+finite ratio. Timings are never asserted."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "startup.py"
+
+
+@pytest.mark.bench
+def test_quick_mode_prints_every_part_with_its_ratio(capsys):
+    spec = importlib.util.spec_from_file_location("startup_bench_quick", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("start-up and per-trial costs")
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert list(rows) == ["digits", "note", "storage", "png"]
+    for row in rows.values():
+        before, after, ratio = map(float, row[1:4])
+        assert before > 0 and after > 0 and math.isfinite(ratio)
