@@ -15,7 +15,8 @@ ONE run, printed with the ratio; nothing is asserted.
    CLI call pays), printed alone: its "before" is the git history's.
 
     .venv/bin/python benchmarks/startup.py            # ~1 minute on 2 cores (5 repeats, medians)
-    .venv/bin/python benchmarks/startup.py --quick    # a few seconds: 1 repeat, no whole run
+    .venv/bin/python benchmarks/startup.py --quick    # ~10 s: 1 repeat, no whole run
+    .venv/bin/python benchmarks/startup.py --quick --parts note,storage,png   # the tests' cut (~3 s)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+PARTS = ("digits", "note", "storage", "png", "run")
 
 # (what a worker has imported anyway, code timed): torch and numpy come first in every worker, optuna in every run
 DIGITS_NEW = ("import torch, numpy, regsweep.models.data", "regsweep.models.data._digits_arrays()")
@@ -139,20 +141,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 repeat, no whole run (a few seconds)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of: {','.join(PARTS)}")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
-    rows = [("digits", "load_digits() in a fresh process", "the CSV read without scikit-learn",
-             median(lambda: child_seconds(DIGITS_OLD), repeats), median(lambda: child_seconds(DIGITS_NEW), repeats)),
-            ("note", "import optuna_dashboard", "its note module alone",
-             median(lambda: child_seconds(NOTE_OLD), repeats), median(lambda: child_seconds(NOTE_NEW), repeats)),
-            ("storage", "RDBStorage() on a new SQLite file", "alembic scripts read once",
-             *storage_arms(max(repeats, 3))),
-            ("png", "a fresh figure per curves PNG", "the reused figure", *png_arms(max(repeats, 3)))]
+    parts = args.parts.split(",")
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: {unknown[0]!r} is not a part; choose from: {', '.join(PARTS)}")
+    arms = {"digits": ("load_digits() in a fresh process", "the CSV read without scikit-learn",
+                       lambda: (median(lambda: child_seconds(DIGITS_OLD), repeats),
+                                median(lambda: child_seconds(DIGITS_NEW), repeats))),
+            "note": ("import optuna_dashboard", "its note module alone",
+                     lambda: (median(lambda: child_seconds(NOTE_OLD), repeats),
+                              median(lambda: child_seconds(NOTE_NEW), repeats))),
+            "storage": ("RDBStorage() on a new SQLite file", "alembic scripts read once",
+                        lambda: storage_arms(max(repeats, 3))),
+            "png": ("a fresh figure per curves PNG", "the reused figure", lambda: png_arms(max(repeats, 3)))}
     print(f"start-up and per-trial costs (median of {repeats}; seconds; ratio = before / after)")
     print(f"{'part':<8} {'before':>8} {'after':>8} {'ratio':>6}  before -> after")
-    for part, old, new, before, after in rows:
+    for part in (p for p in PARTS if p in parts and p in arms):
+        old, new, measure = arms[part]
+        before, after = measure()
         print(f"{part:<8} {before:8.3f} {after:8.3f} {before / after:6.1f}  {old} -> {new}")
-    if not args.quick:
+    if not args.quick and "run" in parts:
         print(f"run      {median(whole_run, min(repeats, 3)):8.2f} s  a whole `regsweep run` of one 2-epoch digits "
               "trial in a fresh process")
     return 0
