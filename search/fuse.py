@@ -14,6 +14,7 @@ every member and tells each member's end like :func:`regsweep.search.loop.run_on
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Callable, Optional
 
@@ -119,13 +120,15 @@ class _fixed_sampler:
         self.study.sampler = self.saved
 
 
-def run_group(study, trials: list, objective, url: Optional[str] = None, n_trials: Optional[int] = None) -> list:
+def run_group(study, trials: list, objective, url: Optional[str] = None, n_trials: Optional[int] = None,
+              deadline: Optional[float] = None) -> list:
     """The objective's ``run_group`` on the asked trials under one heartbeat over every member still running;
     each member told (COMPLETE with its value, PRUNED, or FAIL with its stop reason, re-queued when the failure
     came from outside it) AS SOON AS it ends (a member pruned at epoch 2 is PRUNED then, while the others train
     on, and leaves the heartbeat), and returned frozen, in order. With ``url`` and ``n_trials``, a slot a member
     frees while others train on is refilled: :func:`ask_more` asks new trials with the group's structural params
-    (within the budget), they join the heartbeat and the list (after the asked ones). On KeyboardInterrupt /
+    (within the budget; none once ``time.monotonic()`` has passed ``deadline``, the worker's time limit), they join
+    the heartbeat and the list (after the asked ones). On KeyboardInterrupt /
     Terminated the members that had ended are told as they ended and every other member FAIL (re-queued on
     Terminated), then the exception goes on."""
     trials = list(trials)  # grows with the refills
@@ -137,6 +140,8 @@ def run_group(study, trials: list, objective, url: Optional[str] = None, n_trial
         frozen[i] = tell_outcome(study, ids[i], trials[i], got)
 
     def refill(k: int) -> list:
+        if deadline is not None and time.monotonic() >= deadline:
+            return []
         if not fixed:
             fixed.append(objective.fixed_params(trials[0]))
         new = ask_more(study, url, n_trials, k, fixed[0], objective.fixed_params)
@@ -193,10 +198,11 @@ def ask_trials(study, objective, url: str, n_trials: int) -> tuple[list, int]:
     return ([] if trial is None else [trial]), done
 
 
-def run_trials(study, trials: list, objective, url: Optional[str] = None, n_trials: Optional[int] = None) -> list:
+def run_trials(study, trials: list, objective, url: Optional[str] = None, n_trials: Optional[int] = None,
+               deadline: Optional[float] = None) -> list:
     """:func:`run_one`, or a fused group's :func:`run_group` (its freed slots refilled within ``n_trials`` when
-    ``url`` and ``n_trials`` are given); the trials frozen."""
+    ``url`` and ``n_trials`` are given, until ``deadline``); the trials frozen."""
     if getattr(objective, "fuse", 1) > 1:
-        return run_group(study, trials, objective, url, n_trials)
+        return run_group(study, trials, objective, url, n_trials, deadline)
     return [run_one(study, trials[0], objective)]
 

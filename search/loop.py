@@ -313,7 +313,7 @@ def worker_loop(study, objective, url: str, n_trials: int, *, timeout: Optional[
             idle *= IDLE_GROWTH
             continue
         idle = IDLE_FIRST
-        for frozen in run_trials(study, trials, objective, url, n_trials):
+        for frozen in run_trials(study, trials, objective, url, n_trials, deadline):
             ran += 1
             print(prefix + trial_line(frozen, getattr(objective, "metric", "value")), file=out, flush=True)
             streak.add(frozen)

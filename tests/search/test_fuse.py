@@ -411,3 +411,48 @@ def test_ask_more_refills_with_the_groups_structure_within_the_budget(tmp_path):
     assert {t.params["bn"] for t in more} == {fixed["bn"]} and len({t.params["x"] for t in group + more}) == 6
     assert isinstance(study.sampler, optuna.samplers.RandomSampler)
     assert ask_more(study, url, 6, 3, fixed, _fixed) == []  # the budget is full
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_refills_join_the_heartbeat_and_the_results_and_stop_at_the_workers_deadline(tmp_path):
+    """search/fuse.py run_group's refill: new trials (the first trial's structure, within the budget) join the
+    list, the heartbeat and the results after the asked ones; past the worker's deadline it asks none."""
+    import time
+
+    from regsweep.search import optuna_internals as internals
+    from regsweep.search.fuse import run_group
+    from regsweep.search.loop import counts
+    from regsweep.search.trial import Outcome
+
+    for deadline, expect in ((None, 2), (time.monotonic() - 1, 0)):
+        (tmp_path / str(expect)).mkdir()
+        study, url = _hb_study(tmp_path / str(expect), optuna.samplers.RandomSampler(seed=0))
+        trials = [study.ask() for _ in range(2)]
+        for t in trials:
+            _fixed(t)
+        got = {}
+
+        class Group:
+            fuse = 2
+
+            def fixed_params(self, trial):
+                return _fixed(trial)
+
+            def run_group(self, asked, told=None, refill=None):
+                told(0, Outcome("PRUNED", None, "pruned:median@1"))  # a slot frees
+                got["new"] = refill(2)
+                got["running"] = counts(study)
+                new_ids = {internals.trial_id(t) for t in got["new"]}
+                backend = internals.rdb_backend(internals.study_storage(study))
+                until = time.monotonic() + 10  # the heartbeat (1 s here) beats the refills too
+                while internals.beating_trial_ids(backend, list(new_ids)) != new_ids and time.monotonic() < until:
+                    time.sleep(0.1)
+                got["beating"] = internals.beating_trial_ids(backend, list(new_ids)) == new_ids
+                return [Outcome("PRUNED", None, "pruned:median@1")] + \
+                    [Outcome("COMPLETE", 0.5, "completed")] * (1 + len(got["new"]))
+
+        frozen = run_group(study, trials, Group(), url, 5, deadline)
+        assert len(got["new"]) == expect and counts(study)[1] == 0
+        assert {t.params["bn"] for t in got["new"]} <= {trials[0].params["bn"]}  # the first trial's structure
+        assert [t.state for t in frozen] == [TrialState.PRUNED] + [TrialState.COMPLETE] * (1 + expect)
+        assert got["running"] == (1, 1 + expect) and got["beating"]
