@@ -151,10 +151,8 @@ def run_group(study, trials: list, objective, url: Optional[str] = None, n_trial
 
     try:
         with Heartbeat(study, lambda: [tid for i, tid in enumerate(ids) if i not in frozen]):
-            if url is not None and n_trials is not None:
-                outcomes = objective.run_group(trials[:], told=told, refill=refill)
-            else:
-                outcomes = objective.run_group(trials[:], told=told)
+            can_refill = url is not None and n_trials is not None
+            outcomes = objective.run_group(trials[:], told=told, refill=refill if can_refill else None)
             check_signals()
     except (Terminated, KeyboardInterrupt) as exc:  # members that ended before it (exc.outcomes) keep their end
         ended = getattr(exc, "outcomes", {})

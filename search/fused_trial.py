@@ -121,7 +121,7 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
                               BestWeights(spec.objective) if keep_weights else None) for i in idx]
             more = None
             if refill is not None:
-                more = _refiller(spec, refill, trials, cfgs, idx, members, device, data, keep_weights)
+                more = _refiller(spec, refill, trials, idx, members, device, data, keep_weights)
             train_group(spec, members, device=device, data=data, extra=extra, on_end=on_end, trackers=trackers,
                         told=lambda k, got, idx=idx: tell(idx[k], got), refill=more)
         for i, trial in enumerate(trials):
@@ -133,11 +133,11 @@ def run_group(spec: StudySpec, trials: list, *, device: torch.device, data: Data
     return [outcomes[i] for i in range(len(trials))]
 
 
-def _refiller(spec: StudySpec, refill: Refill, trials: list, cfgs: list, idx: list[int], members: list[Member],
+def _refiller(spec: StudySpec, refill: Refill, trials: list, idx: list[int], members: list[Member],
               device: torch.device, data: DataCache, keep_weights: bool) -> Callable[[int], list[Member]]:
-    """train_group's refill: new trials from ``refill`` appended to ``trials``/``cfgs`` (their positions); those
-    that fuse with the group become members (``idx`` maps a member to its position); the rest are left for
-    run_group to run alone after the group (no position in ``idx``)."""
+    """train_group's refill: new trials from ``refill`` appended to ``trials`` (their positions); those that
+    fuse with the group become members (``idx`` maps a member to its position); the rest are left for run_group
+    to run alone after the group (no position in ``idx``)."""
 
     def more(k: int) -> list[Member]:
         joined = []
@@ -147,7 +147,6 @@ def _refiller(spec: StudySpec, refill: Refill, trials: list, cfgs: list, idx: li
                 cfg = data.resolve(config_for(spec, trial), device)
             except Exception:  # run_trial records this failure exactly as a solo trial's (after the group)
                 cfg = None
-            cfgs.append(cfg)
             if cfg is None or fusable([members[0].cfg, cfg]) is not None:
                 continue
             idx.append(len(trials) - 1)
@@ -194,13 +193,10 @@ def train_group(spec: StudySpec, members: list[Member], *, device: torch.device,
             trackers.epoch(m.trial, epoch, record)
         return reason
 
-    watched: list[int] = [0]  # members whose models on_build has given so far
-
-    def watch(parts: list) -> None:
-        for m, p in zip(members[watched[0]:], parts):
+    def watch(parts: list) -> None:  # the newest members' models (all of them at first, then a refill's)
+        for m, p in zip(members[-len(parts):], parts):
             if m.weights is not None:
                 m.weights.watch(p.model)
-        watched[0] += len(parts)
 
     def joined(k: int) -> list[TrainConfig]:
         new = refill(k) if refill is not None else []

@@ -6,6 +6,7 @@ draw a trial's curves at its end without touching any display and the report can
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Optional, Sequence
 
@@ -62,9 +63,7 @@ def curves_png(path: str, history: Sequence[dict[str, Any]], title: str, best_ep
     axes and their ticks was half of the ~0.1 s a PNG cost; the pixels are identical to a fresh figure's
     (tests/search/test_plots.py)."""
     with _REUSED_LOCK:
-        if _REUSED is None:
-            _make_reused()
-        fig, axes, suptitle = _REUSED
+        fig, axes, suptitle = _reused_figure()
         for ax in axes:
             for artist in [*ax.lines, *ax.collections]:
                 artist.remove()
@@ -77,14 +76,14 @@ def curves_png(path: str, history: Sequence[dict[str, Any]], title: str, best_ep
         fig.savefig(path, dpi=dpi)
 
 
-def _make_reused() -> None:
-    global _REUSED
+@functools.lru_cache(maxsize=1)
+def _reused_figure() -> tuple[Any, tuple[Any, Any], Any]:
+    """The process's curves figure: (figure, (loss axes, accuracy axes), its title), made on first use."""
     fig = new_figure(8, 3)
     axes = tuple(fig.subplots(1, 2))
     suptitle = fig.suptitle("", fontsize=9)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.88, wspace=0.25)  # tight_layout draws twice
-    _REUSED = (fig, axes, suptitle)
+    return fig, axes, suptitle
 
 
-_REUSED: Optional[tuple[Any, tuple[Any, Any], Any]] = None  # (figure, (loss axes, accuracy axes), its title)
-_REUSED_LOCK = threading.Lock()
+_REUSED_LOCK = threading.Lock()  # one trial draws on the reused figure at a time

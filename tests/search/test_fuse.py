@@ -9,6 +9,7 @@ from collections import Counter
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from regsweep.search.cli import main
@@ -152,6 +153,7 @@ pruner: {{name: threshold, args: {{upper: 2.2, n_warmup_steps: 1}}}}
 budget: {{n_trials: {n}}}
 enqueue: {enqueue}
 fuse: {fuse}
+keep_weights: all
 """
 A, B = {"optim.lr": 3.0e-3, "model.dropout": 0.0}, {"optim.lr": 1.0e-2, "model.dropout": 0.2}
 PRUNED_ONE, NAN_ONE = {"optim.lr": 1.0e-7, "model.dropout": 0.1}, {"optim.lr": 1.0e+30, "model.dropout": 0.0}
@@ -193,6 +195,25 @@ def test_a_pruned_and_a_nan_member_leave_the_others_records_as_without_them(tmp_
     five = _run_group(tmp_path / "five", "five", [FIFTH], 1)
     assert "fused" not in five[0].user_attrs
     assert strip(both[4]) == strip(five[0]) and both[4].value == five[0].value
+    # keep_weights: all stores every member's best-epoch weights, the refill's too (its model is watched as it joins)
+    from regsweep.models.build import build
+    from regsweep.models.config import TrainConfig
+    from regsweep.models.train import evaluate
+    from regsweep.search.artifacts import open_store, stored_weights
+
+    store = open_store(str(tmp_path / "all" / "g-artifacts"))
+    kept = stored_weights(load(f"sqlite:///{tmp_path / 'all'}/g.db", "all"), store)
+    assert sorted(kept) == [0, 1, 2, 4]  # COMPLETE and PRUNED trials; the NaN member failed
+    reader = store.open_reader(kept[4])
+    try:
+        (tmp_path / "w4.pt").write_bytes(reader.read())
+    finally:
+        reader.close()
+    payload = torch.load(tmp_path / "w4.pt", weights_only=True)
+    assert (payload["trial"], payload["best_epoch"]) == (4, both[4].user_attrs["best_epoch"])
+    parts = build(TrainConfig.from_dict(payload["config"]), "cpu")
+    parts.model.load_state_dict(payload["state_dict"])
+    assert evaluate(parts.model, parts.eval_loader("val"))[0] == pytest.approx(both[4].value, rel=1e-9, abs=1e-12)
 
 
 def test_fuse_flag_overrides_the_spec_and_members_fusable_refuses_run_alone(tmp_path, quiet):
@@ -280,7 +301,7 @@ def test_run_group_beats_for_every_member_and_tells_each_its_own_end(tmp_path):
     class Group:
         fuse = 3
 
-        def run_group(self, asked, told=None):
+        def run_group(self, asked, told=None, refill=None):
             deadline = time.monotonic() + 10
             while internals.beating_trial_ids(backend, ids) != set(ids) and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -337,7 +358,7 @@ def test_a_sigterm_during_a_group_fails_and_requeues_the_unfinished_members(tmp_
     class Group:
         fuse = 3
 
-        def run_group(self, asked, told=None):  # member 0 trained alone and ended before the signal
+        def run_group(self, asked, told=None, refill=None):  # member 0 trained alone and ended before the signal
             exc = Terminated()
             exc.outcomes = {0: Outcome("COMPLETE", 0.5, "completed")}
             raise exc
