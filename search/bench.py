@@ -74,6 +74,7 @@ class Sizes:
     pack: tuple[int, int, int]  # (trials per process, epochs per trial, train images)
     # fused arms: (epochs per trial, mnist train images, N of the CNNs, N of ResNet-20, ResNet-20 train images)
     fused: tuple[int, int, tuple[int, ...], tuple[int, ...], int] = (1, 128, (1, 2), (2,), 64)
+    pack_k: tuple[int, ...] = PACK_K  # the packing rounds' K (processes side by side)
 
 
 MODES = {
@@ -82,7 +83,7 @@ MODES = {
     "quick": Sizes((4000, 1000), None, (2048, 512), [16, 32, 64, 128], None, 2, 2, (2, 1, 2000),
                    (1, 2000, (1, 4, 8), (4,), 1024)),
     "dry-run": Sizes((128, 32), [4, 8], (64, 32), [4, 8, 16, 32], 32, 1, 1, (1, 1, 128),
-                     (1, 128, (1, 2), (2,), 64)),
+                     (1, 128, (1, 2), (2,), 64), (1, 2)),  # K = 1, 2: the code path, two processes fewer to start
 }
 
 
@@ -283,9 +284,10 @@ def _receive(proc: subprocess.Popen, log: Path) -> dict[str, Any]:
     return json.loads(line)
 
 
-def measure_packing(sizes: Sizes, dev: torch.device, ks: tuple[int, ...] = PACK_K) -> dict[str, Any]:
+def measure_packing(sizes: Sizes, dev: torch.device) -> dict[str, Any]:
     """trials/hour with K processes side by side: one pool of max(K) processes, K of them started per round."""
     trials, epochs, n_train = sizes.pack
+    ks = sizes.pack_k
     cfg, objective = workload_config("mnist_cnn", sizes, dev)
     cfg = synthetic(cfg, [1, 28, 28], n_train, max(n_train // 6, 10), epochs)
     job = {"config": cfg.to_dict(), "objective": vars(objective), "device": str(dev), "trials": trials}

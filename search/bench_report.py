@@ -38,7 +38,7 @@ def plan(mode: str, s, dev: torch.device, only: tuple[str, ...], cores: int) -> 
                      f"'s; {1 + s.seeds_epochs} / {1 + s.fit_epochs} epochs; FLOPs of one step counted")
     if "packing" in only:
         t, e, n = s.pack
-        lines.append(f"  packing: {'/'.join(map(str, PACK_K))} processes x {t} mnist_cnn trial(s) of {e} epoch(s) "
+        lines.append(f"  packing: {'/'.join(map(str, s.pack_k))} processes x {t} mnist_cnn trial(s) of {e} epoch(s) "
                      f"on {n} images" + (f", cores // K threads each ({cores} cores)" if dev.type == "cpu" else ""))
     if "fused" in only:
         e, n, ns, ns_resnet, n_cifar = s.fused

@@ -2,7 +2,9 @@
 # The README's `make test` (and test-fast, test-all): pytest as TWO processes at once on the tests a marker
 # expression selects, then the timing tests alone. One process runs the tests that start processes, time
 # heartbeats, share the Ray session or are benchmark-scale (tiers procs, ray, browser, slow), one after another as
-# before, so two of them never overlap; the other runs every other test (in-process tests, db, bench) meanwhile.
+# before, so two of them never overlap; the other runs every other test (in-process tests, db, bench, and the
+# `oneshot` procs tests, whose subprocesses only run to completion: they load a core as an in-process test does and
+# even out the two halves' times) meanwhile.
 # On 2 cores the process tests leave a core idle while they wait on their children; together the two halves take
 # about the time of the longer one. Last, the tests marked `timing` (they compare wall-clock times of two arms, so
 # a burst of the other half would skew one arm) run alone on the quiet machine.
@@ -15,7 +17,7 @@
 set -u
 py=$1 expr=$2
 shift 2
-serial="procs or ray or browser or slow"
+serial="(procs and not oneshot) or ray or browser or slow"  # a oneshot procs test may overlap them
 sel=${expr:+($expr) and }
 inproc="${sel}not ($serial) and not timing" procs="${sel}($serial) and not timing" timing="${sel}timing"
 work=$(mktemp -d "${TMPDIR:-/tmp}/regsweep-tests.XXXXXX")

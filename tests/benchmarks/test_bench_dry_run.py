@@ -51,7 +51,7 @@ def test_dry_run_measures_and_prints_every_figure(tmp_path, capsys, monkeypatch)
     assert flops["train_per_image"] > 2 * flops["forward_per_image"] > 0  # backward counted, not x3
     assert f"achieved {flops['tflops']:.3f} TFLOP/s" in text
     packing = figures["packing"]
-    assert list(packing["k"]) == ["1", "2", "4"] and packing["ratio"]["1"] == 1.0
+    assert list(packing["k"]) == ["1", "2"] and packing["ratio"]["1"] == 1.0
     for k, r in packing["k"].items():
         assert r["trials"] == int(k) and r["threads"] == max(1, packing["cores"] // int(k))
         assert f"{k} packed: {r['trials_per_hour']:>9.0f} trials/hour" in text

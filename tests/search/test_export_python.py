@@ -21,7 +21,7 @@ import regsweep
 from regsweep.search.cli import main
 from regsweep.search.record import history
 
-pytestmark = pytest.mark.procs
+pytestmark = [pytest.mark.procs, pytest.mark.oneshot]  # scripts run to completion: the in-process half
 
 DIGITS = """
 name: digits_export

@@ -396,9 +396,7 @@ def test_a_vmap_fused_best_trial_replays_its_solo_reference_not_its_fused_histor
     records the best trial's solo reference, and `regsweep train` on the export reproduces THAT exactly."""
     import functools
 
-    from regsweep.search import fused_trial
-
-    from regsweep.search import replay
+    from regsweep.search import fused_trial, replay
 
     monkeypatch.setattr(fused_trial, "train_fused", functools.partial(fused_trial.train_fused, mode="vmap"))
     solo_fits, real_fit = [], replay.fit  # vmap is bit-identical to a solo run on some CPUs: spy on the solo fit
