@@ -1,7 +1,7 @@
 """Start-up and per-trial fixed costs (issue 15): each regsweep shortcut against the way it was done before, in
 ONE run, printed with the ratio; nothing is asserted.
 
-1. ``digits``: the digits arrays read from scikit-learn's bundled CSV (``models/data.py _digits_arrays``, without
+1. ``digits``: the digits arrays read from scikit-learn's bundled CSV (``models/datasets.py _digits_arrays``, without
    importing scikit-learn) vs ``sklearn.datasets.load_digits()``, each in a fresh process that has imported torch
    and regsweep's data module first, as a worker has (scikit-learn's import + the read are timed).
 2. ``note``: the study note's module (``optuna_internals.dashboard_notes``: optuna-dashboard's ``_note.py`` alone)
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("digits", "note", "storage", "png", "run")
 
 # (what a worker has imported anyway, code timed): torch and numpy come first in every worker, optuna in every run
-DIGITS_NEW = ("import torch, numpy, regsweep.models.data", "regsweep.models.data._digits_arrays()")
+DIGITS_NEW = ("import torch, numpy, regsweep.models.data", "regsweep.models.datasets._digits_arrays()")
 DIGITS_OLD = ("import torch, numpy, regsweep.models.data", "from sklearn.datasets import load_digits; load_digits()")
 NOTE_NEW = ("import optuna",
             "from regsweep.search.optuna_internals import dashboard_notes; dashboard_notes().save_note")

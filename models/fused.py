@@ -11,7 +11,8 @@ scheduler step it (per-member lr, decoupled weight decay, momentum/betas and eve
 plateau included). ``mode="loop"`` runs the members' own models one after the other in one graph instead
 (the solo arithmetic exactly). ``mode="auto"`` (the default) is ``loop`` on the CPU, where it measured
 faster (vmap turns convolutions into grouped convolutions, slower there: benchmarks/fused.py), and ``vmap``
-on an accelerator (issue 20's H100 figure: 16 vmapped copies 1.8x (fp32) one in-process model).
+on an accelerator (issue 20's H100 figure: 16 vmapped copies 1.8x (fp32) one in-process model). The vmap
+machinery (the template with per-member dropout masks, the stacked forward) is models/fused_vmap.py.
 
 Structural fields must be equal (:data:`STRUCTURAL`, :func:`fusable` says why not); per member may differ:
 model.dropout and model.init, optim.lr/weight_decay/momentum/nesterov/betas, every regularization field,
@@ -34,10 +35,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
 
 from regsweep.models.build import Parts, build, resolve_device
 from regsweep.models.config import MONITORS, TrainConfig, get_path
+from regsweep.models.fused_vmap import Stacked, dropout_sites
 from regsweep.models.train import History, autocast, configure_torch, evaluate
 
 # (member index, epoch, record) -> a truthy value (a stop-reason string) stops that member after the epoch
@@ -58,7 +59,6 @@ STRUCTURAL = ("model.name", "model.widths", "model.hidden", "model.bn", "model.a
 UNSUPPORTED = (("train.compile", True, "torch.compile of a vmapped model is not supported"),
                ("train.channels_last", True, "channels_last is not supported fused"),
                ("train.precision", "fp16", "fp16 needs a GradScaler per member; use fp32 or bf16"))
-_DROPOUTS = (nn.Dropout, nn.Dropout2d)
 
 
 def fusable(cfgs: Sequence[TrainConfig]) -> Optional[str]:
@@ -91,109 +91,6 @@ def _rng_set(dev: torch.device, state: tuple[torch.Tensor, ...]) -> None:
     torch.set_rng_state(state[0])
     if dev.type == "cuda":
         torch.cuda.set_rng_state(state[1], dev)
-
-
-class MaskDropout(nn.Module):
-    """A dropout site of the fused template: multiplies by ``mask`` (set for one call; drawn per member as
-    torch's dropout draws it) in train mode, passes ``x`` through otherwise. While ``calls`` is a list, each
-    call appends (its index, its input shape) to it."""
-
-    def __init__(self, index: int, channelwise: bool):
-        super().__init__()
-        self.index, self.channelwise = index, channelwise
-        self.mask: Optional[torch.Tensor] = None
-        self.calls: Optional[list[tuple[int, tuple[int, ...]]]] = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.calls is not None:
-            self.calls.append((self.index, tuple(x.shape)))
-        if not self.training or self.mask is None:
-            return x
-        return x * self.mask
-
-
-def noise_shape(shape: tuple[int, ...], channelwise: bool) -> tuple[int, ...]:
-    """The shape of the noise dropout multiplies by: the input's, or ``(N, C, 1, ...)`` for Dropout2d."""
-    return (*shape[:2], *([1] * (len(shape) - 2))) if channelwise else shape
-
-
-def draw_mask(shape: tuple[int, ...], p: float, channelwise: bool, device: torch.device) -> torch.Tensor:
-    """The noise torch's (feature) dropout multiplies by on the CPU: Bernoulli(1 - p) / (1 - p), drawn from
-    the global RNG."""
-    shape = noise_shape(shape, channelwise)
-    if p >= 1:
-        return torch.zeros(shape, device=device)
-    return torch.empty(shape, device=device).bernoulli_(1 - p).div_(1 - p)
-
-
-# ------------------------------------------------------------------------------------ the stacked model
-class Stacked:
-    """One vmapped ``functional_call`` over the members' stacked parameters and buffers.
-
-    The template is a copy of the member model with the most dropout sites, its nn.Dropout/Dropout2d
-    replaced by :class:`MaskDropout`; members map onto it by parameter/buffer POSITION (a model without
-    dropout has the same parameters under shifted names)."""
-
-    def __init__(self, models: Sequence[nn.Module]):
-        with_sites = max(models, key=lambda m: len(_sites(m)))
-        self.template = copy.deepcopy(with_sites)
-        self.sites: list[MaskDropout] = []
-        for parent in list(self.template.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, _DROPOUTS):
-                    site = MaskDropout(len(self.sites), isinstance(child, nn.Dropout2d))
-                    setattr(parent, name, site)
-                    self.sites.append(site)
-        self.pnames = [n for n, _ in self.template.named_parameters()]
-        self.bnames = [n for n, _ in self.template.named_buffers()]
-        self.order: dict[tuple[int, ...], list[tuple[int, tuple[int, ...]]]] = {}  # batch shape -> draws
-        self._train = vmap(self._call, in_dims=(0, 0, 0, 0), randomness="error")
-        self._eval = vmap(self._call, in_dims=(0, 0, None, None), randomness="error")
-
-    def _call(self, params: list[torch.Tensor], buffers: list[torch.Tensor], x: torch.Tensor,
-              masks: Optional[list[torch.Tensor]]) -> torch.Tensor:
-        for site, mask in zip(self.sites, masks or [None] * len(self.sites)):
-            site.mask = mask
-        try:
-            return functional_call(self.template, (dict(zip(self.pnames, params)), dict(zip(self.bnames, buffers))),
-                                   (x,))
-        finally:
-            for site in self.sites:
-                site.mask = None
-
-    def draws(self, x_shape: tuple[int, ...], device: torch.device) -> list[tuple[int, tuple[int, ...]]]:
-        """(site index, input shape) of each dropout site in FORWARD order (the order a solo run draws its
-        masks in) for a batch of ``x_shape``: one recording pass in eval mode, without grad, per batch shape."""
-        if x_shape not in self.order:
-            calls: list[tuple[int, tuple[int, ...]]] = []
-            for site in self.sites:
-                site.calls = calls
-            was = self.template.training
-            try:
-                self.template.eval()
-                with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                    self.template(torch.zeros(x_shape, device=device))
-            finally:
-                self.template.train(was)
-                for site in self.sites:
-                    site.calls = None
-            if len({k for k, _ in calls}) != len(calls):
-                raise ValueError("a dropout module called twice in one forward pass cannot be fused")
-            self.order[x_shape] = calls
-        return self.order[x_shape]
-
-    def train_forward(self, params, buffers, x, masks) -> torch.Tensor:
-        self.template.train()
-        return self._train(params, buffers, x, masks)
-
-    @torch.no_grad()
-    def eval_forward(self, params, buffers, x) -> torch.Tensor:
-        self.template.eval()
-        return self._eval(params, buffers, x, None)
-
-
-def _sites(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, _DROPOUTS)]
 
 
 # ------------------------------------------------------------------------------------ members
@@ -236,29 +133,14 @@ def make_members(cfgs: Sequence[TrainConfig], dev: torch.device, data: Any = Non
                            seed=cfg.train.seed, num_threads=torch.get_num_threads(),
                            split_fingerprint=parts.data.fingerprint)
             members.append(Member(first + i, parts, hist, _rng_get(dev), list(model.parameters()),
-                                  list(model.buffers()), [float(m.p) for m in _sites(model)], parts.train_loader(),
-                                  start=time.perf_counter()))
+                                  list(model.buffers()), [float(m.p) for m in dropout_sites(model)],
+                                  parts.train_loader(), start=time.perf_counter()))
     finally:
         _rng_set(dev, saved)
     shapes = [[tuple(t.shape) for t in m.params + m.buffers] for m in members]
     if any(s != shapes[0] for s in shapes):
         raise ValueError("the members' parameter/buffer shapes differ; they cannot be fused")
     return members
-
-
-def _masks(stacked: Stacked, x_shape: tuple[int, ...], dev: torch.device,
-           member: Member) -> list[torch.Tensor]:
-    """``member``'s dropout masks for one batch, one per template site, drawn in forward order from the global
-    RNG (set to the member's stream by the caller); ones where the member has no dropout (its solo model has
-    no module there, so multiplying by one changes nothing)."""
-    masks: list[Optional[torch.Tensor]] = [None] * len(stacked.sites)
-    for k, shape in stacked.draws(x_shape, dev):
-        site = stacked.sites[k]
-        if member.p and member.p[k] > 0:
-            masks[k] = draw_mask(shape, member.p[k], site.channelwise, dev)
-        else:
-            masks[k] = torch.ones(noise_shape(shape, site.channelwise), device=dev)
-    return masks  # type: ignore[return-value]
 
 
 def _next_batches(active: list[Member], stacked: Optional[Stacked], dev: torch.device):
@@ -271,7 +153,7 @@ def _next_batches(active: list[Member], stacked: Optional[Stacked], dev: torch.d
         if m.parts.regularize_batch is not None:
             x, y = m.parts.regularize_batch(x, y)
         if stacked is not None:
-            masks.append(_masks(stacked, tuple(x.shape), dev, m))
+            masks.append(stacked.masks(tuple(x.shape), dev, m.p))
         m.rng = _rng_get(dev)
         xs.append(x)
         ys.append(y)
@@ -337,18 +219,7 @@ def evaluate_group(active: list[Member], stacked: Optional[Stacked], split: str,
         m.parts.model.eval()
     params = [torch.stack([m.params[k] for m in active]) for k in range(len(active[0].params))]
     buffers = [torch.stack([m.buffers[k] for m in active]) for k in range(len(active[0].buffers))]
-    dev = loader.device
-    loss_sum = [torch.zeros((), device=dev, dtype=torch.float64) for _ in active]
-    correct = [torch.zeros((), device=dev, dtype=torch.int64) for _ in active]
-    n = 0
-    for x, y in loader:
-        with autocast(dev, precision):
-            logits = stacked.eval_forward(params, buffers, x)
-        for i in range(len(active)):
-            loss_sum[i] += nn.functional.cross_entropy(logits[i].float(), y, reduction="sum").double()
-            correct[i] += (logits[i].argmax(1) == y).sum()
-        n += y.shape[0]
-    return [(float(s) / max(n, 1), int(c) / max(n, 1)) for s, c in zip(loss_sum, correct)]
+    return stacked.evaluate(params, buffers, loader, precision, len(active))
 
 
 def end_epoch(m: Member, record: dict[str, Any], report: Optional[MemberReport]) -> None:
@@ -437,45 +308,25 @@ def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None =
     fusable with the group) join as new members at their epoch 0, indexed on from the last member, each exactly
     as its solo run would train; the group runs until no member trains. Returns every member, refills included.
     Raises ValueError when :func:`fusable` says no or ``mode`` is unknown."""
-    if mode not in MODES:
-        raise ValueError(f"unknown fused mode {mode!r}; choose one of: {', '.join(MODES)}")
-    why = fusable(cfgs)
-    if why is not None:
-        raise ValueError(f"cannot fuse these configurations: {why}")
-    dev = resolve_device(device)
-    if mode == "auto":
-        mode = "loop" if dev.type == "cpu" else "vmap"
+    dev, mode = _group_device(cfgs, device, mode)
     slots = len(cfgs)
     configure_torch(cfgs[0], dev)
     members = make_members(cfgs, dev, data)
     if on_build is not None:
         on_build([m.parts for m in members])
     stacked = Stacked([m.parts.model for m in members]) if mode == "vmap" else None
-
-    def end(m: Member) -> None:
-        finish(m)
-        m.hist.seconds = time.perf_counter() - m.start
-        m.ended = True
-        if on_end is not None:
-            on_end(m.index, m.parts, m.hist)
-
     saved = _rng_get(dev)
     try:
         while any(m.active for m in members):
             run_epoch(members, stacked, dev, report, records)
             stopped = [m for m in members if not m.active and not m.ended]
             for m in stopped:  # stopped or done at this epoch: ended now, the others go on
-                end(m)
-            live = sum(m.active for m in members)
-            if refill is None or not stopped or not live or live >= slots:
+                _end_member(m, on_end)
+            if refill is None or not stopped:
                 continue
-            new = list(refill(slots - live))[:slots - live]
-            if not new:
+            joined = _refill_members(members, cfgs[0], dev, refill, slots)
+            if not joined:
                 continue
-            why = fusable([cfgs[0], *new])
-            if why is not None:
-                raise ValueError(f"a refill cannot join the group: {why}")
-            joined = make_members(new, dev, members[0].parts.data, first=len(members))
             members += joined
             if on_build is not None:
                 on_build([m.parts for m in joined])
@@ -485,8 +336,50 @@ def train_fused(cfgs: Sequence[TrainConfig], device: str | torch.device | None =
         _rng_set(dev, saved)
     for m in members:
         if not m.ended:
-            end(m)
+            _end_member(m, on_end)
     return [m.parts for m in members], [m.hist for m in members]
+
+
+def _group_device(cfgs: Sequence[TrainConfig], device: str | torch.device | None,
+                  mode: str) -> tuple[torch.device, str]:
+    """The device a group of ``cfgs`` trains on and its mode (``auto`` resolved: loop on the CPU, vmap on an
+    accelerator). Raises ValueError when ``mode`` is unknown or :func:`fusable` says no."""
+    if mode not in MODES:
+        raise ValueError(f"unknown fused mode {mode!r}; choose one of: {', '.join(MODES)}")
+    why = fusable(cfgs)
+    if why is not None:
+        raise ValueError(f"cannot fuse these configurations: {why}")
+    dev = resolve_device(device)
+    if mode == "auto":
+        mode = "loop" if dev.type == "cpu" else "vmap"
+    return dev, mode
+
+
+def _refill_members(members: list[Member], first_cfg: TrainConfig, dev: torch.device, refill: Refill,
+                    slots: int) -> list[Member]:
+    """The members that join the group after an epoch at which some ended: ``refill(free)``'s configurations (at
+    most ``free`` = ``slots`` minus the members still training), each made as its solo run (:func:`make_members`,
+    indexed on from the last member); [] when no member trains on, no slot is free or refill returns none.
+    Raises ValueError when one is not fusable with the group (``first_cfg``: its first member's)."""
+    live = sum(m.active for m in members)
+    if not live or live >= slots:
+        return []
+    new = list(refill(slots - live))[:slots - live]
+    if not new:
+        return []
+    why = fusable([first_cfg, *new])
+    if why is not None:
+        raise ValueError(f"a refill cannot join the group: {why}")
+    return make_members(new, dev, members[0].parts.data, first=len(members))
+
+
+def _end_member(m: Member, on_end: Optional[MemberEnd]) -> None:
+    """``m`` has ended: :func:`finish`, its seconds since it joined, then ``on_end(index, parts, history)``."""
+    finish(m)
+    m.hist.seconds = time.perf_counter() - m.start
+    m.ended = True
+    if on_end is not None:
+        on_end(m.index, m.parts, m.hist)
 
 
 def finish(m: Member) -> None:

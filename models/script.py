@@ -4,8 +4,9 @@
 ``digits``) but never regsweep. Its code is ``inspect``-ed out of this package: starting from
 :func:`regsweep.models.train.train` it takes the module-level statement that binds every name the code uses
 (functions, classes, constants, registries), recursively, so the script holds exactly the code a trial of
-this config runs and cannot drift from it. Registries keep only the entries the config names. Where the
-source must be adapted, the adaptation is one of three explicit, tested transformations:
+this config runs and cannot drift from it (:mod:`regsweep.models.script_collect`). Registries keep only the
+entries the config names. Where the source must be adapted, the adaptation is one of three explicit, tested
+transformations (:mod:`regsweep.models.script_source`):
 
 - :func:`fold` -- partial evaluation: an ``if`` or ``x if c else y`` whose condition is decided by values
   known for the script (``state=None``, ``checkpoint=None``, ``parts=None``, ``train.compile``) keeps only the
@@ -20,454 +21,40 @@ script turns it into attribute-access sections (``cfg.optim.lr``) as TrainConfig
 
 :func:`render_snippet` writes the ~20 lines a user pastes into an existing loop, on the public API of
 ``regsweep.models`` (``init_weights``, ``make_optimizer``, ``make_scheduler``, ``penalty``).
+
+The public names of script_collect.py and script_source.py are importable from here too, as they were before this
+module was split (issue 15).
 """
 
 from __future__ import annotations
 
-import ast
-import builtins
-import inspect
 import json
 import re
-import symtable
 import sys
-import textwrap
-from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from regsweep.models import build as build_mod
 from regsweep.models import data as data_mod
 from regsweep.models import plugins
-from regsweep.models import train as train_mod
 from regsweep.models.config import FREE_MAPPINGS, NAMED_FIELDS, ConfigError, TrainConfig, check_choice, get_path
-
-PACKAGE = "regsweep.models"
-# The config's dataclass sections: in the script the config is a namespace, so annotations naming them
-# name SimpleNamespace (annotations are never evaluated there: `from __future__ import annotations`).
-CONFIG_CLASSES = ("TrainConfig", "ModelConfig", "DataConfig", "OptimConfig", "RegularizationConfig",
-                  "SchedulerConfig", "EarlyStoppingConfig", "TrainSection")
-DROPPED_CALLS = ("check_names",)  # the script's registries hold only the config's entries: nothing to check
-
-
-class ScriptError(ConfigError):
-    """The config cannot be written as a standalone script (one line; the CLI exits 2)."""
-
-
-# ------------------------------------------------------------------------------- source transformations
-def _line_offsets(data: bytes) -> list[int]:
-    starts = [0]
-    for i, byte in enumerate(data):
-        if byte == 0x0A:
-            starts.append(i + 1)
-    return starts
-
-
-def _span(starts: list[int], node: ast.AST) -> tuple[int, int]:
-    """Byte offsets of ``node`` (AST columns are UTF-8 byte offsets)."""
-    return (starts[node.lineno - 1] + node.col_offset, starts[node.end_lineno - 1] + node.end_col_offset)
-
-
-def _replace(text: str, edits: list[tuple[int, int, str]]) -> str:
-    data = text.encode()
-    for start, end, new in sorted(edits, reverse=True):
-        data = data[:start] + new.encode() + data[end:]
-    return data.decode()
-
-
-class _Unknown:
-    pass
-
-
-UNKNOWN = _Unknown()
-
-
-def decide(node: ast.expr, known: Mapping[str, Any]) -> Any:
-    """The value of a condition from ``known`` (expression text -> value), or UNKNOWN. Understands names and
-    attributes in ``known``, constants, ``is``/``is not``/``==``/``!=``, ``not``, ``and``/``or``."""
-    text = ast.unparse(node)
-    if text in known:
-        return known[text]
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
-        value = decide(node.operand, known)
-        return UNKNOWN if value is UNKNOWN else not value
-    if isinstance(node, ast.Compare) and len(node.ops) == 1:
-        left, right = decide(node.left, known), decide(node.comparators[0], known)
-        if left is UNKNOWN or right is UNKNOWN:
-            return UNKNOWN
-        ops = {ast.Is: lambda a, b: a is b, ast.IsNot: lambda a, b: a is not b, ast.Eq: lambda a, b: a == b,
-               ast.NotEq: lambda a, b: a != b}
-        op = ops.get(type(node.ops[0]))
-        return UNKNOWN if op is None else op(left, right)
-    if isinstance(node, ast.BoolOp):
-        values = [decide(v, known) for v in node.values]
-        is_and = isinstance(node.op, ast.And)
-        if any(v is not UNKNOWN and bool(v) != is_and for v in values):
-            return not is_and  # one False decides `and`, one True decides `or`
-        return is_and if all(v is not UNKNOWN for v in values) else UNKNOWN
-    return UNKNOWN
-
-
-def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
-    return {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
-
-
-def _block_lines(lines: list[str], first: int, last: int, indent: int) -> list[str]:
-    """Lines first..last (1-based) re-indented to ``indent`` (they keep their relative indentation)."""
-    block = textwrap.dedent("\n".join(lines[first - 1:last]))
-    return [(" " * indent + line) if line.strip() else line for line in block.split("\n")]
-
-
-def fold(text: str, known: Mapping[str, Any]) -> tuple[str, list[str]]:
-    """Keep only the taken branch of every ``if``/conditional expression ``known`` decides.
-
-    Returns the new source and the conditions folded (``"state is not None -> False"``). An ``if`` with a
-    decided condition becomes the statements of its taken branch (dedented to its place), or ``pass`` where
-    the block would be left empty; ``a if c else b`` becomes ``a`` or ``b``. ``elif`` chains are refused."""
-    folded: list[str] = []
-    while True:
-        tree = ast.parse(text)
-        target = next((n for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp))
-                       and decide(n.test, known) is not UNKNOWN), None)
-        if target is None:
-            return text, folded
-        taken = bool(decide(target.test, known))
-        folded.append(f"{ast.unparse(target.test)} -> {taken}")
-        starts = _line_offsets(text.encode())
-        if isinstance(target, ast.IfExp):
-            branch = target.body if taken else target.orelse
-            segment = ast.get_source_segment(text, branch)
-            start, end = _span(starts, target)
-            text = _replace(text, [(start, end, segment)])
-            continue
-        if len(target.orelse) == 1 and isinstance(target.orelse[0], ast.If) and \
-                text.splitlines()[target.orelse[0].lineno - 1].lstrip().startswith("elif"):
-            raise ScriptError(f"cannot fold an elif chain: {ast.unparse(target.test)}")
-        lines = text.split("\n")
-        branch = target.body if taken else target.orelse
-        if branch:
-            first = target.test.end_lineno + 1 if taken else branch[0].lineno
-            new = _block_lines(lines, first, branch[-1].end_lineno, target.col_offset)
-        else:
-            parent = _parents(tree)[target]
-            siblings = next(getattr(parent, f) for f in ("body", "orelse", "finalbody")
-                            if target in getattr(parent, f, []))
-            new = [" " * target.col_offset + "pass"] if len(siblings) == 1 else []
-        lines[target.lineno - 1:target.end_lineno] = new
-        text = "\n".join(lines)
-
-
-def drop_calls(text: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
-    """Remove every expression statement that is only a call of one of ``names`` (``check_names(cfg)``)."""
-    tree = ast.parse(text)
-    lines = text.split("\n")
-    dropped = []
-    for node in sorted(ast.walk(tree), key=lambda n: -getattr(n, "lineno", 0)):
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
-                isinstance(node.value.func, ast.Name) and node.value.func.id in names:
-            dropped.append(ast.unparse(node))
-            del lines[node.lineno - 1:node.end_lineno]
-    return "\n".join(lines), dropped[::-1]
-
-
-def flatten_module_attrs(text: str, aliases: Mapping[str, str]) -> tuple[str, list[tuple[str, str]]]:
-    """``alias.NAME`` -> ``NAME`` for every module alias in ``aliases`` (alias -> module); returns the new
-    source and the (module, NAME) pairs used. A bare use of the alias (not ``alias.NAME``) is refused."""
-    tree = ast.parse(text)
-    starts = _line_offsets(text.encode())
-    edits, used = [], []
-    attr_bases = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-            attr_bases.add(id(node.value))
-            start, end = _span(starts, node)
-            edits.append((start, end, node.attr))
-            used.append((aliases[node.value.id], node.attr))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and node.id in aliases and id(node) not in attr_bases:
-            raise ScriptError(f"module alias {node.id} is used other than as {node.id}.NAME")
-    return _replace(text, edits), used
-
-
-# ------------------------------------------------------------------------------------- name analysis
-def _strip_annotations(tree: ast.AST) -> ast.AST:
-    """A copy without annotations (never evaluated in the script), for finding the names used at run time."""
-    class Strip(ast.NodeTransformer):
-        def visit_arg(self, node):
-            node.annotation = None
-            return node
-
-        def visit_FunctionDef(self, node):
-            node.returns = None
-            self.generic_visit(node)
-            return node
-
-        visit_AsyncFunctionDef = visit_FunctionDef
-
-        def visit_AnnAssign(self, node):
-            if node.value is None:
-                return ast.Expr(ast.Constant(None))
-            return ast.Assign(targets=[node.target], value=node.value, lineno=node.lineno)
-
-    return ast.fix_missing_locations(Strip().visit(ast.parse(ast.unparse(tree))))
-
-
-def _globals_used(table: symtable.SymbolTable) -> set[str]:
-    out = set()
-    for sym in table.get_symbols():
-        if table.get_type() == "module":
-            if sym.is_referenced() and not sym.is_assigned() and not sym.is_imported():
-                out.add(sym.get_name())
-        elif sym.is_global() and sym.is_referenced() and not sym.is_declared_global():
-            out.add(sym.get_name())
-        elif sym.is_declared_global():
-            out.add(sym.get_name())
-    for child in table.get_children():
-        out |= _globals_used(child)
-    return out
-
-
-def free_names(text: str) -> tuple[set[str], set[str]]:
-    """(names used at run time, names used only in annotations) that ``text`` does not bind itself."""
-    tree = ast.parse(text)
-    runtime = _globals_used(symtable.symtable(ast.unparse(_strip_annotations(tree)), "<unit>", "exec"))
-    annotated = set()
-    for node in ast.walk(tree):
-        anns = []
-        if isinstance(node, ast.arg) and node.annotation is not None:
-            anns.append(node.annotation)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
-            anns.append(node.returns)
-        elif isinstance(node, ast.AnnAssign):
-            anns.append(node.annotation)
-        for ann in anns:
-            annotated |= {n.id for n in ast.walk(ann) if isinstance(n, ast.Name)}
-    bound = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    return runtime - set(dir(builtins)), annotated - runtime - bound - set(dir(builtins))
-
-
-# ----------------------------------------------------------------------------------------- the collector
-@dataclass
-class Unit:
-    module: str  # short module name (layers, train, ...)
-    lineno: int
-    text: str
-    binds: tuple[str, ...]
-    notes: list[str] = field(default_factory=list)
-
-
-def _module_tree(module: ModuleType) -> tuple[ast.Module, str]:
-    source = inspect.getsource(module)
-    return ast.parse(source), source
-
-
-def _statement_text(source_lines: list[str], node: ast.stmt) -> tuple[int, str]:
-    """The statement with its decorators and the comment lines right above it."""
-    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-    while first > 1 and source_lines[first - 2].lstrip().startswith("#"):
-        first -= 1
-    return first, "\n".join(source_lines[first - 1:node.end_lineno])
-
-
-def _binds(node: ast.stmt) -> tuple[str, ...]:
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return (node.name,)
-    if isinstance(node, ast.Assign):
-        return tuple(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
-    if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-        return (node.target.id,)
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return tuple((a.asname or a.name).split(".")[0] for a in node.names)
-    return ()
-
-
-def _registration_name(node: ast.stmt, registry_var: str) -> Optional[str]:
-    """``"cnn"`` for ``@MODELS.register("cnn")`` / ``MODELS.add("cnn", ...)`` when registry_var is MODELS."""
-    calls = []
-    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-        calls = [d for d in node.decorator_list if isinstance(d, ast.Call)]
-    elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
-        calls = [node.value]
-    for call in calls:
-        f = call.func
-        if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == registry_var and \
-                f.attr in ("register", "add") and call.args and isinstance(call.args[0], ast.Constant):
-            return call.args[0].value
-    return None
-
-
-class Collector:
-    """The closure of module-level statements the config's training run uses (see the module docstring)."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self.units: dict[tuple[str, str], Unit] = {}  # (module, first bound name or registration key) -> unit
-        self.owner: dict[str, tuple[str, str]] = {}  # script-level name -> (module, key) that binds it
-        self.imports: dict[str, str] = {}  # bound name -> import statement
-        self.aliases_needed: set[str] = set()  # config classes named in annotations
-        self.trees: dict[str, tuple[ast.Module, list[str], ModuleType]] = {}
-        self.registries = {id(reg): path for path, reg in build_mod.REGISTRIES.items()}
-        self.specialise: dict[tuple[str, str], dict[str, Any]] = {}
-        self.seen: set[tuple[str, str]] = set()
-
-    # -- modules
-    def _module(self, name: str) -> tuple[ast.Module, list[str], ModuleType]:
-        if name not in self.trees:
-            module = sys.modules.get(name)  # every regsweep.models module is loaded once train.py is imported
-            if module is None:
-                raise ScriptError(f"{name} is not loaded; the script is made from loaded modules only")
-            tree, source = _module_tree(module)
-            self.trees[name] = (tree, source.split("\n"), module)
-        return self.trees[name]
-
-    @staticmethod
-    def short(module: str) -> str:
-        return module.rsplit(".", 1)[-1]
-
-    # -- the closure
-    def need(self, module: str, name: str) -> None:
-        if (module, name) in self.seen:
-            return
-        self.seen.add((module, name))
-        if name in CONFIG_CLASSES and module == TrainConfig.__module__:
-            self.aliases_needed.add(name)  # the config is a namespace in the script: never the dataclasses
-            return
-        tree, lines, mod = self._module(module)
-        for node in tree.body:
-            if name not in _binds(node):
-                continue
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                return self._imported(module, node, name)
-            self._include(module, node, name, lines, mod)
-            return
-        if hasattr(builtins, name):
-            return
-        raise ScriptError(f"{module}: no module-level statement binds {name!r}")
-
-    def _imported(self, module: str, node: ast.stmt, name: str) -> None:
-        alias = next(a for a in node.names if (a.asname or a.name).split(".")[0] == name)
-        if isinstance(node, ast.ImportFrom):
-            source_mod = node.module if not node.level else \
-                ".".join(module.split(".")[:-node.level] + ([node.module] if node.module else []))
-            if source_mod == "regsweep" or source_mod.startswith("regsweep."):
-                full = f"{source_mod}.{alias.name}"
-                if full in sys.modules:
-                    raise ScriptError(f"{module}: module alias {name} must be flattened")
-                return self.need(source_mod, alias.name)
-            stmt = f"from {source_mod} import {alias.name}" + (f" as {alias.asname}" if alias.asname else "")
-        else:
-            if alias.name.startswith("regsweep"):
-                raise ScriptError(f"{module}: imports {alias.name}")
-            stmt = f"import {alias.name}" + (f" as {alias.asname}" if alias.asname else "")
-        self._bind(name, ("import", stmt))
-        self.imports[name] = stmt
-
-    def _bind(self, name: str, owner: tuple[str, str]) -> None:
-        if self.owner.setdefault(name, owner) != owner:
-            raise ScriptError(f"two definitions of {name!r} in the script: {self.owner[name]} and {owner}")
-
-    def _include(self, module: str, node: ast.stmt, name: str, lines: list[str], mod: ModuleType) -> None:
-        lineno, text = _statement_text(lines, node)
-        key = (module, name)
-        unit = Unit(self.short(module), lineno, text, _binds(node))
-        self.units[key] = unit
-        for bound in unit.binds:
-            self._bind(bound, key)
-        self._process(module, unit, mod)
-        value = getattr(mod, name, None)
-        if id(value) in self.registries:
-            self._registration(self.registries[id(value)], value)
-
-    def _process(self, module: str, unit: Unit, mod: ModuleType) -> None:
-        """Apply the transformations, then need() every name the unit uses."""
-        known = self.specialise.get((module, unit.binds[0] if unit.binds else ""))
-        if known:
-            unit.text, folded = fold(unit.text, known)
-            if folded:
-                unit.notes.append("specialised for this script (regsweep.models.script.fold): " + "; ".join(folded))
-        unit.text, dropped = drop_calls(unit.text, DROPPED_CALLS)
-        if dropped:
-            unit.notes.append("dropped (regsweep.models.script.drop_calls): " + "; ".join(dropped))
-        runtime, annotated = free_names(unit.text)
-        aliases = {n: getattr(mod, n).__name__ for n in runtime | annotated
-                   if isinstance(getattr(mod, n, None), ModuleType) and getattr(mod, n).__name__.startswith("regsweep")}
-        elsewhere: dict[str, str] = {}  # flattened NAME -> the module it comes from
-        if aliases:
-            unit.text, used = flatten_module_attrs(unit.text, aliases)
-            unit.notes.append("flattened (regsweep.models.script.flatten_module_attrs): "
-                              + ", ".join(f"{a}.NAME -> NAME" for a in sorted(aliases)))
-            elsewhere = {attr: source for source, attr in used}
-            runtime, annotated = free_names(unit.text)
-        for n in sorted(runtime):
-            self.need(elsewhere.get(n, module), n)
-        for n in sorted(annotated):
-            if n in CONFIG_CLASSES:
-                self.aliases_needed.add(n)
-            else:
-                self.need(elsewhere.get(n, module), n)
-
-    def _registration(self, path: str, registry: Any) -> None:
-        """The statement registering the config's entry of ``registry`` (config field ``path``); none for the
-        user's own code (a model or dataset by import path or plugin: the script imports it, the registry stays
-        empty)."""
-        entry = get_path(self.cfg.to_dict(), path)
-        if path in user_code(self.cfg):
-            return
-        if entry not in registry:
-            raise ScriptError(f"{path}: {entry!r} is not a built-in {registry.kind}; --format python writes "
-                              "built-in models and datasets only (export --format yaml and train it with regsweep)")
-        # the statement is in a regsweep.models module holding the registry (by any name): where the entry's object
-        # was defined first (a lambda, a decorated class), else every loaded module (`ACTIVATIONS.add("gelu", nn.GELU)`)
-        home = getattr(inspect.getmodule(registry.get(entry)), "__name__", "")
-        candidates = [home] if home.startswith(PACKAGE + ".") else []
-        candidates += sorted(m for m in sys.modules if m.startswith(PACKAGE + ".") and m not in candidates)
-        for module in candidates:
-            tree, lines, mod = self._module(module)
-            for var in [k for k, v in vars(mod).items() if v is registry]:
-                for node in tree.body:
-                    if _registration_name(node, var) != entry:
-                        continue
-                    binds = _binds(node)
-                    if binds:
-                        return self.need(module, binds[0])
-                    lineno, text = _statement_text(lines, node)
-                    key = (module, f"<{var}[{entry!r}]>")
-                    unit = Unit(self.short(module), lineno, text, ())
-                    self.units[key] = unit
-                    self._process(module, unit, mod)
-                    return
-        raise ScriptError(f"{path}: no registration statement of {entry!r} found in {PACKAGE}")
-
-    # -- output
-    def ordered(self) -> list[Unit]:
-        """Units by module dependency order (a module after the modules it imports), then by line."""
-        modules = {u.module for u in self.units.values()}
-        deps = {}
-        for name, (tree, _, _) in self.trees.items():
-            short = self.short(name)
-            targets = set()
-            for node in tree.body:
-                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(PACKAGE):
-                    targets.add(self.short(node.module) if node.module != PACKAGE else "")
-                    if node.module == PACKAGE:
-                        targets |= {a.name for a in node.names}
-            deps[short] = targets & modules
-        order: list[str] = []
-
-        def visit(m: str, stack: tuple[str, ...] = ()) -> None:
-            if m in order:
-                return
-            if m in stack:
-                raise ScriptError(f"import cycle among {stack}")
-            for d in sorted(deps.get(m, ())):
-                visit(d, stack + (m,))
-            order.append(m)
-
-        for m in sorted(modules):
-            visit(m)
-        return sorted(self.units.values(), key=lambda u: (order.index(u.module), u.lineno))
+from regsweep.models.script_collect import (  # noqa: F401 - also re-exported
+    CONFIG_CLASSES,
+    DROPPED_CALLS,
+    PACKAGE,
+    Collector,
+    Unit,
+    collect,
+    user_code,
+)
+from regsweep.models.script_source import (  # noqa: F401 - also re-exported
+    UNKNOWN,
+    ScriptError,
+    decide,
+    drop_calls,
+    flatten_module_attrs,
+    fold,
+    free_names,
+)
 
 
 # ------------------------------------------------------------------------------------------- CONFIG
@@ -580,30 +167,6 @@ USER_CODE_CALL = ("    add_search_path([*USER_CODE_DIRS, os.path.dirname(os.path
                   "never prepended\n")
 DRIVER_IMPORTS = ("import argparse", "import json", "import os", "import sys", "from types import SimpleNamespace",
                   "import torch")
-
-
-def collect(cfg: TrainConfig) -> Collector:
-    """The closure of regsweep.models source this config's training run uses, transformed for the script."""
-    col = Collector(cfg)
-    col.specialise = {
-        (train_mod.__name__, "train"): {"state": None, "checkpoint": None, "parts": None,
-                                        "tcfg.compile": cfg.train.compile},
-        (build_mod.__name__, "build"): {"data": None},
-    }
-    col.need(train_mod.__name__, "train")
-    return col
-
-
-def user_code(cfg: TrainConfig) -> dict[str, str]:
-    """The config's fields naming the user's own code, never imported here: ``{"model.name": "nets:GNNet"}`` for a
-    model or dataset by import path or by an installed plugin's short name (a name that is not built in)."""
-    out = {}
-    for path, registry in (("model.name", build_mod.MODELS), ("data.name", data_mod.DATASETS)):
-        value = get_path(cfg.to_dict(), path)
-        if isinstance(value, str) and (plugins.is_ref(value) or value not in registry) \
-                and not value.startswith(data_mod.TORCHVISION):
-            out[path] = value
-    return out
 
 
 def check_user_code(cfg: TrainConfig) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The checks of the ``regsweep`` command line (imported by search/cli.py only): every flag value and the
+"""The checks of the ``regsweep`` command line (imported by search/cli*.py only): every flag value and the
 REGSWEEP_* environment a command reads, checked before anything is read, created or started; argparse errors
 as one line (:class:`Parser`); the dataset files of a spec (validate/run). Each bad value is a one-line
 :class:`ConfigError` naming the flag or variable, the value and what is allowed.

@@ -163,7 +163,9 @@ def train_group(spec: StudySpec, members: list[Member], *, device: torch.device,
                 refill: Optional[Callable[[int], list[Member]]] = None) -> list[Outcome]:
     """Train ``members`` (two or more, fusable) with ``train_fused`` and record each; one Outcome per member,
     each also given to ``told`` (with the member's index) as soon as that member has ended. ``refill(k)``: up
-    to k new members for freed slots (appended to ``members``; each starts recording as it joins)."""
+    to k new members for freed slots (appended to ``members``; each starts recording as it joins). (Long: its
+    callbacks to ``train_fused`` are closures over the group's members and ended outcomes; apart, they would
+    pass that state around.)"""
     ended: dict[int, Outcome] = {}
 
     def member_end(i: int, _parts, hist) -> None:  # train_fused's on_end: this member stopped or finished

@@ -46,7 +46,8 @@ def refused(exc: BaseException) -> bool:
 
 def client_class():
     """``ProxyClient``: Optuna's GrpcStorageProxy with regsweep's heartbeat, lock and refusal (built on first use:
-    Optuna's class imports grpc lazily, and so does this module)."""
+    Optuna's class imports grpc lazily, and so does this module). (Long: its body is the class's, defined here
+    rather than at module level for that lazy import.)"""
     cls = globals().get("ProxyClient")
     if cls is not None:
         return cls

@@ -58,7 +58,8 @@ class Lease:
 
 
 def storage_class():
-    """``ProxyStorage`` (an RDBStorage subclass), built on first use: Optuna is imported lazily."""
+    """``ProxyStorage`` (an RDBStorage subclass), built on first use: Optuna is imported lazily. (Long: its body
+    is the class's, defined here rather than at module level so that importing this module imports no Optuna.)"""
     cls = globals().get("ProxyStorage")
     if cls is not None:
         return cls

@@ -177,7 +177,9 @@ def run_trial(spec: StudySpec, trial, *, device: torch.device, data: DataCache, 
     earlier run of the trial recorded (a Ray trial resumed from ``state``, ``fit``'s training state);
     ``checkpoint`` is ``fit``'s per-epoch checkpoint callback. ``on_end`` (artifacts) runs when epochs were
     recorded. ``weights`` (a :class:`BestWeights`) is shown every recorded epoch of this run.
-    KeyboardInterrupt and :class:`Terminated` end the trial FAIL and propagate.
+    KeyboardInterrupt and :class:`Terminated` end the trial FAIL and propagate. (Long: every way a trial ends --
+    bad config, database gone, dataset not opened, an error, Ctrl-C, SIGTERM -- is recorded here, in the one
+    trial body, so the two backends cannot differ.)
     """
     def verdict(epoch: int) -> Optional[str]:
         check_signals()  # a SIGTERM/SIGINT swallowed somewhere during the epoch takes effect here

@@ -276,7 +276,6 @@ def run_confirm(spec: StudySpec, url: str, study_name: str, *, device: Optional[
 
     from regsweep.search import confirm
     from regsweep.search.loop import ask, run_one, trial_line
-    from regsweep.search.record import BASE_ATTR, FORMAT_ATTR, RECORD_FORMAT
     from regsweep.search.storage import open_existing, open_storage
     from regsweep.search.study import SPEC_ATTR, budget_lock
     from regsweep.search.trial import OptunaObjective
@@ -296,6 +295,37 @@ def run_confirm(spec: StudySpec, url: str, study_name: str, *, device: Optional[
         raise spec.change_error(study_name, old)
     top = confirm.top_configs(main, spec.confirm["top_k"])
     name = confirm.confirm_name(study_name)
+    sibling = _confirm_study(spec, url, storage, study_name, name, top)
+    print(f"confirm: top {len(top)} configurations of '{study_name}' x {spec.confirm['seeds']} new seeds in "
+          f"'{name}'", file=out, flush=True)
+    objective = OptunaObjective(spec, device)
+    objective.storage_label = mask(url)
+    with terminate_on_sigterm():
+        while True:
+            with budget_lock(url, name):  # pop a queued confirm trial; never sample a new one
+                if not sibling.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+                    break
+                trial = ask(sibling)
+            frozen = run_one(sibling, trial, objective)
+            print(f"confirm of trial {frozen.user_attrs.get(confirm.OF_ATTR)} (train.seed "
+                  f"{frozen.user_attrs.get(confirm.SEED_ATTR)}): {trial_line(frozen, spec.objective.metric)}",
+                  file=out, flush=True)
+    rows = confirm.table(main)
+    if rows:
+        print(confirm.format_table(rows, spec.objective.metric), file=out, flush=True)
+    return sibling
+
+
+def _confirm_study(spec: StudySpec, url: str, storage: Any, study_name: str, name: str, top: list) -> Any:
+    """The confirm study ``name`` (created if new, under the budget lock), with every (top trial, new seed) pair
+    it does not hold yet enqueued: the trial's params, ``confirm_of``/``train.seed`` (and the base mark)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from regsweep.search import confirm
+    from regsweep.search.record import BASE_ATTR, FORMAT_ATTR, RECORD_FORMAT
+    from regsweep.search.study import budget_lock
+
     with budget_lock(url, name):
         sibling = optuna.create_study(storage=storage, study_name=name, direction=spec.objective.direction,
                                       sampler=optuna.samplers.RandomSampler(seed=0),
@@ -315,21 +345,4 @@ def run_confirm(spec: StudySpec, url: str, study_name: str, *, device: Optional[
                 if trial.user_attrs.get(BASE_ATTR):
                     attrs[BASE_ATTR] = True
                 sibling.enqueue_trial(dict(trial.params), user_attrs=attrs)
-    print(f"confirm: top {len(top)} configurations of '{study_name}' x {spec.confirm['seeds']} new seeds in "
-          f"'{name}'", file=out, flush=True)
-    objective = OptunaObjective(spec, device)
-    objective.storage_label = mask(url)
-    with terminate_on_sigterm():
-        while True:
-            with budget_lock(url, name):  # pop a queued confirm trial; never sample a new one
-                if not sibling.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-                    break
-                trial = ask(sibling)
-            frozen = run_one(sibling, trial, objective)
-            print(f"confirm of trial {frozen.user_attrs.get(confirm.OF_ATTR)} (train.seed "
-                  f"{frozen.user_attrs.get(confirm.SEED_ATTR)}): {trial_line(frozen, spec.objective.metric)}",
-                  file=out, flush=True)
-    rows = confirm.table(main)
-    if rows:
-        print(confirm.format_table(rows, spec.objective.metric), file=out, flush=True)
     return sibling

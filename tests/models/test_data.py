@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from regsweep.models import data as data_mod
+from regsweep.models import datasets as datasets_mod
 from regsweep.models.config import ConfigError, DataConfig
 
 
@@ -224,15 +225,15 @@ def test_digits_read_without_sklearn_equal_load_digits_and_stay_read_only():
 
     from sklearn.datasets import load_digits
 
-    images, target = data_mod._digits_arrays()
+    images, target = datasets_mod._digits_arrays()
     d = load_digits()
     assert np.array_equal(images, d.images.astype(np.float32)) and images.dtype == np.float32
     assert np.array_equal(target, d.target) and target.dtype == np.int64
     assert not images.flags.writeable and not target.flags.writeable
     raw = data_mod.load(DataConfig(name="digits")).train.x
     raw.mul_(0)  # a caller's tensors are its own
-    assert data_mod._digits_arrays()[0].any()
-    code = ("import sys; from regsweep.models.data import _digits_arrays; _digits_arrays(); "
+    assert datasets_mod._digits_arrays()[0].any()
+    code = ("import sys; from regsweep.models.datasets import _digits_arrays; _digits_arrays(); "
             "print('sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -226,7 +226,7 @@ def run(spec: StudySpec, url: str, study_name: str, *, n_trials: Optional[int] =
     from regsweep.search.artifacts import resolve as resolve_artifacts
 
     out = log.info_stream(__name__, out)
-    if spec.multi:  # the CLI refuses it first (search/cli.py); Tune's schedulers take one metric and mode
+    if spec.multi:  # the CLI refuses it first (search/cli_run.py); Tune's schedulers take one metric and mode
         raise ConfigError(f"{spec.source or spec.path}: objectives: several objectives are not allowed with the Ray "
                           "backend; run them with --backend optuna")
     check_user_models(spec, address)

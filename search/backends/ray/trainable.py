@@ -114,7 +114,8 @@ def train_trial(config: dict[str, Any], spec: Optional[StudySpec] = None, device
     the trial's best-epoch weights are uploaded from here at its end, as regsweep's own workers do
     (``search.trial.upload_best_weights``); the driver prunes the non-best ones after the budget. A trial Ray
     stops from outside (its scheduler) never reaches its end here, and one HyperBand resumed keeps them only when
-    its best epoch came after the resume (the copy lives in the process).
+    its best epoch came after the resume (the copy lives in the process). (Long: its three callbacks to
+    ``run_trial`` are closures over the trial's deferred and pending reports.)
     """
     import optuna
     from ray import tune
