@@ -1,28 +1,17 @@
 """benchmarks/fused_sweep.py: the tiny mode runs fuse 1 and 2 through the real search path and prints the table
 (no timing asserted)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.conftest import load_script  # pytest (importlib mode) registers it
+
 pytestmark = pytest.mark.bench
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fused_sweep.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fused_sweep_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_tiny_mode_prints_each_fuse_size_against_one_at_a_time(capsys):
-    mod = _load()
+    mod = load_script("fused_sweep")
     rows = mod.measure("tiny")
     assert [r.fuse for r in rows] == [1, 2] and all(r.trials == 4 for r in rows)
     assert rows[0].ratio == 1.0 and rows[1].ratio == pytest.approx(rows[1].trials_per_hour / rows[0].trials_per_hour)

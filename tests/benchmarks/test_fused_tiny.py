@@ -1,27 +1,16 @@
 """benchmarks/fused.py: the tiny mode runs every arm in seconds and prints the table (no timing asserted)."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.conftest import load_script  # pytest (importlib mode) registers it
+
 pytestmark = pytest.mark.bench
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fused.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fused_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_tiny_mode_prints_every_arm_against_the_baseline(capsys):
-    mod = _load()
+    mod = load_script("fused")
     assert mod.main(["--tiny"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("fused trials, digits cnn [32, 64], batch 32, 1 epoch(s)") and "mode tiny" in lines[0]
@@ -45,7 +34,7 @@ def test_tiny_mode_prints_every_arm_against_the_baseline(capsys):
 
 
 def test_the_configurations_differ_per_member_and_share_the_structure():
-    mod = _load()
+    mod = load_script("fused")
     from regsweep.models.fused import fusable
 
     cfgs = mod.configs(4, 1, 0.1, 1)

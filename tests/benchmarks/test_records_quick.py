@@ -1,21 +1,15 @@
 """benchmarks/records.py --quick: the write bench and the read bench (status, export, dashboard API, before vs
 after) on a tiny SQLite study. Timings are never asserted; the bytes per epoch are (they are not timings)."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "records.py"
+from tests.benchmarks.conftest import load_script  # pytest (importlib mode) registers it
 
 
 @pytest.mark.bench
 def test_quick_mode_measures_writes_and_reads(capsys):
-    spec = importlib.util.spec_from_file_location("records_bench_quick", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_script("records")
     figures = mod.main(["--quick"])
     out = capsys.readouterr().out
     writes = figures["writes"]["sqlite"]

@@ -4,30 +4,19 @@ PostgreSQL, prints both sections and deletes its studies. Timings are never asse
 `slow` (`make test-all`): it mostly checks the benchmark's printout (25 s); the exact budgets with 1, 2 and 4
 workers are asserted by tests/search/test_workers.py in the default run."""
 
-import importlib.util
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.conftest import load_script  # pytest (importlib mode) registers it
+
 pytestmark = [pytest.mark.bench, pytest.mark.slow]
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scaling.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("scaling", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_tiny_mode_prints_both_sections_and_deletes_its_studies(capsys, postgres_url):
     import optuna
 
-    mod = _load()
+    mod = load_script("scaling")
     before = set(optuna.get_all_study_names(storage=postgres_url))
     assert mod.main(["--tiny", "--storage", postgres_url]) == 0
     out = capsys.readouterr().out

@@ -1,27 +1,18 @@
 """benchmarks/search_quality.py --quick runs end to end and prints a well-formed table (the figures of the full run
 are in docs/search_quality.md; nothing here asserts a result or a timing)."""
 
-import importlib.util
 import math
 import re
-from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.conftest import load_script  # pytest (importlib mode) registers it
+
 pytestmark = pytest.mark.bench
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_search_quality", ROOT / "benchmarks" / "search_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_search_quality_quick_prints_a_well_formed_table(tmp_path, capsys):
-    mod = _load()
+    mod = load_script("search_quality")
     out_md = tmp_path / "search_quality.md"
     assert mod.main(["--quick", "--out", str(out_md)]) == 0
     text = capsys.readouterr().out

@@ -2,22 +2,16 @@
 finite ratio (the child-process arms through the note part; the digits part uses the same helper with torch
 imported first, ~10 s more). Timings are never asserted."""
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "startup.py"
+from tests.benchmarks.conftest import load_script  # pytest (importlib mode) registers it
 
 
 @pytest.mark.bench
 def test_quick_mode_prints_every_part_with_its_ratio(capsys):
-    spec = importlib.util.spec_from_file_location("startup_bench_quick", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
+    mod = load_script("startup")
     assert mod.main(["--quick", "--parts", "note,storage,png"]) == 0  # digits' children import torch: ~10 s more
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("start-up and per-trial costs")

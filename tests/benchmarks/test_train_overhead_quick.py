@@ -1,24 +1,13 @@
 """benchmarks/train_overhead.py: the tiny mode runs in CI in seconds; the quick mode is marked slow."""
 
-import importlib.util
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.conftest import load_script  # pytest (importlib mode) registers it
+
 pytestmark = pytest.mark.bench
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train_overhead.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("train_overhead", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _check(mod, results, mode):
@@ -45,7 +34,7 @@ def _check(mod, results, mode):
 
 
 def test_tiny_mode_measures_both_loops_on_the_same_work():
-    mod = _load()
+    mod = load_script("train_overhead")
     results = mod.measure_all("tiny", threads=1)
     _check(mod, results, "tiny")
     assert results[0].threads == 1
@@ -53,7 +42,7 @@ def test_tiny_mode_measures_both_loops_on_the_same_work():
 
 @pytest.mark.slow
 def test_quick_mode_runs_and_prints_the_table(capsys):
-    mod = _load()
+    mod = load_script("train_overhead")
     assert mod.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "mode quick" in out and "goal: fit/baseline <= 1.03" in out
